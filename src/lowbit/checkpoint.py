@@ -1,0 +1,277 @@
+"""Real low-bit checkpoints: save, load and inspect.
+
+A checkpoint folder holds
+
+- ``config.json``: the model's own config plus ``quantization_config`` (``quant_method: lowbit``, the method,
+  bits, group size, symmetry, format, the quantized modules and their shapes, and the lowbit, torch and
+  transformers versions that wrote it);
+- ``model.safetensors``: packed codes, fp16 scales, packed zero points and every non-quantized parameter;
+- ``adapter_config.json`` + ``adapter_model.safetensors``: the LoRA adapter in PEFT's format (absent for
+  ``init=none``), which PEFT loads onto the dense base of :func:`lowbit.layers.to_dense`;
+- the tokenizer files, when the model had a tokenizer.
+
+The whole folder is written to a temporary sibling and renamed, so it appears complete or not at all. Loading
+builds the architecture without allocating its full-precision weights and gives back exactly the saved tensors,
+so save then load is bit-exact.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lowbit.api import QuantConfig
+from lowbit.errors import LowbitError
+from lowbit.fsutil import atomic_dir, write_json
+from lowbit.layers import QuantLinear, quant_layers, set_module
+from lowbit.quant import QuantSpec
+
+WEIGHTS = "model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+LORA_KEYS = ("lora_A", "lora_B")
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    from lowbit import __version__
+
+    return {"lowbit_version": __version__, "torch_version": torch.__version__, "transformers_version": transformers.__version__}
+
+
+def quantization_config(model: nn.Module) -> dict:
+    """The ``quantization_config`` entry that describes ``model``'s quantized layers."""
+    config: QuantConfig | None = getattr(model, "lowbit_config", None)
+    layers = quant_layers(model)
+    if config is None or not layers:
+        raise LowbitError("the model is not quantized by lowbit: call lowbit.quantize(model, config) first")
+    return {
+        "quant_method": "lowbit",
+        "method": config.method,
+        "init": config.init,
+        "bits": config.bits,
+        "group_size": config.group_size,
+        "symmetric": config.symmetric,
+        "format": config.format,
+        "options": config.options,
+        "seed": config.seed,
+        "modules": {name: [m.out_features, m.in_features, int(m.bias is not None), int(m.fan_in_fan_out)] for name, m in layers.items()},
+        **_versions(),
+    }
+
+
+def _base_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Non-LoRA tensors to store, with tied (same-storage) duplicates replaced by an alias to the first name."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, tensor in model.state_dict().items():
+        if name.rsplit(".", 1)[-1] in LORA_KEYS:
+            continue
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()))
+        if tensor.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = tensor.detach().contiguous().cpu()
+    return tensors, aliases
+
+
+def adapter_config(model: nn.Module, layers: dict[str, QuantLinear]) -> dict:
+    """PEFT ``LoraConfig`` fields for the adapter of ``layers`` (which all share rank, scaling and dropout)."""
+    first = next(iter(layers.values()))
+    dropout = first.lora_dropout.p if isinstance(first.lora_dropout, nn.Dropout) else 0.0
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": None,
+        "r": first.rank,
+        "lora_alpha": first.scaling * first.rank,
+        "lora_dropout": dropout,
+        "target_modules": sorted(layers),
+        "fan_in_fan_out": first.fan_in_fan_out,
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+    }
+
+
+def save_adapter(model: nn.Module, folder: Path) -> bool:
+    """Write the LoRA adapter in PEFT's format into ``folder``; returns False when the model has none."""
+    layers = {name: m for name, m in quant_layers(model).items() if m.lora_A is not None}
+    if not layers:
+        return False
+    ranks = {(m.rank, m.scaling) for m in layers.values()}
+    if len(ranks) > 1:
+        raise LowbitError("layers have different LoRA ranks or scalings; PEFT's format needs one rank and alpha")
+    tensors = {}
+    for name, m in layers.items():
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().float().contiguous().cpu()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().float().contiguous().cpu()
+    save_file(tensors, folder / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    write_json(folder / ADAPTER_CONFIG, adapter_config(model, layers))
+    return True
+
+
+def save_checkpoint(model: nn.Module, out: str | Path, tokenizer=None, overwrite: bool = False) -> Path:
+    """Save a lowbit-quantized model (and tokenizer) as a checkpoint folder, atomically; returns the folder."""
+    out = Path(out)
+    qconfig = quantization_config(model)
+    with atomic_dir(out, overwrite) as tmp:
+        tensors, aliases = _base_tensors(model)
+        meta = {"format": "pt", "lowbit_aliases": json.dumps(aliases), "lowbit_version": qconfig["lowbit_version"]}
+        save_file(tensors, tmp / WEIGHTS, metadata=meta)
+        save_adapter(model, tmp)
+        config = model.config.to_dict()
+        config["quantization_config"] = qconfig
+        write_json(tmp / "config.json", config)
+        generation_config = getattr(model, "generation_config", None)
+        if generation_config is not None:
+            generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return out
+
+
+def read_config(folder: Path) -> dict:
+    """The checkpoint's config.json, with a clear error when it is missing or is not a lowbit checkpoint."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise LowbitError(f"{folder} is not a lowbit checkpoint: it has no config.json (create one with `lowbit quantize`)")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise LowbitError(f"{path} is not valid JSON ({exc}); the checkpoint is damaged, re-create it") from exc
+    if (config.get("quantization_config") or {}).get("quant_method") != "lowbit":
+        raise LowbitError(f"{folder} is not a lowbit checkpoint: quantize it first with `lowbit quantize {folder} --out DIR`")
+    return config
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if not path.is_file():
+        raise LowbitError(f"checkpoint file {path} is missing: the checkpoint is incomplete, re-create it")
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+        return load_file(path), metadata
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise LowbitError(f"checkpoint file {path} is truncated or corrupt ({exc}); re-create the checkpoint") from exc
+
+
+def _quant_config(qc: dict, adapter: dict | None) -> QuantConfig:
+    return QuantConfig(
+        bits=qc["bits"],
+        group_size=qc["group_size"],
+        format=qc["format"],
+        symmetric=qc["symmetric"],
+        init=qc.get("init", "none") if adapter else "none",
+        rank=adapter["r"] if adapter else 0,
+        alpha=adapter["lora_alpha"] if adapter else 16.0,
+        dropout=adapter.get("lora_dropout", 0.0) if adapter else 0.0,
+        seed=qc.get("seed", 0),
+        options=qc.get("options", {}),
+    )
+
+
+def load_checkpoint(folder: str | Path) -> tuple[nn.Module, object | None]:
+    """Load a lowbit checkpoint into a ready model (eval mode) and its tokenizer (None if it has none)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lowbit.models import load_tokenizer
+
+    folder = Path(folder)
+    config_dict = read_config(folder)
+    qc = config_dict.pop("quantization_config")
+    adapter = None
+    if (folder / ADAPTER_CONFIG).is_file():
+        adapter = json.loads((folder / ADAPTER_CONFIG).read_text())
+    config = _quant_config(qc, adapter)
+    spec: QuantSpec = config.spec
+
+    tensors, metadata = _read_safetensors(folder / WEIGHTS)
+    for alias, name in json.loads(metadata.get("lowbit_aliases", "{}")).items():
+        tensors[alias] = tensors[name]
+    if adapter is not None:
+        lora, _ = _read_safetensors(folder / ADAPTER_WEIGHTS)
+        for key, value in lora.items():
+            name = key.removeprefix(PEFT_PREFIX).removesuffix(".weight")  # "<module>.lora_A"
+            tensors[name] = value
+
+    model_type = config_dict.pop("model_type", None)
+    hf_config = AutoConfig.for_model(model_type, **config_dict)
+    # Parameters go on the meta device (no memory); buffers such as rotary tables are built for real.
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    for name, (out_f, in_f, bias, fan_in_fan_out) in qc["modules"].items():
+        layer = QuantLinear(in_f, out_f, spec, bias=bool(bias), fan_in_fan_out=bool(fan_in_fan_out))
+        if adapter is not None:
+            layer.add_lora(config.rank, config.alpha, config.dropout)
+        set_module(model, name, layer)
+    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    if missing or unexpected:
+        raise LowbitError(
+            f"checkpoint {folder} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+            "it was written by another version or edited: re-create it"
+        )
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.rsplit(".", 1)[-1] in LORA_KEYS)
+    model.lowbit_config = config
+    model.eval()
+    return model, load_tokenizer(folder)
+
+
+def checkpoint_info(folder: str | Path) -> dict:
+    """Sizes and format of a checkpoint, read from its headers only (no tensors are loaded)."""
+    folder = Path(folder)
+    qc = read_config(folder)["quantization_config"]
+    path = folder / WEIGHTS
+    quant_bytes = 0
+    try:
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                module, _, leaf = key.rpartition(".")
+                if module in qc["modules"] and leaf in ("qweight", "scales", "qzeros"):
+                    s = f.get_slice(key)
+                    numel = 1
+                    for d in s.get_shape():
+                        numel *= d
+                    quant_bytes += numel * _dtype_bytes(s.get_dtype())
+    except (SafetensorError, OSError) as exc:
+        raise LowbitError(f"checkpoint file {path} is missing, truncated or corrupt ({exc}); re-create the checkpoint") from exc
+    quantized_params = sum(out_f * in_f for out_f, in_f, *_ in qc["modules"].values())
+    files = {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()}
+    lora_params = 0
+    if (folder / ADAPTER_CONFIG).is_file():
+        r = json.loads((folder / ADAPTER_CONFIG).read_text())["r"]
+        lora_params = sum(r * (out_f + in_f) for out_f, in_f, *_ in qc["modules"].values())
+    return {
+        "path": str(folder),
+        "method": qc["method"],
+        "init": qc.get("init"),
+        "format": qc["format"],
+        "bits": qc["bits"],
+        "group_size": qc["group_size"],
+        "symmetric": qc["symmetric"],
+        "quantized_params": quantized_params,
+        "quantized_bytes": quant_bytes,
+        "bits_per_weight": 8 * quant_bytes / quantized_params,
+        "lora_params": lora_params,
+        "checkpoint_bytes": sum(files.values()),
+        "files": files,
+        "lowbit_version": qc.get("lowbit_version"),
+    }
+
+
+def _dtype_bytes(dtype: str) -> int:
+    return {"U8": 1, "I8": 1, "F16": 2, "BF16": 2, "F32": 4, "I32": 4, "F64": 8, "I64": 8}[dtype]

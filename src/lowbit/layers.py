@@ -1,0 +1,231 @@
+"""``QuantLinear``: a linear layer stored as packed low-bit codes, with a full-precision LoRA adapter.
+
+The layer keeps only packed buffers (``qweight``, ``scales``, ``qzeros``) -- never a full-precision copy of the
+weight -- and rebuilds the weight on the fly for each matmul. The backward pass rebuilds it again instead of
+saving it, so training memory holds one dequantized weight at a time, not one per layer.
+
+The output is ``x W^T + b + scaling * dropout(x) A^T B^T`` with ``W = dequant(Q)``, which is PEFT's LoRA on a
+base whose weight is ``dequant(Q)``: the adapter saved by :mod:`lowbit.checkpoint` loads with PEFT onto the
+dense base that :func:`lowbit.layers.to_dense` produces.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.quant import (
+    QuantizedWeight,
+    QuantSpec,
+    dequantize_weight,
+    pack,
+    packed_numel,
+    quantize_weight,
+    unpack,
+)
+
+
+class _DequantMatmul(torch.autograd.Function):
+    """``x @ dequant()^T`` that re-dequantizes in backward instead of keeping the weight alive."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dequant: Callable[[torch.dtype], torch.Tensor]) -> torch.Tensor:
+        ctx.dequant = dequant
+        ctx.dtype = x.dtype
+        return F.linear(x, dequant(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        return grad @ ctx.dequant(ctx.dtype), None
+
+
+class QuantLinear(nn.Module):
+    """Packed low-bit linear layer plus LoRA (``rank`` 0 means no adapter)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        spec: QuantSpec,
+        bias: bool = False,
+        rank: int = 0,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        fan_in_fan_out: bool = False,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.spec = spec
+        # True when this layer replaced a GPT-2 style Conv1D (weight stored [in, out]); kept so the dense
+        # export and PEFT's adapter config can restore the original layout.
+        self.fan_in_fan_out = fan_in_fan_out
+        n_groups = spec.groups(in_features)
+        numel = in_features * out_features
+        self.register_buffer("qweight", torch.zeros(packed_numel(numel, spec.bits), dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.zeros(out_features, n_groups, dtype=torch.float16, device=device))
+        zeros_bytes = packed_numel(out_features * n_groups, spec.bits) if spec.has_zeros else 0
+        self.register_buffer("qzeros", torch.zeros(zeros_bytes, dtype=torch.uint8, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
+        self.rank = 0
+        self.lora_A: nn.Parameter | None = None
+        self.lora_B: nn.Parameter | None = None
+        self.scaling = 0.0
+        self.lora_dropout: nn.Module = nn.Identity()
+        if rank:
+            self.add_lora(rank, alpha, dropout)
+
+    # ----- construction -------------------------------------------------------------------------------------
+    @classmethod
+    def from_linear(
+        cls,
+        module: nn.Module,
+        spec: QuantSpec,
+        clip_hi: torch.Tensor | None = None,
+        clip_lo: torch.Tensor | None = None,
+    ) -> QuantLinear:
+        """Quantize an ``nn.Linear`` or a transformers ``Conv1D`` (GPT-2) into a new QuantLinear."""
+        weight, fan_in_fan_out = linear_weight(module)
+        out_features, in_features = weight.shape
+        layer = cls(
+            in_features,
+            out_features,
+            spec,
+            bias=module.bias is not None,
+            fan_in_fan_out=fan_in_fan_out,
+            device=weight.device,
+        )
+        layer.set_weight(quantize_weight(weight, spec, clip_hi, clip_lo))
+        if module.bias is not None:
+            layer.bias.data.copy_(module.bias.detach().float())
+        return layer
+
+    def set_weight(self, q: QuantizedWeight) -> None:
+        """Store a quantized weight, packing its codes (used by initializers that choose their own codes)."""
+        self.qweight = pack(q.codes, self.spec.bits)
+        self.scales = q.scales.to(torch.float16).contiguous()
+        if self.spec.has_zeros:
+            self.qzeros = pack(q.zeros, self.spec.bits)
+
+    def add_lora(self, rank: int, alpha: float, dropout: float = 0.0, generator: torch.Generator | None = None) -> None:
+        """Attach a LoRA adapter with PEFT's default start: A Kaiming-uniform, B = 0 (so the output is unchanged)."""
+        if rank <= 0:
+            raise ValueError(f"LoRA rank must be positive, got {rank}")
+        device = self.scales.device
+        self.rank = rank
+        self.scaling = alpha / rank
+        # kaiming_uniform_(a=sqrt(5)) as nn.Linear and PEFT do: bound = 1 / sqrt(fan_in). Drawn on the CPU so a
+        # seeded CPU generator gives the same start on every device.
+        bound = 1.0 / math.sqrt(self.in_features)
+        a = torch.empty(rank, self.in_features).uniform_(-bound, bound, generator=generator)
+        self.lora_A = nn.Parameter(a.to(device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=device))
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    # ----- weights ------------------------------------------------------------------------------------------
+    def quantized(self) -> QuantizedWeight:
+        """Unpacked codes, scales and zeros."""
+        out, n_groups = self.scales.shape
+        codes = unpack(self.qweight, self.spec.bits, out * self.in_features).view(out, self.in_features)
+        zeros = unpack(self.qzeros, self.spec.bits, out * n_groups).view(out, n_groups) if self.spec.has_zeros else None
+        return QuantizedWeight(codes, self.scales, zeros)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The base weight ``dequant(Q)`` as ``[out, in]`` in ``dtype``."""
+        return dequantize_weight(self.quantized(), self.spec, dtype)
+
+    def lora_delta(self) -> torch.Tensor | None:
+        """``scaling * B A`` as ``[out, in]``, or None without an adapter."""
+        if self.lora_A is None:
+            return None
+        return self.scaling * (self.lora_B @ self.lora_A)
+
+    # ----- forward ------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _DequantMatmul.apply(x, self.dequantized_weight)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        if self.lora_A is not None:
+            lora = F.linear(F.linear(self.lora_dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+            y = y + self.scaling * lora
+        return y
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, {self.spec.name}"
+            f"{' sym' if self.spec.symmetric else ''}, bias={self.bias is not None}, rank={self.rank}"
+        )
+
+
+def linear_weight(module: nn.Module) -> tuple[torch.Tensor, bool]:
+    """The ``[out, in]`` float32 weight of an ``nn.Linear`` or GPT-2 ``Conv1D``, and whether it was transposed."""
+    if isinstance(module, nn.Linear):
+        return module.weight.detach().float(), False
+    if is_conv1d(module):
+        return module.weight.detach().float().t().contiguous(), True
+    raise TypeError(f"cannot quantize a {type(module).__name__}: expected nn.Linear or Conv1D")
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' GPT-2 style ``Conv1D`` (a linear layer with weight ``[in, out]``)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def is_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is a layer lowbit quantizes (``nn.Linear`` or ``Conv1D``)."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+@torch.no_grad()
+def dense_module(layer: QuantLinear, merge_lora: bool = False) -> nn.Module:
+    """A plain ``nn.Linear`` (or ``Conv1D`` where the layer came from one) with weight ``dequant(Q)``.
+
+    With ``merge_lora`` the LoRA product is added to the weight: ``W = dequant(Q) + scaling * B A``.
+    """
+    weight = layer.dequantized_weight(torch.float32)
+    delta = layer.lora_delta() if merge_lora else None
+    if delta is not None:
+        weight = weight + delta.float()
+    if layer.fan_in_fan_out:
+        from transformers.pytorch_utils import Conv1D
+
+        dense = Conv1D(layer.out_features, layer.in_features)
+        dense.weight.data = weight.t().contiguous()
+        dense.bias.data = layer.bias.detach().clone() if layer.bias is not None else torch.zeros(layer.out_features)
+        return dense
+    dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=weight.device)
+    dense.weight.data = weight
+    if layer.bias is not None:
+        dense.bias.data = layer.bias.detach().clone()
+    return dense
+
+
+def quant_layers(model: nn.Module) -> dict[str, QuantLinear]:
+    """All QuantLinear modules of ``model`` by qualified name, in registration order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted path ``name``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+@torch.no_grad()
+def to_dense(model: nn.Module, merge_lora: bool = False) -> nn.Module:
+    """Replace every QuantLinear in ``model`` (in place) by its dense equivalent; returns ``model``.
+
+    Without ``merge_lora`` this is the base that the saved PEFT adapter applies to; with it, a plain model whose
+    logits equal the lowbit model's.
+    """
+    for name, layer in quant_layers(model).items():
+        set_module(model, name, dense_module(layer, merge_lora))
+    return model

@@ -1,0 +1,105 @@
+"""Tensor-level quantization: formats, codes and bit-packing. No model or file handling lives here.
+
+:class:`QuantSpec` names a weight format (integer or NormalFloat, bits, group size, symmetry); the functions below
+dispatch on it so that layers and initializers never branch on the format themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.quant import normalfloat, uniform
+from lowbit.quant.packing import pack, packed_numel, unpack
+
+FORMATS = ("int", "nf")
+INT_BITS = (2, 3, 4, 8)
+NF_BITS = (2, 3, 4)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """A weight format: ``int`` (uniform affine) or ``nf`` (NormalFloat), bits, group size along the input."""
+
+    bits: int = 4
+    group_size: int = 64
+    format: str = "int"
+    symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, got {self.format!r}")
+        allowed = INT_BITS if self.format == "int" else NF_BITS
+        if self.bits not in allowed:
+            raise ValueError(f"{self.format} format supports bits {allowed}, got {self.bits}")
+        if self.group_size != -1 and self.group_size <= 0:
+            raise ValueError(f"group size must be positive or -1 (one group per row), got {self.group_size}")
+
+    @property
+    def has_zeros(self) -> bool:
+        """Whether per-group zero points are stored (asymmetric integer format only)."""
+        return self.format == "int" and not self.symmetric
+
+    @property
+    def name(self) -> str:
+        """Short name as used in tables: ``W4g64``, ``NF4g64``; ``g-1`` is one group per row."""
+        prefix = "W" if self.format == "int" else "NF"
+        return f"{prefix}{self.bits}g{self.group_size}"
+
+    def groups(self, in_features: int) -> int:
+        """Number of groups per output row (raises ValueError when the group size does not divide)."""
+        return in_features // uniform.check_group_size(in_features, self.group_size)
+
+
+@dataclass
+class QuantizedWeight:
+    """Unpacked codes ``[out, in]``, fp16 scales ``[out, n_groups]`` and optional zeros ``[out, n_groups]``."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+
+
+def quantize_weight(
+    w: torch.Tensor,
+    spec: QuantSpec,
+    clip_hi: torch.Tensor | None = None,
+    clip_lo: torch.Tensor | None = None,
+) -> QuantizedWeight:
+    """Quantize a ``[out, in]`` weight; clipping factors are ``[out, n_groups]`` tensors in (0, 1] or None."""
+    if spec.format == "nf":
+        codes, scales = normalfloat.quantize(w, spec.bits, spec.group_size, clip_hi)
+        return QuantizedWeight(codes, scales, None)
+    return QuantizedWeight(*uniform.quantize(w, spec.bits, spec.group_size, spec.symmetric, clip_hi, clip_lo))
+
+
+def dequantize_weight(q: QuantizedWeight, spec: QuantSpec, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Rebuild the ``[out, in]`` weight of ``q`` in ``dtype``."""
+    if spec.format == "nf":
+        return normalfloat.dequantize(q.codes, q.scales, spec.bits, dtype)
+    return uniform.dequantize(q.codes, q.scales, q.zeros, spec.bits, dtype)
+
+
+def fake_quantize_weight(
+    w: torch.Tensor,
+    spec: QuantSpec,
+    clip_hi: torch.Tensor | None = None,
+    clip_lo: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Differentiable quantize-dequantize; equals ``dequantize_weight(quantize_weight(w))`` in value."""
+    if spec.format == "nf":
+        return normalfloat.fake_quantize(w, spec.bits, spec.group_size, clip_hi)
+    return uniform.fake_quantize(w, spec.bits, spec.group_size, spec.symmetric, clip_hi, clip_lo)
+
+
+__all__ = [
+    "QuantSpec",
+    "QuantizedWeight",
+    "quantize_weight",
+    "dequantize_weight",
+    "fake_quantize_weight",
+    "pack",
+    "unpack",
+    "packed_numel",
+]
