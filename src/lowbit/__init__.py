@@ -22,15 +22,15 @@ from lowbit.models import load_model
 from lowbit.quant import QuantSpec
 
 __all__ = [
-    "__version__",
+    "LowbitError",
     "QuantConfig",
     "QuantLinear",
     "QuantSpec",
-    "LowbitError",
-    "quantize",
+    "__version__",
+    "info",
     "load",
     "load_model",
+    "quantize",
     "save",
-    "info",
     "to_dense",
 ]

@@ -39,7 +39,7 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         try:
-            self.spec
+            _ = self.spec  # QuantSpec validates bits, format and group size
         except ValueError as exc:
             raise LowbitError(f"{exc}: choose --bits 2, 3, 4 or 8 (nf: 2, 3, 4) and a positive --group-size") from exc
         if self.init not in INITS:

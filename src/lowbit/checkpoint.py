@@ -43,7 +43,11 @@ def _versions() -> dict[str, str]:
 
     from lowbit import __version__
 
-    return {"lowbit_version": __version__, "torch_version": torch.__version__, "transformers_version": transformers.__version__}
+    return {
+        "lowbit_version": __version__,
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+    }
 
 
 def quantization_config(model: nn.Module) -> dict:
@@ -62,7 +66,10 @@ def quantization_config(model: nn.Module) -> dict:
         "format": config.format,
         "options": config.options,
         "seed": config.seed,
-        "modules": {name: [m.out_features, m.in_features, int(m.bias is not None), int(m.fan_in_fan_out)] for name, m in layers.items()},
+        "modules": {
+            name: [m.out_features, m.in_features, int(m.bias is not None), int(m.fan_in_fan_out)]
+            for name, m in layers.items()
+        },
         **_versions(),
     }
 
@@ -75,7 +82,12 @@ def _base_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
     for name, tensor in model.state_dict().items():
         if name.rsplit(".", 1)[-1] in LORA_KEYS:
             continue
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()))
+        key = (
+            tensor.untyped_storage().data_ptr(),
+            tensor.storage_offset(),
+            tuple(tensor.shape),
+            tuple(tensor.stride()),
+        )
         if tensor.numel() and key in seen:
             aliases[name] = seen[key]
             continue
@@ -147,13 +159,17 @@ def read_config(folder: Path) -> dict:
     """The checkpoint's config.json, with a clear error when it is missing or is not a lowbit checkpoint."""
     path = Path(folder) / "config.json"
     if not path.is_file():
-        raise LowbitError(f"{folder} is not a lowbit checkpoint: it has no config.json (create one with `lowbit quantize`)")
+        raise LowbitError(
+            f"{folder} is not a lowbit checkpoint: it has no config.json (create one with `lowbit quantize`)"
+        )
     try:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise LowbitError(f"{path} is not valid JSON ({exc}); the checkpoint is damaged, re-create it") from exc
     if (config.get("quantization_config") or {}).get("quant_method") != "lowbit":
-        raise LowbitError(f"{folder} is not a lowbit checkpoint: quantize it first with `lowbit quantize {folder} --out DIR`")
+        raise LowbitError(
+            f"{folder} is not a lowbit checkpoint: quantize it first with `lowbit quantize {folder} --out DIR`"
+        )
     return config
 
 
@@ -239,7 +255,7 @@ def checkpoint_info(folder: str | Path) -> dict:
     quant_bytes = 0
     try:
         with safe_open(path, framework="pt") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 module, _, leaf = key.rpartition(".")
                 if module in qc["modules"] and leaf in ("qweight", "scales", "qzeros"):
                     s = f.get_slice(key)
@@ -248,7 +264,9 @@ def checkpoint_info(folder: str | Path) -> dict:
                         numel *= d
                     quant_bytes += numel * _dtype_bytes(s.get_dtype())
     except (SafetensorError, OSError) as exc:
-        raise LowbitError(f"checkpoint file {path} is missing, truncated or corrupt ({exc}); re-create the checkpoint") from exc
+        raise LowbitError(
+            f"checkpoint file {path} is missing, truncated or corrupt ({exc}); re-create the checkpoint"
+        ) from exc
     quantized_params = sum(out_f * in_f for out_f, in_f, *_ in qc["modules"].values())
     files = {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()}
     lora_params = 0

@@ -74,8 +74,20 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     quantize(model, config, progress=not args.json)
     save_checkpoint(model, args.out, tokenizer, overwrite=args.overwrite)
     seconds = time.perf_counter() - start
-    result = {"out": str(args.out), "seconds": round(seconds, 2), "peak_rss_mb": round(_peak_rss_mb(), 1), **config.to_dict()}
-    _emit(args, result, [f"wrote {args.out} ({config.spec.name}, init {config.init}) in {seconds:.1f} s, peak RSS {_peak_rss_mb():.0f} MiB"])
+    result = {
+        "out": str(args.out),
+        "seconds": round(seconds, 2),
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        **config.to_dict(),
+    }
+    _emit(
+        args,
+        result,
+        [
+            f"wrote {args.out} ({config.spec.name}, init {config.init}) in {seconds:.1f} s, "
+            f"peak RSS {_peak_rss_mb():.0f} MiB"
+        ],
+    )
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -98,7 +110,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
         "model": str(args.model) if args.model else "default",
         "seconds": round(seconds, 2),
     }
-    _emit(args, out, [f"perplexity {result.ppl:.3f} on {out['data']} ({result.tokens} tokens, {wins.shape[0]} windows of {args.seqlen})"])
+    _emit(
+        args,
+        out,
+        [
+            f"perplexity {result.ppl:.3f} on {out['data']} "
+            f"({result.tokens} tokens, {wins.shape[0]} windows of {args.seqlen})"
+        ],
+    )
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -127,13 +146,17 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.chat:
         if not getattr(tokenizer, "chat_template", None):
             raise LowbitError("the tokenizer has no chat template: drop --chat")
-        text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": args.prompt}], tokenize=False, add_generation_prompt=True
+        )
     else:
         text = args.prompt
     inputs = tokenizer(text, return_tensors="pt")
     torch.manual_seed(args.seed)
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        out = model.generate(
+            **inputs, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id
+        )
     new = out[0, inputs["input_ids"].shape[1] :]
     completion = tokenizer.decode(new, skip_special_tokens=True)
     _emit(args, {"prompt": args.prompt, "completion": completion, "new_tokens": int(new.numel())}, [completion])
@@ -155,7 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", nargs="?", help="HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
     q.add_argument("--bits", type=int, default=None, help="2, 3, 4 or 8 (default 4)")
     q.add_argument("--group-size", type=int, default=64, help="input columns per scale; -1 = one group per row")
-    q.add_argument("--format", default="int", choices=["int", "nf", "nf4", "nf3", "nf2"], help="int (uniform) or NormalFloat")
+    q.add_argument(
+        "--format", default="int", choices=["int", "nf", "nf4", "nf3", "nf2"], help="int (uniform) or NormalFloat"
+    )
     q.add_argument("--symmetric", action="store_true", help="symmetric integer grid (no zero points)")
     q.add_argument("--init", default="qlora", choices=["none", "qlora"], help="LoRA start: none, or qlora (B = 0)")
     q.add_argument("--rank", type=int, default=8, help="LoRA rank")
@@ -195,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
         args.bits_given = args.bits is not None
         args.bits = 4 if args.bits is None else args.bits
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from lowbit.models import quiet_transformers
+
+    quiet_transformers()
     try:
         args.func(args)
     except LowbitError as exc:

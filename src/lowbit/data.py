@@ -81,7 +81,9 @@ def windows(ids: torch.Tensor, seqlen: int, bos: int | None = None) -> torch.Ten
     body = seqlen - 1 if bos is not None else seqlen
     n = ids.numel() // body
     if n == 0:
-        raise LowbitError(f"the text has {ids.numel()} tokens, fewer than one window of {seqlen}: use more text or a smaller --seqlen")
+        raise LowbitError(
+            f"the text has {ids.numel()} tokens, fewer than one window of {seqlen}: use more text or a smaller --seqlen"
+        )
     out = ids[: n * body].view(n, body)
     if bos is not None:
         out = torch.cat([torch.full((n, 1), bos, dtype=out.dtype), out], dim=1)

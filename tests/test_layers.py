@@ -1,0 +1,91 @@
+"""QuantLinear: packed storage only, forward/backward equal a dense layer with the dequantized weight."""
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import tiny_model
+from lowbit.layers import QuantLinear, dense_module, quant_layers, to_dense
+from lowbit.quant import QuantSpec, fake_quantize_weight
+
+
+def _layer(spec: QuantSpec, bias: bool = True, rank: int = 4) -> tuple[nn.Linear, QuantLinear]:
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48, bias=bias)
+    q = QuantLinear.from_linear(lin, spec)
+    if rank:
+        q.add_lora(rank, 8.0, generator=torch.Generator().manual_seed(0))
+        nn.init.normal_(q.lora_B, std=0.1)
+    return lin, q
+
+
+@pytest.mark.parametrize(
+    "spec", [QuantSpec(2, 16), QuantSpec(3, 32), QuantSpec(4, 64), QuantSpec(4, 16, "nf")], ids=lambda s: s.name
+)
+def test_forward_backward_match_dense(spec: QuantSpec) -> None:
+    lin, q = _layer(spec)
+    w = fake_quantize_weight(lin.weight.detach(), spec)
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    y = q(x)
+    ref = x @ (w + q.lora_delta()).t() + lin.bias
+    assert torch.allclose(y, ref, atol=1e-5)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    gx = x.grad.clone()
+    x.grad = None
+    (ref * g).sum().backward()
+    assert torch.allclose(gx, x.grad, atol=1e-5)
+    # Only LoRA factors train: the packed base has no gradient, the bias is frozen.
+    assert q.lora_A.grad is not None and q.lora_B.grad is not None
+    assert not q.bias.requires_grad
+    assert all(b.dtype in (torch.uint8, torch.float16) for b in q.buffers())
+
+
+def test_holds_no_full_precision_weight() -> None:
+    _, q = _layer(QuantSpec(3, 64), rank=0)
+    names = {n for n, _ in q.named_parameters()} | {n for n, _ in q.named_buffers()}
+    assert names == {"qweight", "scales", "qzeros", "bias"}
+    stored_bits = 8 * sum(b.numel() * b.element_size() for b in q.buffers())
+    assert stored_bits / (64 * 48) <= 3.5
+
+
+def test_lora_start_is_identity() -> None:
+    _, q = _layer(QuantSpec(4, 64), rank=0)
+    x = torch.randn(2, 64)
+    before = q(x)
+    q.add_lora(8, 16.0)
+    assert torch.equal(q(x), before)  # B = 0
+
+
+def test_dense_module_and_merge() -> None:
+    _, q = _layer(QuantSpec(4, 32))
+    x = torch.randn(4, 64)
+    merged = dense_module(q, merge_lora=True)
+    assert torch.allclose(merged(x), q(x), atol=1e-5)
+    base = dense_module(q)
+    assert torch.allclose(base(x), x @ q.dequantized_weight().t() + q.bias, atol=1e-6)
+
+
+def test_gpt2_conv1d_roundtrip() -> None:
+    model = tiny_model("gpt2")
+    conv = model.transformer.h[0].attn.c_attn
+    spec = QuantSpec(8, 16)
+    q = QuantLinear.from_linear(conv, spec)
+    assert q.fan_in_fan_out and (q.in_features, q.out_features) == (64, 192)
+    x = torch.randn(2, 64)
+    assert torch.allclose(q(x), conv(x), atol=0.05)  # 8-bit: close to the original
+    dense = dense_module(q)
+    assert type(dense).__name__ == "Conv1D" and torch.allclose(dense(x), q(x), atol=1e-5)
+
+
+def test_to_dense_replaces_all() -> None:
+    import lowbit
+
+    model = tiny_model("qwen2")
+    lowbit.quantize(model, lowbit.QuantConfig(bits=4, group_size=32), progress=False)
+    ids = torch.randint(0, 100, (1, 12))
+    with torch.no_grad():
+        ref = model(ids).logits
+        to_dense(model, merge_lora=True)
+        assert not quant_layers(model)
+        assert torch.allclose(model(ids).logits, ref, atol=1e-4)
