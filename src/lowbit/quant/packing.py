@@ -36,14 +36,24 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
-    """Inverse of :func:`pack`: return the first ``numel`` codes as a flat uint8 tensor."""
+    """Inverse of :func:`pack`: return the first ``numel`` codes as a flat uint8 tensor.
+
+    This runs on every forward and backward of a QuantLinear, so it avoids int64 work where it can: widths that
+    divide 8 unpack byte by byte in uint8, and 3-bit runs fit a 24-bit int32 word.
+    """
     _check_bits(bits)
     if packed.numel() != packed_numel(numel, bits):
         raise ValueError(f"{packed.numel()} packed bytes cannot hold {numel} codes of {bits} bits")
-    runs = packed.reshape(-1, bits).to(torch.int64)
-    byte_shifts = torch.arange(bits, device=packed.device, dtype=torch.int64) * 8
-    words = (runs << byte_shifts).sum(dim=1)
-    shifts = torch.arange(8, device=packed.device, dtype=torch.int64) * bits
+    if 8 % bits == 0:
+        shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
+        codes = (packed.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
+        return codes.reshape(-1)[:numel]
+    dtype = torch.int32 if bits <= 3 else torch.int64
+    runs = packed.reshape(-1, bits).to(dtype)
+    words = runs[:, 0].clone()
+    for k in range(1, bits):
+        words |= runs[:, k] << (8 * k)
+    shifts = torch.arange(8, device=packed.device, dtype=dtype) * bits
     codes = (words.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
     return codes.reshape(-1)[:numel].to(torch.uint8)
 

@@ -1,0 +1,68 @@
+"""The one small interface every initializer implements, and the per-block context the engine hands it.
+
+An initializer turns one decoder block's ``nn.Linear`` layers into :class:`~lowbit.layers.QuantLinear` layers
+(packed codes + LoRA start). Data-free methods (``qlora``, ``loftq``) look only at the weights; data-driven ones
+(``apiq-lw``, ``apiq-bw``, ``wsvd``) also get the block's calibration activations: ``x`` (inputs produced by the
+full-precision earlier blocks), ``xq`` (inputs produced by the already-quantized earlier blocks) and ``y``
+(the full-precision block's outputs on ``x``). Feeding the quantized path its own inputs is what stops error from
+piling up with depth.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from lowbit.quant import QuantSpec
+
+
+@dataclass
+class LoraSpec:
+    rank: int
+    alpha: float
+    dropout: float = 0.0
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass
+class BlockContext:
+    """What an initializer may use for block ``index``.
+
+    ``forward(block, h)`` runs a block on hidden states ``h`` ``[batch, seq, hidden]`` with the keyword arguments
+    the model passes to this block (rotary tables, masks), captured once by the engine. ``x``, ``xq`` and ``y``
+    are ``[n_windows, seq, hidden]`` (None for data-free methods), possibly float16 or memory-mapped.
+    """
+
+    index: int
+    spec: QuantSpec
+    lora: LoraSpec | None
+    generator: torch.Generator
+    options: dict
+    forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
+    x: torch.Tensor | None = None
+    xq: torch.Tensor | None = None
+    y: torch.Tensor | None = None
+    report: Callable[[dict], None] = field(default=lambda stats: None)
+
+    def window(self, t: torch.Tensor, i: int | torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Window(s) ``i`` of an activation stream as a float batch."""
+        w = t[i]
+        return (w.unsqueeze(0) if w.dim() == 2 else w).to(dtype)
+
+
+class Initializer(ABC):
+    """Quantizes one block in place and sets its LoRA start; returns statistics (losses) for the summary."""
+
+    name: ClassVar[str]
+    needs_data: ClassVar[bool] = False
+
+    @abstractmethod
+    def init_block(self, block: nn.Module, ctx: BlockContext) -> dict[str, float]: ...
