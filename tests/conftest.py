@@ -103,13 +103,17 @@ def tiny_folder(tmp_path: Path) -> Path:
     return save_tiny(tmp_path / "tiny-llama")
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
     """Keep GGUF conversions of the tests out of the user's cache unless a shared one is configured."""
     import os
 
-    if "LOWBIT_CACHE" not in os.environ:
-        monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path_factory.getbasetemp() / "lowbit-cache"))
+    if "LOWBIT_CACHE" in os.environ:
+        yield
+        return
+    os.environ["LOWBIT_CACHE"] = str(tmp_path_factory.getbasetemp() / "lowbit-cache")
+    yield
+    del os.environ["LOWBIT_CACHE"]
 
 
 def default_model_available() -> bool:

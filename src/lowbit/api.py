@@ -1,8 +1,9 @@
-"""The one-call API: ``lowbit.quantize(model, QuantConfig(...))`` quantizes a model in place.
+"""The one-call API: ``lowbit.quantize(model, QuantConfig(...), calib=windows)`` quantizes a model in place.
 
 Every linear layer inside the decoder blocks becomes a :class:`~lowbit.layers.QuantLinear` holding packed codes;
-embeddings, norms and the LM head stay in full precision. ``init`` chooses how the LoRA start is set:
-``none`` (no adapter, plain round-to-nearest or NormalFloat) or ``qlora`` (QLoRA's start: A random, B = 0).
+embeddings, norms and the LM head stay in full precision. ``init`` chooses how codes and LoRA start are set:
+``none`` (no adapter), ``qlora`` (round to nearest, B = 0), ``loftq`` (data-free), ``wsvd``, ``apiq-lw`` and
+``apiq-bw`` (these three need calibration windows). See :mod:`lowbit.init`.
 """
 
 from __future__ import annotations
@@ -11,14 +12,15 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from lowbit.engine import Engine, EngineOptions
 from lowbit.errors import LowbitError
-from lowbit.layers import QuantLinear, linear_weight, set_module
+from lowbit.init import INITIALIZERS, LoraSpec, get_initializer
+from lowbit.layers import linear_weight
 from lowbit.models import target_linears
 from lowbit.quant import QuantSpec
 
-INITS = ("none", "qlora")
+INITS = tuple(INITIALIZERS)
 
 
 @dataclass
@@ -56,6 +58,10 @@ class QuantConfig:
         """Name of the weight rounding: ``rtn`` (integer round-to-nearest) or ``nf`` (NormalFloat)."""
         return "nf" if self.format == "nf" else "rtn"
 
+    @property
+    def lora(self) -> LoraSpec | None:
+        return None if self.init == "none" else LoraSpec(self.rank, self.alpha, self.dropout)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -76,19 +82,23 @@ def check_shapes(model: nn.Module, config: QuantConfig) -> dict[str, nn.Module]:
     return layers
 
 
-@torch.no_grad()
-def quantize(model: nn.Module, config: QuantConfig | None = None, progress: bool = True) -> nn.Module:
+def quantize(
+    model: nn.Module,
+    config: QuantConfig | None = None,
+    calib: torch.Tensor | None = None,
+    progress: bool = True,
+    engine: EngineOptions | None = None,
+) -> nn.Module:
     """Quantize every linear layer in the decoder blocks of ``model`` in place and return it.
 
-    Layers are replaced one at a time, so the full-precision weight of each is freed as soon as it is packed.
+    ``calib`` holds calibration token windows ``[n, seq]`` for the data-driven initializers. Blocks are done one
+    at a time, so the full-precision weights of each block are freed as soon as it is packed.
     """
     config = config or QuantConfig()
-    layers = check_shapes(model, config)
-    generator = torch.Generator().manual_seed(config.seed)
-    for name, module in tqdm(layers.items(), desc=f"quantize {config.spec.name}", disable=not progress, leave=False):
-        layer = QuantLinear.from_linear(module, config.spec)
-        if config.init == "qlora":
-            layer.add_lora(config.rank, config.alpha, config.dropout, generator=generator)
-        set_module(model, name, layer)
+    check_shapes(model, config)
+    engine = engine or EngineOptions(progress=progress)
+    init = get_initializer(config.init)
+    run = Engine(model, init, config.spec, config.lora, config.seed, config.options, calib, engine)
+    model.lowbit_stats = [r.__dict__ for r in run.run()]
     model.lowbit_config = config
     return model

@@ -84,14 +84,12 @@ class QuantLinear(nn.Module):
 
     # ----- construction -------------------------------------------------------------------------------------
     @classmethod
-    def from_linear(
-        cls,
-        module: nn.Module,
-        spec: QuantSpec,
-        clip_hi: torch.Tensor | None = None,
-        clip_lo: torch.Tensor | None = None,
-    ) -> QuantLinear:
-        """Quantize an ``nn.Linear`` or a transformers ``Conv1D`` (GPT-2) into a new QuantLinear."""
+    def from_linear(cls, module: nn.Module, spec: QuantSpec, quantized: QuantizedWeight | None = None) -> QuantLinear:
+        """Quantize an ``nn.Linear`` or a transformers ``Conv1D`` (GPT-2) into a new QuantLinear.
+
+        ``quantized`` supplies codes an initializer chose itself (clipped, LoftQ); by default the weight is rounded
+        to nearest.
+        """
         weight, fan_in_fan_out = linear_weight(module)
         out_features, in_features = weight.shape
         layer = cls(
@@ -102,7 +100,7 @@ class QuantLinear(nn.Module):
             fan_in_fan_out=fan_in_fan_out,
             device=weight.device,
         )
-        layer.set_weight(quantize_weight(weight, spec, clip_hi, clip_lo))
+        layer.set_weight(quantized if quantized is not None else quantize_weight(weight, spec))
         if module.bias is not None:
             layer.bias.data.copy_(module.bias.detach().float())
         return layer
@@ -128,6 +126,13 @@ class QuantLinear(nn.Module):
         self.lora_A = nn.Parameter(a.to(device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=device))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    @torch.no_grad()
+    def set_lora(self, a: torch.Tensor, b: torch.Tensor, alpha: float, dropout: float = 0.0) -> None:
+        """Attach a LoRA adapter with given factors ``A [r, in]`` and ``B [out, r]`` (an initializer's start)."""
+        self.add_lora(a.shape[0], alpha, dropout)
+        self.lora_A.copy_(a)
+        self.lora_B.copy_(b)
 
     # ----- weights ------------------------------------------------------------------------------------------
     def quantized(self) -> QuantizedWeight:

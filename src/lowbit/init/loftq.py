@@ -41,11 +41,8 @@ class LoftQ(Initializer):
         for name, module in block_linears(block).items():
             w, _ = linear_weight(module)
             q, a, b = loftq_layer(w, ctx, iters)
-            layer = QuantLinear.from_linear(module, ctx.spec)
-            layer.set_weight(q)
-            layer.add_lora(ctx.lora.rank, ctx.lora.alpha, ctx.lora.dropout)
-            layer.lora_A.data.copy_(a)
-            layer.lora_B.data.copy_(b)
+            layer = QuantLinear.from_linear(module, ctx.spec, q)
+            layer.set_lora(a, b, ctx.lora.alpha, ctx.lora.dropout)
             errors.append(((layer.dequantized_weight() + layer.lora_delta() - w).norm() / w.norm()).item())
             set_module(block, name, layer)
         return {"weight_error": max(errors)}

@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 
 
-def split_factors(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+def split_factors(
+    u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(A, B)`` with ``scaling * B @ A == u @ diag(s) @ vh``; u ``[out, r]``, s ``[r]``, vh ``[r, in]``."""
     root = (s / scaling).clamp(min=0).sqrt()
     return root.unsqueeze(1) * vh, u * root.unsqueeze(0)

@@ -1,0 +1,81 @@
+"""Walking a block's linear layers in forward order with their calibration inputs (for layer-wise methods).
+
+Layer-wise initializers (``apiq-lw``, ``wsvd``) handle one linear layer at a time, in the order the block calls
+them, each seeing two inputs: what the layer receives inside the full-precision block fed with ``x``, and what it
+receives inside the *partially quantized* block (earlier layers already replaced) fed with ``xq``. Layers that
+read the same tensor (q/k/v, gate/up) form one group and share one capture.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from lowbit.init.base import BlockContext
+from lowbit.models import block_linears
+
+
+class _Stop(Exception):
+    """Raised by a capture hook to end a block forward once the wanted input is recorded."""
+
+
+def forward_groups(block: nn.Module, ctx: BlockContext) -> list[list[str]]:
+    """Names of the block's linear layers in call order, grouped by shared input tensor."""
+    order: list[tuple[str, int]] = []
+    hooks = [
+        m.register_forward_pre_hook(lambda _m, args, name=name: order.append((name, args[0].data_ptr())))
+        for name, m in block_linears(block).items()
+    ]
+    try:
+        with torch.no_grad():
+            ctx.forward(block, ctx.window(ctx.x, 0))
+    finally:
+        for h in hooks:
+            h.remove()
+    groups: list[list[str]] = []
+    last_ptr = None
+    for name, ptr in order:
+        if name in {n for g in groups for n in g}:
+            continue
+        if groups and ptr == last_ptr:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        last_ptr = ptr
+    return groups
+
+
+@torch.no_grad()
+def capture(block: nn.Module, name: str, stream: torch.Tensor, ctx: BlockContext, visit: Callable) -> None:
+    """Run ``block`` over every window of ``stream`` and call ``visit(i, layer_input)`` for layer ``name``."""
+    module = block.get_submodule(name)
+    state = {"i": 0}
+
+    def hook(_m, args):
+        visit(state["i"], args[0].reshape(-1, args[0].shape[-1]).float())
+        raise _Stop
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        for i in range(stream.shape[0]):
+            state["i"] = i
+            try:
+                ctx.forward(block, ctx.window(stream, i))
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+
+
+def walk(block: nn.Module, ctx: BlockContext) -> Iterator[tuple[list[str], nn.Module]]:
+    """Yield ``(group, fp_block)`` in forward order; the caller replaces the group's layers in ``block``.
+
+    ``fp_block`` is an untouched full-precision copy of the block, to capture the full-precision inputs from.
+    Because the caller replaces a group before asking for the next, later groups see quantized earlier layers.
+    """
+    fp_block = copy.deepcopy(block)
+    for group in forward_groups(block, ctx):
+        yield group, fp_block

@@ -1,0 +1,79 @@
+"""``wsvd``: activation-aware closed-form LoRA start (lowbit's own; a whitened SVD of the quantization residual).
+
+For a layer with weight ``W``, codes ``Q`` and calibration inputs ``X`` (full-precision path) and ``Xq``
+(quantized path), the LoRA delta ``D = s·BA`` of rank r that minimizes ``||X W^T - Xq (Q + D)^T||_F`` is found in
+closed form. With ``Gq = Xq^T Xq = L L^T`` and ``C = Xq^T X``, the unconstrained optimum is
+``D* = W C^T Gq^{-1} - Q`` and the loss is ``||(D - D*) L||_F^2`` plus a constant, so the best rank-r ``D`` is
+``SVD_r(D* L) L^{-1}``. When ``Xq = X`` this is the residual ``W - Q`` fitted where the activations are large,
+instead of uniformly as LoftQ does. Only two ``in x in`` Gram matrices per layer group are accumulated, no
+activations are stored, and it costs one SVD per layer: seconds, not minutes.
+
+``options``: ``wsvd_damp`` (relative ridge on the Gram, default 0.01).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lowbit.init.base import BlockContext, Initializer
+from lowbit.init.layerwise import capture, walk
+from lowbit.init.lowrank import whitened_best_rank
+from lowbit.layers import QuantLinear, linear_weight, set_module
+from lowbit.quant import QuantizedWeight, dequantize_weight, quantize_weight
+
+
+def grams(block: nn.Module, fp_block: nn.Module, name: str, ctx: BlockContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Xq^T Xq, Xq^T X)`` for the input of layer ``name`` over all calibration tokens (float64)."""
+    xs: dict[int, torch.Tensor] = {}
+    width = linear_weight(block.get_submodule(name))[0].shape[1]
+    gqq = torch.zeros(width, width, dtype=torch.float64)
+    gqx = torch.zeros_like(gqq)
+
+    def keep_fp(i: int, inp: torch.Tensor) -> None:
+        xs[i] = inp
+
+    capture(fp_block, name, ctx.x, ctx, keep_fp)
+
+    def accumulate(i: int, inp: torch.Tensor) -> None:
+        xq = inp.double()
+        gqq.add_(xq.t() @ xq)
+        gqx.add_(xq.t() @ xs.pop(i).double())
+
+    capture(block, name, ctx.xq, ctx, accumulate)
+    return gqq, gqx
+
+
+def wsvd_factors(
+    w: torch.Tensor, q: QuantizedWeight, gqq: torch.Tensor, gqx: torch.Tensor, ctx: BlockContext
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoRA ``(A, B)`` minimizing the layer's output error given codes ``q`` and the Gram matrices."""
+    damp = float(ctx.options.get("wsvd_damp", 0.01))
+    g = gqq + damp * gqq.diagonal().mean().clamp(min=1e-12) * torch.eye(gqq.shape[0], dtype=gqq.dtype)
+    # D* = W C^T G^{-1} - Q  with C = Xq^T X  (G symmetric, so W C^T G^{-1} = (G^{-1} C W^T)^T)
+    target = torch.linalg.solve(g, gqx @ w.double().t()).t() - dequantize_weight(q, ctx.spec).double()
+    return whitened_best_rank(target, g, ctx.lora.rank, ctx.lora.scaling, damp=0.0)
+
+
+class WSVD(Initializer):
+    name = "wsvd"
+    needs_data = True
+
+    def init_block(self, block: nn.Module, ctx: BlockContext, clip: float | None = None) -> dict[str, float]:
+        """Replace the block's layers; ``clip`` (a factor in (0, 1]) shrinks every group's range first."""
+        if ctx.lora is None:
+            raise ValueError("wsvd needs a LoRA adapter (rank > 0)")
+        for group, fp_block in walk(block, ctx):
+            gqq, gqx = grams(block, fp_block, group[0], ctx)
+            for name in group:
+                module = block.get_submodule(name)
+                w, _ = linear_weight(module)
+                factors = None
+                if clip is not None:
+                    factors = torch.full((w.shape[0], ctx.spec.groups(w.shape[1])), clip)
+                q = quantize_weight(w, ctx.spec, factors, factors if ctx.spec.has_zeros else None)
+                a, b = wsvd_factors(w, q, gqq, gqx, ctx)
+                layer = QuantLinear.from_linear(module, ctx.spec, q)
+                layer.set_lora(a, b, ctx.lora.alpha, ctx.lora.dropout)
+                set_module(block, name, layer)
+        return {}
