@@ -137,7 +137,7 @@ def test_output_inside_input_refused(tiny_folder: Path, capsys) -> None:
 
 
 def test_truncated_checkpoint(ckpt: Path, tmp_path: Path, capsys) -> None:
-    weights = ckpt / "model.safetensors"
+    weights = ckpt / "model-block-00001.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     _expect_error(capsys, ["eval", ckpt, "--ppl", "ptb"], "truncated or corrupt.*re-create")
     _expect_error(capsys, ["info", ckpt], "truncated or corrupt")

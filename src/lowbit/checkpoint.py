@@ -18,6 +18,7 @@ so save then load is bit-exact.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -32,6 +33,7 @@ from lowbit.layers import QuantLinear, quant_layers, set_module
 from lowbit.quant import QuantSpec
 
 WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"  # sharded checkpoints (written by streaming calibration)
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
@@ -50,12 +52,13 @@ def _versions() -> dict[str, str]:
     }
 
 
-def quantization_config(model: nn.Module) -> dict:
-    """The ``quantization_config`` entry that describes ``model``'s quantized layers."""
-    config: QuantConfig | None = getattr(model, "lowbit_config", None)
-    layers = quant_layers(model)
-    if config is None or not layers:
-        raise LowbitError("the model is not quantized by lowbit: call lowbit.quantize(model, config) first")
+def module_shape(layer: QuantLinear) -> list[int]:
+    """How a quantized module is recorded in the config: ``[out, in, has_bias, fan_in_fan_out]``."""
+    return [layer.out_features, layer.in_features, int(layer.bias is not None), int(layer.fan_in_fan_out)]
+
+
+def qconfig_dict(config: QuantConfig, modules: dict[str, list[int]]) -> dict:
+    """The ``quantization_config`` entry for ``config`` and the quantized ``modules`` (name -> [out, in, bias, t])."""
     return {
         "quant_method": "lowbit",
         "method": config.method,
@@ -66,21 +69,30 @@ def quantization_config(model: nn.Module) -> dict:
         "format": config.format,
         "options": config.options,
         "seed": config.seed,
-        "modules": {
-            name: [m.out_features, m.in_features, int(m.bias is not None), int(m.fan_in_fan_out)]
-            for name, m in layers.items()
-        },
+        "modules": modules,
         **_versions(),
     }
 
 
-def _base_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Non-LoRA tensors to store, with tied (same-storage) duplicates replaced by an alias to the first name."""
+def quantization_config(model: nn.Module) -> dict:
+    """The ``quantization_config`` entry that describes ``model``'s quantized layers."""
+    config: QuantConfig | None = getattr(model, "lowbit_config", None)
+    layers = quant_layers(model)
+    if config is None or not layers:
+        raise LowbitError("the model is not quantized by lowbit: call lowbit.quantize(model, config) first")
+    return qconfig_dict(config, {name: module_shape(m) for name, m in layers.items()})
+
+
+def base_tensors(model: nn.Module, skip_prefix: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Non-LoRA tensors to store, with tied (same-storage) duplicates replaced by an alias to the first name.
+
+    ``skip_prefix`` leaves out the tensors under it (the blocks, which streaming calibration writes itself).
+    """
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
     for name, tensor in model.state_dict().items():
-        if name.rsplit(".", 1)[-1] in LORA_KEYS:
+        if name.rsplit(".", 1)[-1] in LORA_KEYS or (skip_prefix and name.startswith(skip_prefix)):
             continue
         key = (
             tensor.untyped_storage().data_ptr(),
@@ -96,19 +108,17 @@ def _base_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
     return tensors, aliases
 
 
-def adapter_config(model: nn.Module, layers: dict[str, QuantLinear]) -> dict:
-    """PEFT ``LoraConfig`` fields for the adapter of ``layers`` (which all share rank, scaling and dropout)."""
-    first = next(iter(layers.values()))
-    dropout = first.lora_dropout.p if isinstance(first.lora_dropout, nn.Dropout) else 0.0
+def adapter_fields(target_modules: list[str], config: QuantConfig, fan_in_fan_out: bool) -> dict:
+    """PEFT ``LoraConfig`` fields for an adapter on ``target_modules`` (full module names)."""
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": None,
-        "r": first.rank,
-        "lora_alpha": first.scaling * first.rank,
-        "lora_dropout": dropout,
-        "target_modules": sorted(layers),
-        "fan_in_fan_out": first.fan_in_fan_out,
+        "r": config.rank,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": target_modules,
+        "fan_in_fan_out": fan_in_fan_out,
         "bias": "none",
         "use_rslora": False,
         "use_dora": False,
@@ -131,7 +141,10 @@ def save_adapter(model: nn.Module, folder: Path) -> bool:
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().float().contiguous().cpu()
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().float().contiguous().cpu()
     save_file(tensors, folder / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-    write_json(folder / ADAPTER_CONFIG, adapter_config(model, layers))
+    first = next(iter(layers.values()))
+    dropout = first.lora_dropout.p if isinstance(first.lora_dropout, nn.Dropout) else 0.0
+    lora = QuantConfig(rank=first.rank, alpha=first.scaling * first.rank, dropout=dropout)
+    write_json(folder / ADAPTER_CONFIG, adapter_fields(sorted(layers), lora, first.fan_in_fan_out))
     return True
 
 
@@ -140,7 +153,7 @@ def save_checkpoint(model: nn.Module, out: str | Path, tokenizer=None, overwrite
     out = Path(out)
     qconfig = quantization_config(model)
     with atomic_dir(out, overwrite) as tmp:
-        tensors, aliases = _base_tensors(model)
+        tensors, aliases = base_tensors(model)
         meta = {"format": "pt", "lowbit_aliases": json.dumps(aliases), "lowbit_version": qconfig["lowbit_version"]}
         save_file(tensors, tmp / WEIGHTS, metadata=meta)
         save_adapter(model, tmp)
@@ -171,6 +184,18 @@ def read_config(folder: Path) -> dict:
             f"{folder} is not a lowbit checkpoint: quantize it first with `lowbit quantize {folder} --out DIR`"
         )
     return config
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The checkpoint's weight files: the shards named by the index, or the single ``model.safetensors``."""
+    index = folder / INDEX
+    if not index.is_file():
+        return [folder / WEIGHTS]
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise LowbitError(f"{index} is damaged ({exc}); re-create the checkpoint") from exc
+    return [folder / name for name in sorted(set(weight_map.values()))]
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -215,8 +240,13 @@ def load_checkpoint(folder: str | Path) -> tuple[nn.Module, object | None]:
     config = _quant_config(qc, adapter)
     spec: QuantSpec = config.spec
 
-    tensors, metadata = _read_safetensors(folder / WEIGHTS)
-    for alias, name in json.loads(metadata.get("lowbit_aliases", "{}")).items():
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    for path in weight_files(folder):
+        part, metadata = _read_safetensors(path)
+        tensors.update(part)
+        aliases.update(json.loads(metadata.get("lowbit_aliases", "{}")))
+    for alias, name in aliases.items():
         tensors[alias] = tensors[name]
     if adapter is not None:
         lora, _ = _read_safetensors(folder / ADAPTER_WEIGHTS)
@@ -251,18 +281,16 @@ def checkpoint_info(folder: str | Path) -> dict:
     """Sizes and format of a checkpoint, read from its headers only (no tensors are loaded)."""
     folder = Path(folder)
     qc = read_config(folder)["quantization_config"]
-    path = folder / WEIGHTS
     quant_bytes = 0
+    path = folder / WEIGHTS
     try:
-        with safe_open(path, framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                module, _, leaf = key.rpartition(".")
-                if module in qc["modules"] and leaf in ("qweight", "scales", "qzeros"):
-                    s = f.get_slice(key)
-                    numel = 1
-                    for d in s.get_shape():
-                        numel *= d
-                    quant_bytes += numel * _dtype_bytes(s.get_dtype())
+        for path in weight_files(folder):
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    module, _, leaf = key.rpartition(".")
+                    if module in qc["modules"] and leaf in ("qweight", "scales", "qzeros"):
+                        s = f.get_slice(key)
+                        quant_bytes += math.prod(s.get_shape()) * _dtype_bytes(s.get_dtype())
     except (SafetensorError, OSError) as exc:
         raise LowbitError(
             f"checkpoint file {path} is missing, truncated or corrupt ({exc}); re-create the checkpoint"

@@ -43,13 +43,25 @@ def _format(args: argparse.Namespace) -> tuple[str, int]:
     return fmt, bits
 
 
+def _options(args: argparse.Namespace) -> dict:
+    """Method options from the flags that were given (recorded in the checkpoint)."""
+    names = ("epochs", "clip_lr", "lora_lr", "weight_decay", "clip_init", "loftq_iters", "warm_start", "batch")
+    options = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    if args.second_loss:
+        options["second_loss"] = 1
+    return options
+
+
 def cmd_quantize(args: argparse.Namespace) -> None:
     import torch
 
-    from lowbit.api import QuantConfig, quantize
-    from lowbit.checkpoint import save_checkpoint
+    from lowbit.api import QuantConfig
+    from lowbit.calibrate import calibrate
+    from lowbit.data import sample_windows, text_windows
+    from lowbit.engine import EngineOptions
     from lowbit.fsutil import check_output_dir
-    from lowbit.models import load_model, resolve_model_path
+    from lowbit.init import INITIALIZERS
+    from lowbit.models import is_lowbit_checkpoint, load_tokenizer, resolve_model_path
 
     fmt, bits = _format(args)
     config = QuantConfig(
@@ -61,33 +73,46 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         rank=args.rank,
         alpha=args.alpha,
         seed=args.seed,
+        options=_options(args),
     )
+    out = Path(args.out)
     protected = (Path(args.model),) if args.model else ()
-    check_output_dir(Path(args.out), args.overwrite, protected)
+    if not (out.parent / f".{out.name}.partial").is_dir():
+        check_output_dir(out, args.overwrite, protected)
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     source = resolve_model_path(args.model)
-    check_output_dir(Path(args.out), args.overwrite, (source,))
-    model, tokenizer = load_model(source)
-    if getattr(model, "lowbit_config", None) is not None:
+    if is_lowbit_checkpoint(source):
         raise LowbitError(f"{args.model} is already a lowbit checkpoint: quantize the full-precision model instead")
-    quantize(model, config, progress=not args.json)
-    save_checkpoint(model, args.out, tokenizer, overwrite=args.overwrite)
+    tokenizer = load_tokenizer(source)
+    calib = None
+    if INITIALIZERS[config.init].needs_data:
+        wins = text_windows(args.calib, tokenizer, args.calib_seqlen, split="train")
+        calib = sample_windows(wins, args.calib_windows, args.calib_seed)
+        config.options.update(calib=args.calib, calib_windows=args.calib_windows, calib_seqlen=args.calib_seqlen,
+                              calib_seed=args.calib_seed)  # fmt: skip
+    engine = EngineOptions(act_dtype=getattr(torch, args.act_dtype), progress=not args.json)
+    summary = calibrate(source, config, out, calib, tokenizer, args.overwrite, engine, spill=args.spill)
     seconds = time.perf_counter() - start
     result = {
-        "out": str(args.out),
+        "out": str(out),
         "seconds": round(seconds, 2),
         "peak_rss_mb": round(_peak_rss_mb(), 1),
         **config.to_dict(),
+        "resumed_from_block": summary["resumed_from"],
+        "worst_block": summary["worst_block"],
     }
-    _emit(
-        args,
-        result,
-        [
-            f"wrote {args.out} ({config.spec.name}, init {config.init}) in {seconds:.1f} s, "
-            f"peak RSS {_peak_rss_mb():.0f} MiB"
-        ],
-    )
+    lines = [
+        f"wrote {out} ({config.spec.name}, init {config.init}) in {seconds:.1f} s, peak RSS {_peak_rss_mb():.0f} MiB"
+    ]
+    if summary["resumed_from"]:
+        lines.append(f"resumed an interrupted run at block {summary['resumed_from']}")
+    worst = summary["worst_block"]
+    if worst and "rel_error" in worst:
+        last = summary["blocks"][-1]
+        lines.append(f"relative output error of the quantized stream: last block {last['rel_error']:.4f}, "
+                     f"worst block {worst['index']} ({worst['rel_error']:.4f})")  # fmt: skip
+    _emit(args, result, lines)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -164,6 +189,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from lowbit import __version__
+    from lowbit.api import INITS
 
     parser = argparse.ArgumentParser(prog="lowbit", description="Quantize, fine-tune and evaluate 2/3/4-bit LLMs.")
     parser.add_argument("--version", action="version", version=f"lowbit {__version__}")
@@ -182,10 +208,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--format", default="int", choices=["int", "nf", "nf4", "nf3", "nf2"], help="int (uniform) or NormalFloat"
     )
     q.add_argument("--symmetric", action="store_true", help="symmetric integer grid (no zero points)")
-    q.add_argument("--init", default="qlora", choices=["none", "qlora"], help="LoRA start: none, or qlora (B = 0)")
+    q.add_argument("--init", default="qlora", choices=list(INITS), help="codes + LoRA start: " + ", ".join(INITS))
     q.add_argument("--rank", type=int, default=8, help="LoRA rank")
     q.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scaling = alpha / rank)")
     q.add_argument("--seed", type=int, default=0)
+    c = q.add_argument_group("calibration (wsvd, apiq-lw, apiq-bw)")
+    c.add_argument("--calib", default="ptb", help="ptb (train split), a .txt or a .jsonl file")
+    c.add_argument("--calib-windows", type=int, default=32, help="number of calibration windows")
+    c.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window")
+    c.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration window choice")
+    c.add_argument("--act-dtype", default="float32", choices=["float32", "float16"], help="activation storage")
+    c.add_argument("--spill", action="store_true", help="keep activations in memory-mapped files, not RAM")
+    m = q.add_argument_group("method options (defaults: the published recipes)")
+    m.add_argument("--epochs", type=int, help="ApiQ epochs per block/layer (published: 20)")
+    m.add_argument("--clip-lr", type=float, help="ApiQ clipping learning rate (5e-3)")
+    m.add_argument("--lora-lr", type=float, help="ApiQ LoRA learning rate (5e-4)")
+    m.add_argument("--weight-decay", type=float, help="ApiQ AdamW weight decay (0.1)")
+    m.add_argument("--clip-init", type=float, help="initial clipping logit (4.0)")
+    m.add_argument("--batch", type=int, help="ApiQ-bw windows per step (1)")
+    m.add_argument("--warm-start", choices=["none", "wsvd"], help="ApiQ-bw start: none (B = 0) or wsvd")
+    m.add_argument("--second-loss", action="store_true", help="ApiQ-bw: add MSE(block_fp(Xq), block_q(Xq))")
+    m.add_argument("--loftq-iters", type=int, help="LoftQ iterations (5)")
     q.add_argument("--out", required=True, help="output checkpoint folder")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     q.set_defaults(func=cmd_quantize)

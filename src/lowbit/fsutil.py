@@ -46,7 +46,7 @@ def atomic_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _default_permissions(tmp)
+    default_permissions(tmp)
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -56,7 +56,7 @@ def atomic_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _default_permissions(folder: Path) -> None:
+def default_permissions(folder: Path) -> None:
     """Give a finished output the permissions a plain ``mkdir``/``open`` would (mkstemp/mkdtemp make them private)."""
     umask = os.umask(0)
     os.umask(umask)

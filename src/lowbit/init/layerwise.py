@@ -8,6 +8,7 @@ read the same tensor (q/k/v, gate/up) form one group and share one capture.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable, Iterator
 
@@ -62,10 +63,8 @@ def capture(block: nn.Module, name: str, stream: torch.Tensor, ctx: BlockContext
     try:
         for i in range(stream.shape[0]):
             state["i"] = i
-            try:
+            with contextlib.suppress(_Stop):
                 ctx.forward(block, ctx.window(stream, i))
-            except _Stop:
-                pass
     finally:
         handle.remove()
 
