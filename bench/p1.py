@@ -1,12 +1,13 @@
 """Protocol P1 (../shared/BENCHMARK.md): quantization / initialization quality without fine-tuning.
 
-For each row: load the default model in float32 on the CPU, run the quantize/initialize step (timed, peak RSS),
-save a real checkpoint (bits per quantized weight from its files), and measure PTB-test perplexity over the first
-64 windows of 512 tokens. Every row runs in its own subprocess so its peak RSS is its own.
+Every row runs in its own subprocess, exactly as ``lowbit quantize`` does it: the default model streams block by
+block from its safetensors folder into a real checkpoint (timed; peak RSS of that step), then the checkpoint is
+loaded and its PTB-test perplexity measured over the first 64 windows of 512 tokens. Calibration: 32 windows of
+512 tokens from PTB train, seed 0. LoRA r8/alpha16 on every block linear.
 
     python bench/p1.py                                  # all rows
     python bench/p1.py --rows fp32,rtn4,rtn3,rtn2,nf4   # what `make demo` runs
-    python bench/p1.py --rows rtn2 --windows 8          # quick look (not the protocol: marked in the output)
+    python bench/p1.py --rows wsvd-w2 --windows 8       # quick look (not the protocol: marked, not saved)
 
 Results go to bench/results/p1.json (rows merged by name, so partial reruns update the file) and a markdown table
 on stdout.
@@ -29,15 +30,30 @@ SEQLEN = 512
 EVAL_WINDOWS = 64
 CALIB_WINDOWS = 32
 CALIB_SEED = 0
+PUBLISHED = {"epochs": 20, "clip_lr": 5e-3, "lora_lr": 5e-4, "weight_decay": 0.1, "batch": 1, "clip_init": 4.0}
+WARM_EPOCHS = 2
 
-# name -> (label, QuantConfig keyword arguments or None for the full-precision reference)
-ROWS: dict[str, tuple[str, dict | None]] = {
-    "fp32": ("FP32 reference", None),
-    "rtn4": ("RTN W4g64 (B = 0)", dict(bits=4, init="qlora")),
-    "rtn3": ("RTN W3g64 (B = 0)", dict(bits=3, init="qlora")),
-    "rtn2": ("RTN W2g64 (B = 0)", dict(bits=2, init="qlora")),
-    "nf4": ("NF4 g64, QLoRA start (B = 0)", dict(bits=4, format="nf", init="qlora")),
-}
+
+def _rows() -> dict[str, tuple[str, dict | None]]:
+    """Row name -> (label, QuantConfig keyword arguments; None for the full-precision reference)."""
+    rows: dict[str, tuple[str, dict | None]] = {"fp32": ("FP32 reference", None)}
+    for b in (4, 3, 2):
+        rows[f"rtn{b}"] = (f"RTN W{b}g64, QLoRA start (B = 0)", dict(bits=b, init="qlora"))
+    rows["nf4"] = ("NF4 g64, QLoRA start (B = 0)", dict(bits=4, format="nf", init="qlora"))
+    for b in (4, 3, 2):
+        w = f"W{b}g64"
+        rows[f"loftq1-w{b}"] = (f"LoftQ 1 iter {w}", dict(bits=b, init="loftq", options={"loftq_iters": 1}))
+        rows[f"loftq5-w{b}"] = (f"LoftQ 5 iters {w}", dict(bits=b, init="loftq", options={"loftq_iters": 5}))
+        rows[f"wsvd-w{b}"] = (f"wsvd closed form {w} (lowbit)", dict(bits=b, init="wsvd"))
+        rows[f"apiq-lw-w{b}"] = (f"ApiQ-lw published {w}", dict(bits=b, init="apiq-lw", options=dict(PUBLISHED)))
+        rows[f"apiq-bw-w{b}"] = (f"ApiQ-bw published {w}", dict(bits=b, init="apiq-bw", options=dict(PUBLISHED)))
+        warm = {**PUBLISHED, "epochs": WARM_EPOCHS, "warm_start": "wsvd"}
+        rows[f"apiq-bw-warm-w{b}"] = (f"ApiQ-bw wsvd start, {WARM_EPOCHS} epochs {w} (lowbit)",
+                                      dict(bits=b, init="apiq-bw", options=warm))  # fmt: skip
+    return rows
+
+
+ROWS = _rows()
 
 
 def run_row(name: str, windows: int) -> dict:
@@ -45,39 +61,48 @@ def run_row(name: str, windows: int) -> dict:
     import torch
 
     import lowbit
-    from lowbit.data import text_windows
+    from lowbit.calibrate import calibrate
+    from lowbit.data import sample_windows, text_windows
+    from lowbit.engine import EngineOptions
     from lowbit.evaluate import perplexity
-    from lowbit.models import quiet_transformers
+    from lowbit.init import INITIALIZERS
+    from lowbit.models import load_tokenizer, quiet_transformers, resolve_model_path
 
     quiet_transformers()
-
     torch.manual_seed(0)
     label, kwargs = ROWS[name]
-    model, tokenizer = lowbit.load_model()
+    folder = resolve_model_path(None)
+    tokenizer = load_tokenizer(folder)
     row: dict = {"row": name, "label": label}
-    if kwargs is None:
-        row.update(seconds=0.0, peak_rss_mb=round(benchlib.peak_rss_mb(), 1), bits_per_weight=32.0, lora_params=0)
-    else:
-        config = lowbit.QuantConfig(group_size=64, rank=8, alpha=16.0, seed=CALIB_SEED, **kwargs)
+    with tempfile.TemporaryDirectory() as tmp:
+        if kwargs is None:
+            model, _ = lowbit.load_model(folder)
+            row.update(seconds=None, peak_rss_mb=None, bits_per_weight=32.0, lora_params=0)
+        else:
+            config = lowbit.QuantConfig(group_size=64, rank=8, alpha=16.0, seed=CALIB_SEED, **kwargs)
+            calib = None
+            if INITIALIZERS[config.init].needs_data:
+                train = text_windows("ptb", tokenizer, SEQLEN, split="train")
+                calib = sample_windows(train, CALIB_WINDOWS, CALIB_SEED)
+            start = time.perf_counter()
+            summary = calibrate(folder, config, Path(tmp) / "ckpt", calib, tokenizer,
+                                engine=EngineOptions(progress=sys.stderr.isatty()))  # fmt: skip
+            row["seconds"] = round(time.perf_counter() - start, 2)
+            row["peak_rss_mb"] = round(benchlib.peak_rss_mb(), 1)
+            info = lowbit.info(Path(tmp) / "ckpt")
+            row.update(bits_per_weight=round(info["bits_per_weight"], 4), lora_params=info["lora_params"],
+                       config=config.to_dict(), blocks=summary["blocks"])  # fmt: skip
+            model, _ = lowbit.load(Path(tmp) / "ckpt")
+        wins = text_windows("ptb", tokenizer, SEQLEN, split="test", limit=windows)
         start = time.perf_counter()
-        lowbit.quantize(model, config, progress=False)
-        row["seconds"] = round(time.perf_counter() - start, 2)
-        row["peak_rss_mb"] = round(benchlib.peak_rss_mb(), 1)
-        with tempfile.TemporaryDirectory() as tmp:
-            info = lowbit.info(lowbit.save(model, Path(tmp) / "ckpt"))
-        row.update(
-            bits_per_weight=round(info["bits_per_weight"], 4), lora_params=info["lora_params"], config=config.to_dict()
-        )
-    wins = text_windows("ptb", tokenizer, SEQLEN, split="test", limit=windows)
-    start = time.perf_counter()
-    result = perplexity(model, wins, progress=False)
-    row.update(
-        ppl=round(result.ppl, 3),
-        eval_tokens=result.tokens,
-        eval_windows=int(wins.shape[0]),
-        eval_seconds=round(time.perf_counter() - start, 1),
-    )
+        result = perplexity(model, wins, progress=False)
+    row.update(ppl=round(result.ppl, 3), eval_tokens=result.tokens, eval_windows=int(wins.shape[0]),
+               eval_seconds=round(time.perf_counter() - start, 1))  # fmt: skip
     return row
+
+
+def _cell(value, fmt: str) -> str:
+    return "—" if value is None else format(value, fmt)
 
 
 def table(rows: list[dict]) -> str:
@@ -86,10 +111,8 @@ def table(rows: list[dict]) -> str:
         "|---|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(
-            f"| {r['label']} | {r['ppl']:.2f} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} | "
-            f"{r['bits_per_weight']:.3f} |"
-        )
+        lines.append(f"| {r['label']} | {r['ppl']:.2f} | {_cell(r['seconds'], '.1f')} | "
+                     f"{_cell(r['peak_rss_mb'], '.0f')} | {r['bits_per_weight']:.3f} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -113,32 +136,21 @@ def main() -> None:
     rows = []
     for name in names:
         print(f"[p1] {name}: {ROWS[name][0]} ...", file=sys.stderr, flush=True)
-        proc = subprocess.run(
-            [sys.executable, __file__, "--worker", name, "--windows", str(args.windows)],
-            stdout=subprocess.PIPE,
-            text=True,
-            check=False,
-        )
+        proc = subprocess.run([sys.executable, __file__, "--worker", name, "--windows", str(args.windows)],
+                              stdout=subprocess.PIPE, text=True, check=False)  # fmt: skip
         if proc.returncode:
             sys.exit(f"p1.py: error: row {name} failed (exit {proc.returncode}); see the messages above")
         row = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(
-            f"[p1] {name}: ppl {row['ppl']:.2f}, {row['seconds']:.1f} s, {row['peak_rss_mb']:.0f} MiB",
-            file=sys.stderr,
-            flush=True,
-        )
+        print(f"[p1] {name}: ppl {row['ppl']:.2f}, {_cell(row['seconds'], '.1f')} s, "
+              f"{_cell(row['peak_rss_mb'], '.0f')} MiB", file=sys.stderr, flush=True)  # fmt: skip
         rows.append(row)
 
     protocol = "P1" if args.windows == EVAL_WINDOWS else f"P1 with {args.windows} eval windows (not the protocol)"
-    print(
-        f"\n{protocol}: SmolLM2-135M-Instruct, float32 on CPU, PTB test first {args.windows} x {SEQLEN} tokens, "
-        f"LoRA r8/a16 on all block linears\n"
-    )
+    print(f"\n{protocol}: SmolLM2-135M-Instruct, float32 on CPU, PTB test first {args.windows} x {SEQLEN} tokens, "
+          f"LoRA r8/a16 on all block linears\n")  # fmt: skip
     print(table(rows))
-    print(
-        f"\n{env['date']}, commit {env['commit']}, {env['machine']['cpu']} ({env['machine']['cores']} cores), "
-        f"torch {env['versions']['torch']}, transformers {env['versions']['transformers']}"
-    )
+    print(f"\n{env['date']}, commit {env['commit']}, {env['machine']['cpu']} ({env['machine']['cores']} cores), "
+          f"torch {env['versions']['torch']}, transformers {env['versions']['transformers']}")  # fmt: skip
     if args.no_save or args.windows != EVAL_WINDOWS:
         return
     previous = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"rows": {}}
