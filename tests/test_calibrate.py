@@ -213,3 +213,22 @@ def test_peak_memory_does_not_grow_with_depth(tmp_path: Path) -> None:
     # Stricter: an engine holding every block would grow by the 6 extra blocks (6 x 16 MiB here) or more;
     # streaming stays well under half of that (allocator noise, not weights).
     assert peaks[8] - peaks[2] < 0.5 * 6 * block_mb, (peaks, block_mb)
+
+
+def test_layer_groups_follow_shared_inputs() -> None:
+    from lowbit.engine import _record, run_block
+    from lowbit.init import BlockContext
+    from lowbit.init.layerwise import forward_groups
+    from lowbit.quant import QuantSpec
+
+    model = tiny_model("llama")
+    calls, h0 = _record(model.model.layers, model, CALIB[:1], 1)
+    ctx = BlockContext(0, QuantSpec(2, 32), None, torch.Generator(), {}, x=h0)
+    ctx.forward = lambda blk, h: run_block(blk, calls[0], h)
+    for _ in range(3):  # stable across allocator states
+        assert forward_groups(model.model.layers[0], ctx) == [
+            ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+            ["self_attn.o_proj"],
+            ["mlp.gate_proj", "mlp.up_proj"],
+            ["mlp.down_proj"],
+        ]

