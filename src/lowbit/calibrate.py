@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import shutil
+import struct
 from collections.abc import Callable
 from pathlib import Path
 
@@ -76,13 +77,36 @@ class SafetensorsSource:
         out = {}
         try:
             for file, keys in by_file.items():
-                with safe_open(self.folder / file, "pt") as f:
-                    for k in keys:
-                        out[k] = f.get_tensor(k).float()
-        except (SafetensorError, OSError) as exc:
+                out.update(read_tensors(self.folder / file, keys))
+        except (SafetensorError, OSError, ValueError, KeyError) as exc:
             msg = f"cannot load the model in {self.folder}: {file} is truncated or corrupt ({exc})"
             raise LowbitError(msg) from exc
         return out
+
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def read_tensors(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """Read named tensors of a safetensors file as float32 with plain reads.
+
+    Plain reads instead of a memory map: mapped pages of blocks already done would stay resident and make memory
+    grow with depth, which is what streaming is for avoiding.
+    """
+    out = {}
+    with path.open("rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+        for name in names:
+            entry = header[name]
+            start, end = entry["data_offsets"]
+            f.seek(8 + header_len + start)
+            data = bytearray(f.read(end - start))
+            if len(data) != end - start:
+                raise ValueError(f"tensor {name} is cut short")
+            t = torch.frombuffer(data, dtype=_DTYPES[entry["dtype"]]) if data else torch.empty(0)
+            out[name] = t.reshape(entry["shape"]).float()
+    return out
 
 
 def skeleton(folder: Path, source: SafetensorsSource) -> tuple[nn.Module, str]:

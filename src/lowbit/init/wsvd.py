@@ -36,9 +36,9 @@ def grams(block: nn.Module, fp_block: nn.Module, name: str, ctx: BlockContext) -
     capture(fp_block, name, ctx.x, ctx, keep_fp)
 
     def accumulate(i: int, inp: torch.Tensor) -> None:
-        xq = inp.double()
-        gqq.add_(xq.t() @ xq)
-        gqx.add_(xq.t() @ xs.pop(i).double())
+        # float32 products per window (several times faster than float64 on CPU), summed in float64
+        gqq.add_((inp.t() @ inp).double())
+        gqx.add_((inp.t() @ xs.pop(i)).double())
 
     capture(block, name, ctx.xq, ctx, accumulate)
     return gqq, gqx
