@@ -4,8 +4,8 @@ All linear layers of the block become :class:`FakeQuantLinear` and are trained j
 the clipping logits, one for the LoRA factors) to minimize ``MSE(block_fp(X), block_q(Xq))`` -- optionally plus
 ``MSE(block_fp(Xq), block_q(Xq))`` -- over the calibration windows, then packed.
 
-The published recipe is reproducible with options (``--option`` on the CLI): ``epochs=20 clip_lr=5e-3
-lora_lr=5e-4 weight_decay=0.1 batch=1 clip_init=4.0`` with A Kaiming-uniform and B = 0 (``warm_start=none``).
+The published recipe is the default (options ``epochs=20 clip_lr=5e-3 lora_lr=5e-4 weight_decay=0.1 batch=1
+clip_init=4.0``, CLI flags ``--epochs`` etc.) with A Kaiming-uniform and B = 0 (``warm_start=none``).
 ``warm_start=wsvd`` starts A, B from lowbit's closed-form activation-aware solution instead, which begins
 near where the published recipe ends up, so far fewer epochs are needed.
 """
@@ -30,6 +30,17 @@ PUBLISHED = {"epochs": 20, "clip_lr": 5e-3, "lora_lr": 5e-4, "weight_decay": 0.1
 
 def option(ctx: BlockContext, key: str, default):
     return type(default)(ctx.options.get(key, default))
+
+
+def optimizer(ctx: BlockContext, clip_params: list, lora_params: list) -> torch.optim.AdamW:
+    """ApiQ's AdamW: one group for the clipping logits, one for the LoRA factors, shared weight decay."""
+    return torch.optim.AdamW(
+        [
+            {"params": clip_params, "lr": option(ctx, "clip_lr", PUBLISHED["clip_lr"])},
+            {"params": lora_params, "lr": option(ctx, "lora_lr", PUBLISHED["lora_lr"])},
+        ],
+        weight_decay=option(ctx, "weight_decay", PUBLISHED["weight_decay"]),
+    )
 
 
 def to_fake(
@@ -80,13 +91,7 @@ class ApiQBlockwise(Initializer):
         fakes = to_fake(block, ctx, clip_init, originals)
         clip_params = [p for f in fakes.values() for p in f.clip_parameters()]
         lora_params = [p for f in fakes.values() for p in f.lora_parameters()]
-        opt = torch.optim.AdamW(
-            [
-                {"params": clip_params, "lr": option(ctx, "clip_lr", PUBLISHED["clip_lr"])},
-                {"params": lora_params, "lr": option(ctx, "lora_lr", PUBLISHED["lora_lr"])},
-            ],
-            weight_decay=option(ctx, "weight_decay", PUBLISHED["weight_decay"]),
-        )
+        opt = optimizer(ctx, clip_params, lora_params)
         n = ctx.xq.shape[0]
         with torch.no_grad():
             start = mean_loss(block, ctx, second, yq, batch)

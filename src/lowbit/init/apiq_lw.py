@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.init.apiq_bw import PUBLISHED, option
+from lowbit.init.apiq_bw import PUBLISHED, optimizer, option
 from lowbit.init.base import BlockContext, Initializer
 from lowbit.init.fakequant import FakeQuantLinear
 from lowbit.init.layerwise import capture, walk
@@ -43,13 +43,7 @@ class ApiQLayerwise(Initializer):
                 with torch.no_grad():
                     target = module(x)
                 fake = FakeQuantLinear(module, ctx.spec, ctx.lora, ctx.generator, clip_init)
-                opt = torch.optim.AdamW(
-                    [
-                        {"params": fake.clip_parameters(), "lr": option(ctx, "clip_lr", PUBLISHED["clip_lr"])},
-                        {"params": fake.lora_parameters(), "lr": option(ctx, "lora_lr", PUBLISHED["lora_lr"])},
-                    ],
-                    weight_decay=option(ctx, "weight_decay", PUBLISHED["weight_decay"]),
-                )
+                opt = optimizer(ctx, fake.clip_parameters(), fake.lora_parameters())
                 for epoch in range(epochs):
                     total = 0.0
                     for i in torch.randperm(x.shape[0], generator=ctx.generator).tolist():
