@@ -39,12 +39,17 @@ from lowbit.checkpoint import (
 )
 from lowbit.engine import Activations, BlockResult, Engine, EngineOptions
 from lowbit.errors import LowbitError
-from lowbit.fsutil import check_output_dir, default_permissions, write_json
+from lowbit.fsutil import check_output_dir, replace_dir, write_json
 from lowbit.init import get_initializer
 from lowbit.layers import quant_layers
 from lowbit.models import find_blocks
 
 STATE = "state.json"
+
+
+def work_dir(out: Path) -> Path:
+    """Where an unfinished run towards ``out`` keeps its progress (a hidden sibling, renamed to ``out`` at the end)."""
+    return out.parent / f".{out.name}.partial"
 
 
 class SafetensorsSource:
@@ -154,7 +159,7 @@ def calibrate(
     out, folder = Path(out), Path(folder)
     engine = engine or EngineOptions()
     source = SafetensorsSource(folder)
-    work = out.parent / f".{out.name}.partial"
+    work = work_dir(out)
     key = fingerprint(config, source, calib, engine.act_dtype)
     state = {"fingerprint": key, "next_block": 0, "blocks": [], "modules": {}, "source": str(folder.resolve())}
     if (work / STATE).is_file():
@@ -219,7 +224,7 @@ def calibrate(
 
 
 def _restore(run: Engine, name: str, data: torch.Tensor) -> Activations:
-    acts = run._stream(name, tuple(data.shape))
+    acts = run.stream(name, tuple(data.shape))
     acts.data.copy_(data)
     return acts
 
@@ -251,7 +256,7 @@ def _finalize(model, config: QuantConfig, state: dict, work: Path, out: Path, to
                 lora[f"{PEFT_PREFIX}{k}.weight"] = v
         _save(lora, work / ADAPTER_WEIGHTS)
         fan_in_fan_out = any(m[3] for m in state["modules"].values())
-        write_json(work / ADAPTER_CONFIG, adapter_fields(sorted(state["modules"]), config, fan_in_fan_out))
+        write_json(work / ADAPTER_CONFIG, adapter_fields(sorted(state["modules"]), config.lora, fan_in_fan_out))
     hf = model.config.to_dict()
     hf["quantization_config"] = qconfig_dict(config, state["modules"])
     hf["quantization_config"]["calibration"] = {"blocks": state["blocks"]}
@@ -264,13 +269,5 @@ def _finalize(model, config: QuantConfig, state: dict, work: Path, out: Path, to
     for p in [*work.glob("lora-*.safetensors"), *work.glob("acts-*.safetensors"), work / STATE]:
         p.unlink(missing_ok=True)
     shutil.rmtree(work / "spill", ignore_errors=True)
-    default_permissions(work)
     check_output_dir(out, overwrite)
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        work.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        work.rename(out)
+    replace_dir(work, out)

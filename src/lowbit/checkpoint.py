@@ -29,6 +29,7 @@ from torch import nn
 from lowbit.api import QuantConfig
 from lowbit.errors import LowbitError
 from lowbit.fsutil import atomic_dir, write_json
+from lowbit.init import LoraSpec
 from lowbit.layers import QuantLinear, quant_layers, set_module
 from lowbit.quant import QuantSpec
 
@@ -108,15 +109,15 @@ def base_tensors(model: nn.Module, skip_prefix: str | None = None) -> tuple[dict
     return tensors, aliases
 
 
-def adapter_fields(target_modules: list[str], config: QuantConfig, fan_in_fan_out: bool) -> dict:
+def adapter_fields(target_modules: list[str], lora: LoraSpec, fan_in_fan_out: bool) -> dict:
     """PEFT ``LoraConfig`` fields for an adapter on ``target_modules`` (full module names)."""
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": None,
-        "r": config.rank,
-        "lora_alpha": config.alpha,
-        "lora_dropout": config.dropout,
+        "r": lora.rank,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": lora.dropout,
         "target_modules": target_modules,
         "fan_in_fan_out": fan_in_fan_out,
         "bias": "none",
@@ -143,7 +144,7 @@ def save_adapter(model: nn.Module, folder: Path) -> bool:
     save_file(tensors, folder / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     first = next(iter(layers.values()))
     dropout = first.lora_dropout.p if isinstance(first.lora_dropout, nn.Dropout) else 0.0
-    lora = QuantConfig(rank=first.rank, alpha=first.scaling * first.rank, dropout=dropout)
+    lora = LoraSpec(first.rank, first.scaling * first.rank, dropout)
     write_json(folder / ADAPTER_CONFIG, adapter_fields(sorted(layers), lora, first.fan_in_fan_out))
     return True
 

@@ -56,7 +56,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     import torch
 
     from lowbit.api import QuantConfig
-    from lowbit.calibrate import calibrate
+    from lowbit.calibrate import calibrate, work_dir
     from lowbit.data import sample_windows, text_windows
     from lowbit.engine import EngineOptions
     from lowbit.fsutil import check_output_dir
@@ -77,7 +77,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     )
     out = Path(args.out)
     protected = (Path(args.model),) if args.model else ()
-    if not (out.parent / f".{out.name}.partial").is_dir():
+    if not work_dir(out).is_dir():
         check_output_dir(out, args.overwrite, protected)
     torch.manual_seed(args.seed)
     start = time.perf_counter()

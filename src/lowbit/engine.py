@@ -16,6 +16,7 @@ running the model with the blocks replaced by recorders -- no architecture-speci
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,23 +135,31 @@ class Engine:
         self.prefix, self.blocks = find_blocks(model)
         if initializer.needs_data and calib is None:
             raise LowbitError(f"init {initializer.name} needs calibration windows (--calib)")
+        if initializer.needs_lora and lora is None:
+            raise LowbitError(f"init {initializer.name} sets the LoRA start: give it an adapter (--rank > 0)")
         self.calls: list[BlockCall] = []
 
     # ----- activations ----------------------------------------------------------------------------------------
-    def _stream(self, name: str, shape: tuple[int, ...]) -> Activations:
+    def stream(self, name: str, shape: tuple[int, ...]) -> Activations:
+        """A new activation stream with the engine's storage dtype, in RAM or spilled to ``spill_dir``."""
         path = None if self.opts.spill_dir is None else Path(self.opts.spill_dir) / f"{name}.bin"
         return Activations(shape, self.opts.act_dtype, path)
 
-    def prepare(self) -> tuple[Activations, Activations]:
-        """Capture per-block call arguments and the block-0 inputs of every calibration window."""
+    def capture_calls(self) -> torch.Tensor:
+        """Record the arguments the model passes to each block; returns the block-0 input of window 0."""
         assert self.calib is not None
         self.calls, h0 = _record(self.blocks, self.model, self.calib[:1], len(self.blocks) - 1)
+        return h0
+
+    def prepare(self) -> tuple[Activations, Activations]:
+        """Capture per-block call arguments and the block-0 inputs of every calibration window."""
+        h0 = self.capture_calls()
         shape = (self.calib.shape[0], *h0.shape[1:])
-        x = self._stream("x", shape)
+        x = self.stream("x", shape)
         for i in range(self.calib.shape[0]):
             _, h = _record(self.blocks, self.model, self.calib[i : i + 1], 0)
             x[i] = h[0]
-        xq = self._stream("xq", shape)
+        xq = self.stream("xq", shape)
         xq.data.copy_(x.data)
         return x, xq
 
@@ -164,13 +173,11 @@ class Engine:
         streams: tuple[Activations, Activations] | None = None,
     ) -> list[BlockResult]:
         """Initialize blocks ``start..`` in order; ``streams`` resumes with saved ``(x, xq)`` at block ``start``."""
-        import time
-
         x = xq = None
         if self.initializer.needs_data:
             if streams is not None:
                 x, xq = streams
-                self.calls, _ = _record(self.blocks, self.model, self.calib[:1], len(self.blocks) - 1)
+                self.capture_calls()
             else:
                 x, xq = self.prepare()
         results = []
@@ -201,7 +208,7 @@ class Engine:
         if x is not None:
             call = self.calls[i]
             ctx.forward = lambda blk, h: run_block(blk, call, h)
-            y = self._stream("y", tuple(x.shape))
+            y = self.stream("y", tuple(x.shape))
             with torch.no_grad():
                 for w in range(x.shape[0]):
                     y[w] = ctx.forward(block, x[w : w + 1].float())[0]

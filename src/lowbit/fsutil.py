@@ -46,12 +46,17 @@ def atomic_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    default_permissions(tmp)
+    replace_dir(tmp, out)
+
+
+def replace_dir(finished: Path, out: Path) -> None:
+    """Move a finished folder to ``out`` (replacing what is there) by renames, with default permissions."""
+    default_permissions(finished)
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         out.rename(old)
-    tmp.rename(out)
+    finished.rename(out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

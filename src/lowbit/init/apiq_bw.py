@@ -12,8 +12,6 @@ near where the published recipe ends up, so far fewer epochs are needed.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -70,21 +68,17 @@ def block_loss(block: nn.Module, ctx: BlockContext, idx: torch.Tensor, second: b
 class ApiQBlockwise(Initializer):
     name = "apiq-bw"
     needs_data = True
+    needs_lora = True
 
     def init_block(self, block: nn.Module, ctx: BlockContext) -> dict[str, float]:
-        if ctx.lora is None:
-            raise ValueError("apiq-bw needs a LoRA adapter (rank > 0)")
         epochs = option(ctx, "epochs", PUBLISHED["epochs"])
         batch = option(ctx, "batch", PUBLISHED["batch"])
         clip_init = option(ctx, "clip_init", PUBLISHED["clip_init"])
         second = bool(option(ctx, "second_loss", 0))
-        fp_block = None
         yq = None
-        if second:
-            fp_block = copy.deepcopy(block)
+        if second:  # the full-precision block's outputs on the quantized inputs, before any layer is replaced
             with torch.no_grad():
-                yq = torch.cat([ctx.forward(fp_block, ctx.window(ctx.xq, i)) for i in range(ctx.xq.shape[0])])
-            del fp_block
+                yq = torch.cat([ctx.forward(block, ctx.window(ctx.xq, i)) for i in range(ctx.xq.shape[0])])
         originals = block_linears(block)
         if ctx.options.get("warm_start", "none") == "wsvd":
             WSVD().init_block(block, ctx, clip=float(clip_factors(torch.tensor(clip_init))))

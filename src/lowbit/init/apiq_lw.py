@@ -28,10 +28,9 @@ def stacked_inputs(block: nn.Module, name: str, stream: torch.Tensor, ctx: Block
 class ApiQLayerwise(Initializer):
     name = "apiq-lw"
     needs_data = True
+    needs_lora = True
 
     def init_block(self, block: nn.Module, ctx: BlockContext) -> dict[str, float]:
-        if ctx.lora is None:
-            raise ValueError("apiq-lw needs a LoRA adapter (rank > 0)")
         epochs = option(ctx, "epochs", PUBLISHED["epochs"])
         clip_init = option(ctx, "clip_init", PUBLISHED["clip_init"])
         worst = 0.0

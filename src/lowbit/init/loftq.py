@@ -30,10 +30,9 @@ def loftq_layer(w: torch.Tensor, ctx: BlockContext, iters: int):
 
 class LoftQ(Initializer):
     name = "loftq"
+    needs_lora = True
 
     def init_block(self, block: nn.Module, ctx: BlockContext) -> dict[str, float]:
-        if ctx.lora is None:
-            raise ValueError("loftq needs a LoRA adapter (rank > 0)")
         iters = int(ctx.options.get("loftq_iters", 5))
         if iters < 1:
             raise ValueError(f"loftq_iters must be at least 1, got {iters}")

@@ -58,11 +58,10 @@ def wsvd_factors(
 class WSVD(Initializer):
     name = "wsvd"
     needs_data = True
+    needs_lora = True
 
     def init_block(self, block: nn.Module, ctx: BlockContext, clip: float | None = None) -> dict[str, float]:
         """Replace the block's layers; ``clip`` (a factor in (0, 1]) shrinks every group's range first."""
-        if ctx.lora is None:
-            raise ValueError("wsvd needs a LoRA adapter (rank > 0)")
         for group, fp_block in walk(block, ctx):
             gqq, gqx = grams(block, fp_block, group[0], ctx)
             for name in group:
