@@ -46,7 +46,7 @@ class QuantConfig:
             raise LowbitError(f"{exc}: choose --bits 2, 3, 4 or 8 (nf: 2, 3, 4) and a positive --group-size") from exc
         if self.init not in INITS:
             raise LowbitError(f"unknown init {self.init!r}: choose one of {', '.join(INITS)}")
-        if self.init != "none" and self.rank <= 0:
+        if INITIALIZERS[self.init].adapter and self.rank <= 0:
             raise LowbitError(f"LoRA rank must be positive for init {self.init!r}, got {self.rank}")
 
     @property
@@ -60,7 +60,7 @@ class QuantConfig:
 
     @property
     def lora(self) -> LoraSpec | None:
-        return None if self.init == "none" else LoraSpec(self.rank, self.alpha, self.dropout)
+        return LoraSpec(self.rank, self.alpha, self.dropout) if INITIALIZERS[self.init].adapter else None
 
     def to_dict(self) -> dict:
         return asdict(self)

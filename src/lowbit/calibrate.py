@@ -39,17 +39,12 @@ from lowbit.checkpoint import (
 )
 from lowbit.engine import Activations, BlockResult, Engine, EngineOptions
 from lowbit.errors import LowbitError
-from lowbit.fsutil import check_output_dir, replace_dir, write_json
+from lowbit.fsutil import check_output_dir, replace_dir, work_dir, write_json
 from lowbit.init import get_initializer
 from lowbit.layers import quant_layers
 from lowbit.models import find_blocks
 
 STATE = "state.json"
-
-
-def work_dir(out: Path) -> Path:
-    """Where an unfinished run towards ``out`` keeps its progress (a hidden sibling, renamed to ``out`` at the end)."""
-    return out.parent / f".{out.name}.partial"
 
 
 class SafetensorsSource:

@@ -149,8 +149,13 @@ def save_adapter(model: nn.Module, folder: Path) -> bool:
     return True
 
 
-def save_checkpoint(model: nn.Module, out: str | Path, tokenizer=None, overwrite: bool = False) -> Path:
-    """Save a lowbit-quantized model (and tokenizer) as a checkpoint folder, atomically; returns the folder."""
+def save_checkpoint(
+    model: nn.Module, out: str | Path, tokenizer=None, overwrite: bool = False, extra: dict[str, object] | None = None
+) -> Path:
+    """Save a lowbit-quantized model (and tokenizer) as a checkpoint folder, atomically; returns the folder.
+
+    ``extra`` maps file names to JSON-serializable records written alongside (e.g. ``training.json``).
+    """
     out = Path(out)
     qconfig = quantization_config(model)
     with atomic_dir(out, overwrite) as tmp:
@@ -166,6 +171,8 @@ def save_checkpoint(model: nn.Module, out: str | Path, tokenizer=None, overwrite
             generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for name, record in (extra or {}).items():
+            write_json(tmp / name, record)
     return out
 
 

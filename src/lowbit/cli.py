@@ -1,4 +1,4 @@
-"""The ``lowbit`` command line: quantize, eval, info, generate.
+"""The ``lowbit`` command line: quantize, finetune, export, eval, info, report, generate.
 
 Every command accepts ``--json`` and then prints exactly one JSON object on stdout (progress bars and logs go to
 stderr). A user mistake prints one line, ``lowbit: error: <what is wrong and how to fix it>``, and exits with
@@ -56,10 +56,10 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     import torch
 
     from lowbit.api import QuantConfig
-    from lowbit.calibrate import calibrate, work_dir
+    from lowbit.calibrate import calibrate
     from lowbit.data import sample_windows, text_windows
     from lowbit.engine import EngineOptions
-    from lowbit.fsutil import check_output_dir
+    from lowbit.fsutil import check_output_dir, work_dir
     from lowbit.init import INITIALIZERS
     from lowbit.models import is_lowbit_checkpoint, load_tokenizer, resolve_model_path
 
@@ -113,6 +113,60 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         lines.append(f"relative output error of the quantized stream: last block {last['rel_error']:.4f}, "
                      f"worst block {worst['index']} ({worst['rel_error']:.4f})")  # fmt: skip
     _emit(args, result, lines)
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from lowbit.finetune import TrainConfig, finetune
+
+    names = ("data", "task", "seqlen", "samples", "epochs", "batch_size", "micro_batch", "lr", "weight_decay",
+             "warmup", "max_grad_norm", "seed", "eval_data", "eval_every", "eval_windows", "save_every",
+             "grad_checkpointing", "precision", "rank", "alpha")  # fmt: skip
+    config = TrainConfig(**{n: getattr(args, n) for n in names})
+    result = finetune(args.dir, args.out, config, overwrite=args.overwrite, progress=not args.json)
+    result["peak_rss_mb"] = round(_peak_rss_mb(), 1)
+    lines = [
+        f"wrote {result['out']}: {result['steps']} steps on {result['examples']} examples, final loss "
+        f"{result['final_loss']:.4f}, {result['tokens_per_s']:.0f} tokens/s, peak RSS {result['peak_rss_mb']:.0f} MiB"
+    ]
+    if result["eval_ppl"] is not None:
+        lines.append(f"perplexity on {config.eval_data}: {result['eval_ppl']:.3f}")
+    if result["resumed_from_step"]:
+        lines.append(f"resumed an interrupted run at step {result['resumed_from_step']}")
+    if result["truncated"]:
+        lines.append(f"{result['truncated']} examples were longer than --seqlen {config.seqlen} and were cut")
+    _emit(args, {k: v for k, v in result.items() if k != "losses"}, lines)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from lowbit.api import QuantConfig
+    from lowbit.checkpoint import read_config
+    from lowbit.data import sample_windows, text_windows
+    from lowbit.export import export_merged, export_requantized
+    from lowbit.models import load_tokenizer
+
+    if (args.merged is None) == (args.requantize is None):
+        raise LowbitError("give exactly one of --merged OUT (full precision) or --requantize OUT (low-bit, no adapter)")
+    start = time.perf_counter()
+    if args.merged:
+        out = export_merged(args.dir, args.merged, args.overwrite)
+        result = {"out": str(out), "kind": "merged"}
+    else:
+        qc = read_config(Path(args.dir))["quantization_config"]
+        bits = args.bits or qc["bits"]
+        config = QuantConfig(bits=bits, group_size=args.group_size or qc["group_size"], init=args.init,
+                             seed=args.seed, options={"epochs": args.epochs, "calib": args.calib,
+                                                      "calib_windows": args.calib_windows})  # fmt: skip
+        calib = None
+        if args.init == "clip":
+            tokenizer = load_tokenizer(Path(args.dir))
+            wins = text_windows(args.calib, tokenizer, args.calib_seqlen, split="train")
+            calib = sample_windows(wins, args.calib_windows, args.calib_seed)
+        summary = export_requantized(args.dir, args.requantize, config, calib, args.overwrite, progress=not args.json)
+        out = Path(args.requantize)
+        result = {"out": str(out), "kind": "requantized", "bits": bits, "init": args.init,
+                  "worst_block": summary["worst_block"]}  # fmt: skip
+    result["seconds"] = round(time.perf_counter() - start, 2)
+    _emit(args, result, [f"wrote {result['out']} ({result['kind']}) in {result['seconds']:.1f} s"])
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -270,6 +324,50 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="output checkpoint folder")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     q.set_defaults(func=cmd_quantize)
+
+    f = add("finetune", "train the LoRA adapter of a lowbit checkpoint (packed base; resumable; accelerate/torchrun)")
+    f.add_argument("dir", help="lowbit checkpoint (from `lowbit quantize`)")
+    f.add_argument(
+        "--data", default="ptb", help="clm: ptb, .txt or .jsonl text; sft: .jsonl prompt/response or messages"
+    )
+    f.add_argument("--task", default="clm", choices=["clm", "sft"])
+    f.add_argument("--out", required=True, help="output checkpoint folder (base + trained adapter)")
+    f.add_argument("--overwrite", action="store_true", help="replace a non-empty --out or a stale interrupted run")
+    f.add_argument("--seqlen", type=int, default=256, help="clm window / longest sft sequence")
+    f.add_argument("--samples", type=int, default=128, help="examples drawn with --seed (0: all)")
+    f.add_argument("--epochs", type=int, default=1)
+    f.add_argument("--batch-size", type=int, default=4, help="effective batch over all processes")
+    f.add_argument("--micro-batch", type=int, default=1, help="examples per forward (the rest is accumulation)")
+    f.add_argument("--lr", type=float, default=3e-4)
+    f.add_argument("--weight-decay", type=float, default=0.1)
+    f.add_argument("--warmup", type=float, default=0.03, help="warm-up fraction before the cosine decay")
+    f.add_argument("--max-grad-norm", type=float, default=0.0, help="gradient clipping (0: off)")
+    f.add_argument("--seed", type=int, default=1)
+    f.add_argument("--eval-data", help="perplexity data (ptb: valid split; a file: all of it) every --eval-every")
+    f.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: at the end only)")
+    f.add_argument("--eval-windows", type=int, default=16)
+    f.add_argument("--save-every", type=int, default=0, help="steps between resumable checkpoints (0: none)")
+    f.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
+    f.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on CUDA")
+    f.add_argument("--rank", type=int, default=8, help="LoRA rank when the checkpoint has no adapter")
+    f.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha when the checkpoint has no adapter")
+    f.set_defaults(func=cmd_finetune)
+
+    x = add("export", "merge the adapter: a plain full-precision HF model, or a re-quantized low-bit one")
+    x.add_argument("dir", help="lowbit checkpoint")
+    x.add_argument("--merged", metavar="OUT", help="write W = dequant(Q) + s*BA as a plain transformers model")
+    x.add_argument("--requantize", metavar="OUT", help="merge, then quantize again (no adapter needed)")
+    x.add_argument("--bits", type=int, help="bits of the re-quantized model (default: the checkpoint's)")
+    x.add_argument("--group-size", type=int, help="group size (default: the checkpoint's)")
+    x.add_argument("--init", default="clip", choices=["clip", "none"], help="clip: activation-aware; none: rounding")
+    x.add_argument("--epochs", type=int, default=2, help="clip: epochs of clipping optimization per block")
+    x.add_argument("--calib", default="ptb", help="calibration text: ptb (train split), .txt or .jsonl")
+    x.add_argument("--calib-windows", type=int, default=32)
+    x.add_argument("--calib-seqlen", type=int, default=512)
+    x.add_argument("--calib-seed", type=int, default=0)
+    x.add_argument("--seed", type=int, default=0)
+    x.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    x.set_defaults(func=cmd_export)
 
     e = add("eval", "perplexity of a model or checkpoint")
     e.add_argument("model", nargs="?", help="checkpoint, HF folder or .gguf file (default: the default model)")

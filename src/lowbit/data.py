@@ -10,6 +10,7 @@ without replacement, so the same seed always picks the same windows.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -105,3 +106,113 @@ def sample_windows(all_windows: torch.Tensor, n: int, seed: int) -> torch.Tensor
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(all_windows.shape[0], generator=g)[:n]
     return all_windows[idx]
+
+
+# ----- supervised fine-tuning examples ---------------------------------------------------------------------------
+@dataclass
+class Example:
+    """One training sequence: token ids and labels (``-100`` where no loss is taken, e.g. on the prompt)."""
+
+    ids: torch.Tensor
+    labels: torch.Tensor
+
+
+IGNORE = -100
+
+
+def clm_examples(windows_: torch.Tensor) -> list[Example]:
+    """Language-modelling examples: every token of every window is a target."""
+    return [Example(w, w) for w in windows_]
+
+
+def sft_examples(path: str | Path, tokenizer, seqlen: int) -> tuple[list[Example], int]:
+    """Supervised examples from a JSONL file, loss on response tokens only; returns ``(examples, n_truncated)``.
+
+    A line is ``{"prompt": ..., "response": ...}`` (joined as is, EOS appended) or ``{"messages": [{"role", "content"},
+    ...]}`` rendered with the tokenizer's chat template, where every assistant turn is a target. Sequences are cut
+    to ``seqlen`` tokens; a line whose response would be cut away entirely is an error, not a silent drop.
+    """
+    path = Path(path)
+    if tokenizer is None:
+        raise LowbitError("the checkpoint has no tokenizer files: copy the tokenizer into the checkpoint folder")
+    if path.suffix != ".jsonl" or not path.is_file():
+        raise LowbitError(f"SFT data {path} {'is not a .jsonl file' if path.is_file() else 'does not exist'}: "
+                          "give a JSONL file with prompt/response or messages on each line")  # fmt: skip
+    examples, truncated = [], 0
+    bos = bos_id(tokenizer)
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise LowbitError(f"{where}: not valid JSON ({exc.msg}); fix or remove that line") from exc
+            segments = _segments(record, tokenizer, where)
+            ids: list[int] = [] if bos is None or "messages" in record else [bos]
+            labels: list[int] = [IGNORE] * len(ids)
+            for text, target in segments:
+                piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+                ids += piece
+                labels += piece if target else [IGNORE] * len(piece)
+            if "prompt" in record and tokenizer.eos_token_id is not None:
+                ids.append(tokenizer.eos_token_id)
+                labels.append(tokenizer.eos_token_id)
+            if len(ids) > seqlen:
+                truncated += 1
+                ids, labels = ids[:seqlen], labels[:seqlen]
+            if all(t == IGNORE for t in labels[1:]):
+                raise LowbitError(
+                    f"{where}: the prompt fills all {seqlen} tokens, so no response token is left to learn from: "
+                    "raise --seqlen or shorten the prompt"
+                )
+            examples.append(Example(torch.tensor(ids), torch.tensor(labels)))
+    if not examples:
+        raise LowbitError(f"SFT data {path} has no examples: give one JSON object per line")
+    return examples, truncated
+
+
+def _segments(record: object, tokenizer, where: str) -> list[tuple[str, bool]]:
+    """The record as ``(text, is_target)`` pieces in order."""
+    if isinstance(record, dict) and isinstance(record.get("prompt"), str) and isinstance(record.get("response"), str):
+        if not record["response"]:
+            raise LowbitError(f"{where}: the response is empty; every line needs a response to learn from")
+        return [(record["prompt"], False), (record["response"], True)]
+    messages = record.get("messages") if isinstance(record, dict) else None
+    if not isinstance(messages, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
+    ):
+        raise LowbitError(
+            f"{where}: expected an object with string fields prompt and response, or with messages: a list of "
+            "objects with string fields role and content"
+        )
+    if not any(m["role"] == "assistant" for m in messages):
+        raise LowbitError(f"{where}: the messages have no assistant turn, so there is nothing to learn from")
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise LowbitError("the tokenizer has no chat template, so `messages` lines cannot be rendered: use "
+                          "prompt/response lines instead")  # fmt: skip
+    segments, done = [], ""
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        after = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not (before.startswith(done) and after.startswith(before)):
+            raise LowbitError(f"{where}: the chat template does not render turns as prefixes of each other, so "
+                              "response tokens cannot be located: use prompt/response lines instead")  # fmt: skip
+        segments += [(before[len(done) :], False), (after[len(before) :], True)]
+        done = after
+    return [(text, target) for text, target in segments if text]
+
+
+def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad a batch: ``(ids, attention_mask, labels)``, padding ignored by the loss."""
+    length = max(e.ids.numel() for e in examples)
+    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    labels = torch.full_like(ids, IGNORE)
+    mask = torch.zeros_like(ids)
+    for row, e in enumerate(examples):
+        n = e.ids.numel()
+        ids[row, :n], labels[row, :n], mask[row, :n] = e.ids, e.labels, 1
+    return ids, mask, labels

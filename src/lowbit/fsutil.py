@@ -70,6 +70,12 @@ def default_permissions(folder: Path) -> None:
         p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
+def work_dir(out: Path) -> Path:
+    """Where an unfinished run towards ``out`` keeps its progress (a hidden sibling, renamed or removed at the end)."""
+    out = Path(out)
+    return out.parent / f".{out.name}.partial"
+
+
 def write_json(path: Path, data: object) -> None:
     """Write JSON atomically (temp file in the same folder, then rename)."""
     path = Path(path)

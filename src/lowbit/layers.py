@@ -42,7 +42,9 @@ class _DequantMatmul(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None]:
         if not ctx.needs_input_grad[0]:
             return None, None
-        return grad @ ctx.dequant(ctx.dtype), None
+        # Under autocast the forward ran in a lower precision than ``x``: multiply in the gradient's dtype and hand
+        # back a gradient in the input's dtype, as autograd expects.
+        return (grad @ ctx.dequant(grad.dtype)).to(ctx.dtype), None
 
 
 class QuantLinear(nn.Module):

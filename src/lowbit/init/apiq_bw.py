@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.errors import LowbitError
 from lowbit.init.base import BlockContext, Initializer
 from lowbit.init.fakequant import FakeQuantLinear
 from lowbit.init.wsvd import WSVD
@@ -32,13 +33,12 @@ def option(ctx: BlockContext, key: str, default):
 
 def optimizer(ctx: BlockContext, clip_params: list, lora_params: list) -> torch.optim.AdamW:
     """ApiQ's AdamW: one group for the clipping logits, one for the LoRA factors, shared weight decay."""
-    return torch.optim.AdamW(
-        [
-            {"params": clip_params, "lr": option(ctx, "clip_lr", PUBLISHED["clip_lr"])},
-            {"params": lora_params, "lr": option(ctx, "lora_lr", PUBLISHED["lora_lr"])},
-        ],
-        weight_decay=option(ctx, "weight_decay", PUBLISHED["weight_decay"]),
-    )
+    groups = [
+        {"params": clip_params, "lr": option(ctx, "clip_lr", PUBLISHED["clip_lr"])},
+        {"params": lora_params, "lr": option(ctx, "lora_lr", PUBLISHED["lora_lr"])},
+    ]
+    weight_decay = option(ctx, "weight_decay", PUBLISHED["weight_decay"])
+    return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=weight_decay)
 
 
 def to_fake(
@@ -49,7 +49,7 @@ def to_fake(
     for name, source in originals.items():
         current = block.get_submodule(name)
         fake = FakeQuantLinear(source, ctx.spec, ctx.lora, ctx.generator, clip_init)
-        if isinstance(current, QuantLinear) and current.lora_A is not None:
+        if isinstance(current, QuantLinear) and current.lora_A is not None and fake.lora_A is not None:
             fake.lora_A.data.copy_(current.lora_A)
             fake.lora_B.data.copy_(current.lora_B)
         set_module(block, name, fake)
@@ -81,6 +81,8 @@ class ApiQBlockwise(Initializer):
                 yq = torch.cat([ctx.forward(block, ctx.window(ctx.xq, i)) for i in range(ctx.xq.shape[0])])
         originals = block_linears(block)
         if ctx.options.get("warm_start", "none") == "wsvd":
+            if ctx.lora is None:
+                raise LowbitError(f"init {self.name} has no adapter, so warm_start wsvd does not apply: drop it")
             WSVD().init_block(block, ctx, clip=float(clip_factors(torch.tensor(clip_init))))
         fakes = to_fake(block, ctx, clip_init, originals)
         clip_params = [p for f in fakes.values() for p in f.clip_parameters()]

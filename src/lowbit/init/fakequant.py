@@ -25,7 +25,7 @@ class FakeQuantLinear(nn.Module):
         self,
         module: nn.Module,
         spec: QuantSpec,
-        lora: LoraSpec,
+        lora: LoraSpec | None,
         generator: torch.Generator | None = None,
         clip_logit: float = 4.0,
     ) -> None:
@@ -39,11 +39,12 @@ class FakeQuantLinear(nn.Module):
         self.clip_hi = nn.Parameter(torch.full((self.out_features, groups), float(clip_logit)))
         # The lower bound has its own factor only for asymmetric integers (NF and symmetric grids use absmax).
         self.clip_lo = nn.Parameter(torch.full_like(self.clip_hi, float(clip_logit))) if spec.has_zeros else None
-        bound = 1.0 / math.sqrt(self.in_features)
-        self.lora_A = nn.Parameter(
-            torch.empty(lora.rank, self.in_features).uniform_(-bound, bound, generator=generator)
-        )
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, lora.rank))
+        self.lora_A = self.lora_B = None
+        if lora is not None:
+            bound = 1.0 / math.sqrt(self.in_features)
+            a = torch.empty(lora.rank, self.in_features).uniform_(-bound, bound, generator=generator)
+            self.lora_A = nn.Parameter(a)
+            self.lora_B = nn.Parameter(torch.zeros(self.out_features, lora.rank))
 
     def clips(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         lo = clip_factors(self.clip_lo) if self.clip_lo is not None else None
@@ -52,13 +53,15 @@ class FakeQuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = fake_quantize_weight(self.weight, self.spec, *self.clips())
         y = F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        if self.lora is None:
+            return y
         return y + self.lora.scaling * F.linear(F.linear(x, self.lora_A), self.lora_B)
 
     def clip_parameters(self) -> list[nn.Parameter]:
         return [p for p in (self.clip_hi, self.clip_lo) if p is not None]
 
     def lora_parameters(self) -> list[nn.Parameter]:
-        return [self.lora_A, self.lora_B]
+        return [] if self.lora is None else [self.lora_A, self.lora_B]
 
     @torch.no_grad()
     def to_quant(self) -> QuantLinear:
@@ -70,5 +73,6 @@ class FakeQuantLinear(nn.Module):
         layer.set_weight(quantize_weight(self.weight, self.spec, *self.clips()))
         if self.bias is not None:
             layer.bias.copy_(self.bias)
-        layer.set_lora(self.lora_A, self.lora_B, self.lora.alpha, self.lora.dropout)
+        if self.lora is not None:
+            layer.set_lora(self.lora_A, self.lora_B, self.lora.alpha, self.lora.dropout)
         return layer

@@ -29,3 +29,4 @@ class NoAdapter(QLoRA):
     """Plain RTN / NF codes without a LoRA adapter (``--init none``)."""
 
     name = "none"
+    adapter = False
