@@ -35,7 +35,8 @@ def logit_error(arch: str, init: str, bits: int = 2, **options) -> float:
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "phi3", "gpt2"])
 def test_every_initializer_runs(arch: str) -> None:
     for init, options in [("none", {}), ("loftq", {"loftq_iters": 2}), ("wsvd", {}), ("apiq-lw", {"epochs": 1}),
-                          ("apiq-bw", {"epochs": 1, "warm_start": "wsvd", "second_loss": 1}), ("clip", {"epochs": 1})]:  # fmt: skip
+                          ("apiq-bw", {"epochs": 1, "warm_start": "wsvd", "second_loss": 1}),
+                          ("clip", {"epochs": 1})]:  # fmt: skip
         assert logit_error(arch, init, **options) < 1.5
 
 
