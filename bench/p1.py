@@ -40,6 +40,7 @@ def _rows() -> dict[str, tuple[str, dict | None]]:
     for b in (4, 3, 2):
         rows[f"rtn{b}"] = (f"RTN W{b}g64, QLoRA start (B = 0)", dict(bits=b, init="qlora"))
     rows["nf4"] = ("NF4 g64, QLoRA start (B = 0)", dict(bits=4, format="nf", init="qlora"))
+    rows["bnb-nf4"] = ("peer: bitsandbytes NF4 Linear4bit, blocksize 64, double quant", {"peer": "bnb-nf4"})
     for b in (4, 3, 2):
         w = f"W{b}g64"
         rows[f"loftq1-w{b}"] = (f"LoftQ 1 iter {w}", dict(bits=b, init="loftq", options={"loftq_iters": 1}))
@@ -56,8 +57,8 @@ def _rows() -> dict[str, tuple[str, dict | None]]:
 ROWS = _rows()
 
 
-def run_row(name: str, windows: int) -> dict:
-    """Run one row in this process and return its measurements."""
+def run_row(name: str, windows: int, keep: Path | None = None) -> dict:
+    """Run one row in this process and return its measurements; ``keep`` keeps the checkpoint as ``keep/name``."""
     import torch
 
     import lowbit
@@ -78,6 +79,12 @@ def run_row(name: str, windows: int) -> dict:
         if kwargs is None:
             model, _ = lowbit.load_model(folder)
             row.update(seconds=None, peak_rss_mb=None, bits_per_weight=32.0, lora_params=0)
+        elif "peer" in kwargs:
+            model, _ = lowbit.load_model(folder)
+            start = time.perf_counter()
+            bits = bnb_nf4(model)
+            row.update(seconds=round(time.perf_counter() - start, 2), peak_rss_mb=round(benchlib.peak_rss_mb(), 1),
+                       bits_per_weight=round(bits, 4), lora_params=0)  # fmt: skip
         else:
             config = lowbit.QuantConfig(group_size=64, rank=8, alpha=16.0, seed=CALIB_SEED, **kwargs)
             calib = None
@@ -85,20 +92,50 @@ def run_row(name: str, windows: int) -> dict:
                 train = text_windows("ptb", tokenizer, SEQLEN, split="train")
                 calib = sample_windows(train, CALIB_WINDOWS, CALIB_SEED)
             start = time.perf_counter()
-            summary = calibrate(folder, config, Path(tmp) / "ckpt", calib, tokenizer,
+            ckpt = keep / name if keep else Path(tmp) / "ckpt"
+            summary = calibrate(folder, config, ckpt, calib, tokenizer, overwrite=True,
                                 engine=EngineOptions(progress=sys.stderr.isatty()))  # fmt: skip
             row["seconds"] = round(time.perf_counter() - start, 2)
             row["peak_rss_mb"] = round(benchlib.peak_rss_mb(), 1)
-            info = lowbit.info(Path(tmp) / "ckpt")
+            info = lowbit.info(ckpt)
             row.update(bits_per_weight=round(info["bits_per_weight"], 4), lora_params=info["lora_params"],
                        config=config.to_dict(), blocks=summary["blocks"])  # fmt: skip
-            model, _ = lowbit.load(Path(tmp) / "ckpt")
+            model, _ = lowbit.load(ckpt)
         wins = text_windows("ptb", tokenizer, SEQLEN, split="test", limit=windows)
         start = time.perf_counter()
         result = perplexity(model, wins, progress=False)
     row.update(ppl=round(result.ppl, 3), eval_tokens=result.tokens, eval_windows=int(wins.shape[0]),
                eval_seconds=round(time.perf_counter() - start, 1))  # fmt: skip
     return row
+
+
+def bnb_nf4(model) -> float:
+    """Replace every block linear by bitsandbytes' ``Linear4bit`` (NF4, blocksize 64, QLoRA's double quantization,
+    float32 compute) in place; returns the stored bits per quantized weight (codes + all quantization state)."""
+    import bitsandbytes as bnb
+    import torch
+
+    from lowbit.layers import set_module
+    from lowbit.models import target_linears
+
+    stored, weights = 0, 0
+    for name, linear in target_linears(model).items():
+        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                  compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4")  # fmt: skip
+        layer.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4", blocksize=64,
+                                         compress_statistics=True)  # fmt: skip
+        if linear.bias is not None:
+            layer.bias = linear.bias
+        layer = layer.to("cpu")  # quantizes
+        state = layer.weight.quant_state
+        stored += (
+            layer.weight.numel() * layer.weight.element_size() + state.absmax.numel() * state.absmax.element_size()
+        )
+        if state.state2 is not None:
+            stored += state.state2.absmax.numel() * state.state2.absmax.element_size() + 4  # + the fp32 offset
+        weights += linear.weight.numel()
+        set_module(model, name, layer)
+    return 8 * stored / weights
 
 
 def _cell(value, fmt: str) -> str:
@@ -121,11 +158,12 @@ def main() -> None:
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
     parser.add_argument("--windows", type=int, default=EVAL_WINDOWS, help="PTB-test windows (P1: 64)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--keep", type=Path, help="keep each row's checkpoint in KEEP/ROW (P2 starts from them)")
     parser.add_argument("--no-save", action="store_true", help="do not update bench/results/p1.json")
     args = parser.parse_args()
 
     if args.worker:
-        print(json.dumps(run_row(args.worker, args.windows)))
+        print(json.dumps(run_row(args.worker, args.windows, args.keep)))
         return
     names = [n.strip() for n in args.rows.split(",") if n.strip()]
     unknown = [n for n in names if n not in ROWS]
@@ -136,8 +174,9 @@ def main() -> None:
     rows = []
     for name in names:
         print(f"[p1] {name}: {ROWS[name][0]} ...", file=sys.stderr, flush=True)
-        proc = subprocess.run([sys.executable, __file__, "--worker", name, "--windows", str(args.windows)],
-                              stdout=subprocess.PIPE, text=True, check=False)  # fmt: skip
+        cmd = [sys.executable, __file__, "--worker", name, "--windows", str(args.windows)]
+        cmd += ["--keep", str(args.keep)] if args.keep else []
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
         if proc.returncode:
             sys.exit(f"p1.py: error: row {name} failed (exit {proc.returncode}); see the messages above")
         row = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -1,0 +1,218 @@
+"""Protocol P2 (../shared/BENCHMARK.md): LoRA fine-tuning from each P1 start, against PEFT peers.
+
+Training: 128 windows of 256 tokens from PTB train drawn with seed 1, one epoch, effective batch 4 (32 steps,
+micro-batch 1 with 4 accumulation steps), AdamW lr 3e-4, weight decay 0.1, cosine schedule with 3% warm-up, only
+LoRA r8/alpha16 trainable. Every row then measures PTB-test perplexity over the first 64 windows of 512 tokens.
+
+Rows (each in its own subprocess, so peak RSS is the row's own):
+
+- ``fp-lora``: PEFT LoRA on the full-precision model (the quality ceiling);
+- ``bnb-qlora``: PEFT LoRA on bitsandbytes NF4 ``Linear4bit`` (blocksize 64, double quantization): the peer;
+- ``lowbit-{qlora,loftq,apiq}-w{4,3,2}``: ``lowbit.finetune`` on the packed checkpoint from P1's start of that
+  name (``rtnB``, ``loftq1-wB`` -- PEFT's default of one LoftQ iteration -- and ``apiq-bw-warm-wB``). Starts are
+  made once with ``bench/p1.py --keep`` into ``bench/.starts`` and reused.
+
+The peers train with the same data order, loss normalization, optimizer and schedule as ``lowbit.finetune``
+(the functions are imported from it), so tokens per second compare the layers, not the loops. Peak RSS is
+measured over the training step only (VmHWM reset just before it), and over the whole row.
+
+    python bench/p2.py --rows bnb-qlora,lowbit-qlora-w4     # the throughput comparison
+    python bench/p2.py                                      # every row
+
+Results merge into bench/results/p2.json by row name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import benchlib
+
+RESULTS = benchlib.ROOT / "bench" / "results" / "p2.json"
+STARTS = benchlib.ROOT / "bench" / ".starts"
+EVAL_WINDOWS = 64
+EVAL_SEQLEN = 512
+START_ROWS = {"qlora": "rtn{b}", "loftq": "loftq1-w{b}", "apiq": "apiq-bw-warm-w{b}"}
+
+
+def _rows() -> dict[str, str]:
+    rows = {"fp-lora": "full-precision LoRA (PEFT)", "bnb-qlora": "peer: PEFT + bitsandbytes NF4 QLoRA"}
+    for b in (4, 3, 2):
+        for start, p1_row in START_ROWS.items():
+            rows[f"lowbit-{start}-w{b}"] = f"lowbit W{b}g64 from the {start} start ({p1_row.format(b=b)})"
+    return rows
+
+
+ROWS = _rows()
+
+
+def start_checkpoint(name: str) -> Path:
+    """The P1 start checkpoint of a lowbit row, made with ``bench/p1.py --keep`` when missing."""
+    start, bits = name.removeprefix("lowbit-").rsplit("-w", 1)
+    p1_row = START_ROWS[start].format(b=bits)
+    folder = STARTS / p1_row
+    if not (folder / "config.json").is_file():
+        print(f"[p2] making the start {p1_row} with bench/p1.py ...", file=sys.stderr, flush=True)
+        cmd = [sys.executable, str(Path(__file__).with_name("p1.py")), "--rows", p1_row, "--keep", str(STARTS)]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return folder
+
+
+def peft_train(model, tokenizer, config) -> dict:
+    """LoRA training of a PEFT model with exactly lowbit.finetune's data order, loss, optimizer and schedule."""
+    import torch
+    from transformers import get_cosine_schedule_with_warmup
+
+    from lowbit.data import collate
+    from lowbit.finetune import epoch_order, targets, token_nll, training_examples
+
+    examples, _ = training_examples(config, tokenizer)
+    steps = len(examples) // config.batch_size
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(config.warmup * steps), steps)
+    torch.manual_seed(config.seed * 1_000_003)
+    model.train()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    losses, tokens, seconds = [], 0, 0.0
+    for step in range(steps):
+        t0 = time.perf_counter()
+        order = epoch_order(len(examples), config.seed, 0)
+        batch = [examples[i] for i in order[step * config.batch_size : (step + 1) * config.batch_size]]
+        n = sum(targets(e) for e in batch)
+        total = 0.0
+        for m in range(0, len(batch), config.micro_batch):
+            ids, mask, labels = collate(batch[m : m + config.micro_batch], pad)
+            nll = token_nll(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, labels)
+            (nll / n).backward()
+            total += nll.item()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(total / n)
+        tokens += sum(int(e.ids.numel()) for e in batch)
+        seconds += time.perf_counter() - t0
+    model.eval()
+    return {"losses": losses, "final_loss": losses[-1], "tokens": tokens, "seconds": round(seconds, 2),
+            "tokens_per_s": tokens / seconds}  # fmt: skip
+
+
+def peft_model(name: str, folder: Path):
+    from peft import LoraConfig, get_peft_model
+
+    import lowbit
+    from lowbit.models import target_linears
+
+    model, tokenizer = lowbit.load_model(folder)
+    modules = sorted({n.rsplit(".", 1)[-1] for n in target_linears(model)})
+    bits = 32.0
+    if name == "bnb-qlora":
+        sys.path.insert(0, str(Path(__file__).parent))
+        from p1 import bnb_nf4
+
+        bits = bnb_nf4(model)
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=modules, task_type="CAUSAL_LM")
+    return get_peft_model(model, lora), tokenizer, bits
+
+
+def run_row(name: str, eval_windows: int) -> dict:
+    import torch
+
+    import lowbit
+    from lowbit.data import text_windows
+    from lowbit.evaluate import perplexity
+    from lowbit.finetune import TrainConfig, finetune
+    from lowbit.models import quiet_transformers, resolve_model_path
+
+    quiet_transformers()
+    torch.manual_seed(0)
+    config = TrainConfig(micro_batch=1)
+    row: dict = {"row": name, "label": ROWS[name], "train_config": config.__dict__}
+    with tempfile.TemporaryDirectory() as tmp:
+        if name.startswith("lowbit-"):
+            start = start_checkpoint(name)
+            benchlib.reset_peak_rss()
+            result = finetune(start, Path(tmp) / "ft", config, progress=sys.stderr.isatty())
+            row["train_peak_rss_mb"] = round(benchlib.peak_rss_since_reset_mb(), 1)
+            model, tokenizer = lowbit.load(Path(tmp) / "ft")
+            row["bits_per_weight"] = round(lowbit.info(start)["bits_per_weight"], 4)
+            row["start"] = str(start.relative_to(benchlib.ROOT))
+        else:
+            model, tokenizer, bits = peft_model(name, resolve_model_path(None))
+            benchlib.reset_peak_rss()
+            result = peft_train(model, tokenizer, config)
+            row["train_peak_rss_mb"] = round(benchlib.peak_rss_since_reset_mb(), 1)
+            row["bits_per_weight"] = round(bits, 4)
+        row["peak_rss_mb"] = round(benchlib.peak_rss_mb(), 1)
+        row.update({k: result[k] for k in ("final_loss", "tokens", "seconds", "tokens_per_s", "losses")})
+        wins = text_windows("ptb", tokenizer, EVAL_SEQLEN, split="test", limit=eval_windows)
+        row["ppl"] = round(perplexity(model, wins, progress=False).ppl, 3)
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| method | PTB-test ppl after P2 | train tokens/s | train peak RSS MiB | bits/weight |",
+             "|---|---:|---:|---:|---:|"]  # fmt: skip
+    for r in rows:
+        lines.append(f"| {r['label']} | {r['ppl']:.2f} | {r['tokens_per_s']:.0f} | {r['train_peak_rss_mb']:.0f} | "
+                     f"{r['bits_per_weight']:.3f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
+    parser.add_argument("--windows", type=int, default=EVAL_WINDOWS, help="PTB-test windows (P2: 64)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(run_row(args.worker, args.windows)))
+        return
+    names = [n.strip() for n in args.rows.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        sys.exit(f"p2.py: error: unknown rows {unknown}: choose from {', '.join(ROWS)}")
+    env = benchlib.environment()
+    rows = []
+    for name in names:
+        print(f"[p2] {name}: {ROWS[name]} ...", file=sys.stderr, flush=True)
+        cmd = [sys.executable, __file__, "--worker", name, "--windows", str(args.windows)]
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
+        if proc.returncode:
+            sys.exit(f"p2.py: error: row {name} failed (exit {proc.returncode}); see the messages above")
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"[p2] {name}: ppl {row['ppl']:.2f}, {row['tokens_per_s']:.0f} tok/s, "
+              f"train peak {row['train_peak_rss_mb']:.0f} MiB", file=sys.stderr, flush=True)  # fmt: skip
+        rows.append(row)
+    print(f"\nP2: SmolLM2-135M-Instruct, float32 on CPU; PTB test first {args.windows} x {EVAL_SEQLEN} tokens\n")
+    print(table(rows))
+    by = {r["row"]: r for r in rows}
+    if "bnb-qlora" in by and "lowbit-qlora-w4" in by:
+        peer, ours = by["bnb-qlora"], by["lowbit-qlora-w4"]
+        speed = ours["tokens_per_s"] / peer["tokens_per_s"]
+        memory = ours["train_peak_rss_mb"] / peer["train_peak_rss_mb"]
+        print(f"\nlowbit W4 / bitsandbytes NF4 (same run): throughput x{speed:.2f}, train peak RSS x{memory:.2f}")
+    print(f"\n{env['date']}, commit {env['commit']}, {env['machine']['cpu']} ({env['machine']['cores']} cores), "
+          f"torch {env['versions']['torch']}, transformers {env['versions']['transformers']}, "
+          f"peft {env['versions']['peft']}, bitsandbytes {env['versions']['bitsandbytes']}")  # fmt: skip
+    if args.windows != EVAL_WINDOWS:
+        return
+    previous = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"rows": {}}
+    previous["rows"].update({r["row"]: {**r, "env": env} for r in rows})
+    previous["protocol"] = "P2"
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    tmp = RESULTS.with_suffix(".tmp")
+    tmp.write_text(json.dumps(previous, indent=2) + "\n")
+    tmp.replace(RESULTS)
+    print(f"wrote {RESULTS.relative_to(benchlib.ROOT)}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
