@@ -112,7 +112,10 @@ def run_row(name: str, windows: int, keep: Path | None = None) -> dict:
 def bnb_nf4(model) -> float:
     """Replace every block linear by bitsandbytes' ``Linear4bit`` (NF4, blocksize 64, QLoRA's double quantization,
     float32 compute) in place; returns the stored bits per quantized weight (codes + all quantization state)."""
-    import bitsandbytes as bnb
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        sys.exit("the bitsandbytes peer rows need bitsandbytes: pip install -e '.[bench]' (or leave out those rows)")
     import torch
 
     from lowbit.layers import set_module

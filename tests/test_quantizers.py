@@ -3,7 +3,15 @@
 import pytest
 import torch
 
-from lowbit.quant import QuantSpec, dequantize_weight, fake_quantize_weight, normalfloat, quantize_weight, uniform
+from lowbit.quant import (
+    QuantSpec,
+    dequantize_weight,
+    fake_quantize_weight,
+    normalfloat,
+    quantize_weight,
+    search_clip,
+    uniform,
+)
 
 SPECS = [QuantSpec(b, g, "int", sym) for b in (2, 3, 4, 8) for g in (16, 32) for sym in (False, True)] + [
     QuantSpec(b, 16, "nf") for b in (2, 3, 4)
@@ -105,3 +113,21 @@ def test_constant_group_does_not_divide_by_zero() -> None:
     for spec in (QuantSpec(2, 16), QuantSpec(4, 16, symmetric=True), QuantSpec(4, 16, "nf")):
         out = fake_quantize_weight(w, spec)
         assert torch.isfinite(out).all() and torch.equal(out, w)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(2, 16), QuantSpec(3, 16, symmetric=True), QuantSpec(2, 16, "nf")])
+def test_search_clip_picks_each_groups_best_candidate(spec: QuantSpec) -> None:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 64, generator=g)
+    w[:, 5] *= 8  # outliers that dominate min-max ranges
+    importance = torch.rand(64, generator=g)
+    importance[5] = 1e-3  # ... in a column whose activations are tiny
+    candidates = [1.0, 0.9, 0.75, 0.6, 0.5]
+    best = search_clip(w, spec, importance, candidates)
+    assert best.shape == (6, 4) and best[:, 0].lt(1.0).any()  # outlier groups get clipped
+    for c in candidates:  # no candidate beats the chosen one in any group
+        f = torch.full_like(best, c)
+        chosen = fake_quantize_weight(w, spec, best, best if spec.has_zeros else None)
+        other = fake_quantize_weight(w, spec, f, f if spec.has_zeros else None)
+        err = lambda q: ((q - w).square() * importance).view(6, 4, 16).sum(-1)  # noqa: E731
+        assert (err(chosen) <= err(other) + 1e-6).all()

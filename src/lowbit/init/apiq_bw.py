@@ -42,13 +42,22 @@ def optimizer(ctx: BlockContext, clip_params: list, lora_params: list) -> torch.
 
 
 def to_fake(
-    block: nn.Module, ctx: BlockContext, clip_init: float, originals: dict[str, nn.Module]
+    block: nn.Module,
+    ctx: BlockContext,
+    clip_init: float,
+    originals: dict[str, nn.Module],
+    clips: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, FakeQuantLinear]:
-    """Swap each layer for a FakeQuantLinear over its original weight, keeping LoRA factors of a warm start."""
+    """Swap each layer for a FakeQuantLinear over its original weight, keeping the clipping factors and LoRA
+    factors of a warm start."""
     fakes = {}
     for name, source in originals.items():
         current = block.get_submodule(name)
         fake = FakeQuantLinear(source, ctx.spec, ctx.lora, ctx.generator, clip_init)
+        if clips is not None:
+            logits = torch.logit(clips[name])
+            for p in fake.clip_parameters():
+                p.data.copy_(logits)
         if isinstance(current, QuantLinear) and current.lora_A is not None and fake.lora_A is not None:
             fake.lora_A.data.copy_(current.lora_A)
             fake.lora_B.data.copy_(current.lora_B)
@@ -80,11 +89,12 @@ class ApiQBlockwise(Initializer):
             with torch.no_grad():
                 yq = torch.cat([ctx.forward(block, ctx.window(ctx.xq, i)) for i in range(ctx.xq.shape[0])])
         originals = block_linears(block)
+        clips = None
         if ctx.options.get("warm_start", "none") == "wsvd":
             if ctx.lora is None:
                 raise LowbitError(f"init {self.name} has no adapter, so warm_start wsvd does not apply: drop it")
-            WSVD().init_block(block, ctx, clip=float(clip_factors(torch.tensor(clip_init))))
-        fakes = to_fake(block, ctx, clip_init, originals)
+            clips = WSVD().fit(block, ctx, clip_max=float(clip_factors(torch.tensor(clip_init))))
+        fakes = to_fake(block, ctx, clip_init, originals, clips)
         clip_params = [p for f in fakes.values() for p in f.clip_parameters()]
         lora_params = [p for f in fakes.values() for p in f.lora_parameters()]
         opt = optimizer(ctx, clip_params, lora_params)

@@ -8,7 +8,12 @@ closed form. With ``Gq = Xq^T Xq = L L^T`` and ``C = Xq^T X``, the unconstrained
 instead of uniformly as LoftQ does. Only two ``in x in`` Gram matrices per layer group are accumulated, no
 activations are stored, and it costs one SVD per layer: seconds, not minutes.
 
-``options``: ``wsvd_damp`` (relative ridge on the Gram, default 0.01).
+Before the SVD, each group's clipping factor is searched on a grid (``options`` ``wsvd_clip=search``, the
+default; ``none`` keeps min-max ranges) minimizing the activation-weighted rounding error, with the diagonal of
+``Gq`` as the weights: at 2 bits this alone removes most of the error min-max rounding makes, and it hands
+ApiQ-bw's warm start clipping factors close to where its optimization would take them.
+
+``options``: ``wsvd_damp`` (relative ridge on the Gram, default 0.01), ``wsvd_clip`` (``search`` | ``none``).
 """
 
 from __future__ import annotations
@@ -16,11 +21,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lowbit.errors import LowbitError
 from lowbit.init.base import BlockContext, Initializer
 from lowbit.init.layerwise import capture, walk
 from lowbit.init.lowrank import whitened_best_rank
 from lowbit.layers import QuantLinear, linear_weight, set_module
-from lowbit.quant import QuantizedWeight, dequantize_weight, quantize_weight
+from lowbit.quant import QuantizedWeight, dequantize_weight, quantize_weight, search_clip
 
 
 def grams(block: nn.Module, fp_block: nn.Module, name: str, ctx: BlockContext) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,24 +61,41 @@ def wsvd_factors(
     return whitened_best_rank(target, g, ctx.lora.rank, ctx.lora.scaling, damp=0.0)
 
 
+# Clipping factors tried by the search: min-max (the largest allowed) down to half the range.
+CLIP_GRID = [1.0 - 0.05 * i for i in range(11)]
+
+
+def clip_candidates(ctx: BlockContext, clip_max: float) -> list[float]:
+    mode = ctx.options.get("wsvd_clip", "search")
+    if mode not in ("search", "none"):
+        raise LowbitError(f"option wsvd_clip={mode!r} is not known: use search or none")
+    return [clip_max] + ([c for c in CLIP_GRID if c < clip_max] if mode == "search" else [])
+
+
 class WSVD(Initializer):
     name = "wsvd"
     needs_data = True
     needs_lora = True
 
-    def init_block(self, block: nn.Module, ctx: BlockContext, clip: float | None = None) -> dict[str, float]:
-        """Replace the block's layers; ``clip`` (a factor in (0, 1]) shrinks every group's range first."""
+    def init_block(self, block: nn.Module, ctx: BlockContext) -> dict[str, float]:
+        self.fit(block, ctx)
+        return {}
+
+    def fit(self, block: nn.Module, ctx: BlockContext, clip_max: float = 1.0) -> dict[str, torch.Tensor]:
+        """Replace the block's layers; return each layer's clipping factors ``[out, n_groups]`` (at most
+        ``clip_max``, which ApiQ-bw sets to its initial factor so a warm start never widens a range)."""
+        candidates = clip_candidates(ctx, clip_max)
+        clips = {}
         for group, fp_block in walk(block, ctx):
             gqq, gqx = grams(block, fp_block, group[0], ctx)
+            importance = gqq.diagonal().float()
             for name in group:
                 module = block.get_submodule(name)
                 w, _ = linear_weight(module)
-                factors = None
-                if clip is not None:
-                    factors = torch.full((w.shape[0], ctx.spec.groups(w.shape[1])), clip)
+                clips[name] = factors = search_clip(w, ctx.spec, importance, candidates)
                 q = quantize_weight(w, ctx.spec, factors, factors if ctx.spec.has_zeros else None)
                 a, b = wsvd_factors(w, q, gqq, gqx, ctx)
                 layer = QuantLinear.from_linear(module, ctx.spec, q)
                 layer.set_lora(a, b, ctx.lora.alpha, ctx.lora.dropout)
                 set_module(block, name, layer)
-        return {}
+        return clips

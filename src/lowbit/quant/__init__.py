@@ -93,6 +93,28 @@ def fake_quantize_weight(
     return uniform.fake_quantize(w, spec.bits, spec.group_size, spec.symmetric, clip_hi, clip_lo)
 
 
+def search_clip(w: torch.Tensor, spec: QuantSpec, importance: torch.Tensor, candidates: list[float]) -> torch.Tensor:
+    """Per-group clipping factor ``[out, n_groups]`` from ``candidates`` minimizing the weighted squared error.
+
+    ``importance`` (``[in]``, e.g. the mean squared input activation of each column) weights the error, so a group
+    is clipped where its outliers matter little to the layer's output (AWQ-style search, with the diagonal of the
+    Gram matrix standing in for the activations). At 2 bits the best factor is often far below 1: min-max
+    rounding spends most of the grid on a few outliers. Both ends of asymmetric grids share the factor.
+    """
+    rows, groups = w.shape[0], spec.groups(w.shape[1])
+    weight = importance.to(w.dtype).expand_as(w)
+    best = torch.full((rows, groups), float(candidates[0]))
+    best_err = torch.full((rows, groups), float("inf"))
+    for c in candidates:
+        factors = torch.full((rows, groups), float(c))
+        q = fake_quantize_weight(w, spec, factors, factors if spec.has_zeros else None)
+        err = ((q - w).square() * weight).view(rows, groups, -1).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, factors, best)
+    return best
+
+
 __all__ = [
     "QuantSpec",
     "QuantizedWeight",
@@ -101,5 +123,6 @@ __all__ = [
     "pack",
     "packed_numel",
     "quantize_weight",
+    "search_clip",
     "unpack",
 ]
