@@ -10,7 +10,10 @@ Rows (each in its own subprocess, so peak RSS is the row's own):
 - ``bnb-qlora``: PEFT LoRA on bitsandbytes NF4 ``Linear4bit`` (blocksize 64, double quantization): the peer;
 - ``lowbit-{qlora,loftq,apiq}-w{4,3,2}``: ``lowbit.finetune`` on the packed checkpoint from P1's start of that
   name (``rtnB``, ``loftq1-wB`` -- PEFT's default of one LoftQ iteration -- and ``apiq-bw-warm-wB``). Starts are
-  made once with ``bench/p1.py --keep`` into ``bench/.starts`` and reused.
+  made once with ``bench/p1.py --keep`` into ``bench/.starts`` and reused. The trained checkpoint is kept in
+  ``bench/.p2/ROW``;
+- ``lowbit-...-requant``: that trained row merged and re-quantized to the same format with no adapter
+  (``lowbit export --requantize``: learned clipping, 2 epochs on 32 PTB-train windows), perplexity only.
 
 The peers train with the same data order, loss normalization, optimizer and schedule as ``lowbit.finetune``
 (the functions are imported from it), so tokens per second compare the layers, not the loops. Peak RSS is
@@ -37,6 +40,7 @@ import benchlib
 
 RESULTS = benchlib.ROOT / "bench" / "results" / "p2.json"
 STARTS = benchlib.ROOT / "bench" / ".starts"
+TRAINED = benchlib.ROOT / "bench" / ".p2"  # trained lowbit rows, kept for their -requant rows
 EVAL_WINDOWS = 64
 EVAL_SEQLEN = 512
 START_ROWS = {"qlora": "rtn{b}", "loftq": "loftq1-w{b}", "apiq": "apiq-bw-warm-w{b}"}
@@ -47,6 +51,8 @@ def _rows() -> dict[str, str]:
     for b in (4, 3, 2):
         for start, p1_row in START_ROWS.items():
             rows[f"lowbit-{start}-w{b}"] = f"lowbit W{b}g64 from the {start} start ({p1_row.format(b=b)})"
+            rows[f"lowbit-{start}-w{b}-requant"] = (f"lowbit W{b}g64 {start} start, trained, merged and re-quantized "
+                                                    f"to W{b}g64 (no adapter)")  # fmt: skip
     return rows
 
 
@@ -136,12 +142,14 @@ def run_row(name: str, eval_windows: int) -> dict:
     config = TrainConfig(micro_batch=1)
     row: dict = {"row": name, "label": ROWS[name], "train_config": config.__dict__}
     with tempfile.TemporaryDirectory() as tmp:
+        if name.endswith("-requant"):
+            return requant_row(name, row, Path(tmp), eval_windows)
         if name.startswith("lowbit-"):
             start = start_checkpoint(name)
             benchlib.reset_peak_rss()
-            result = finetune(start, Path(tmp) / "ft", config, progress=sys.stderr.isatty())
+            result = finetune(start, TRAINED / name, config, overwrite=True, progress=sys.stderr.isatty())
             row["train_peak_rss_mb"] = round(benchlib.peak_rss_since_reset_mb(), 1)
-            model, tokenizer = lowbit.load(Path(tmp) / "ft")
+            model, tokenizer = lowbit.load(TRAINED / name)
             row["bits_per_weight"] = round(lowbit.info(start)["bits_per_weight"], 4)
             row["start"] = str(start.relative_to(benchlib.ROOT))
         else:
@@ -157,10 +165,40 @@ def run_row(name: str, eval_windows: int) -> dict:
     return row
 
 
+def requant_row(name: str, row: dict, tmp: Path, eval_windows: int) -> dict:
+    """Merge a trained row's adapter and re-quantize (``lowbit export --requantize``: learned clipping, 2 epochs,
+    32 PTB-train windows of 512 tokens, seed 0), then measure its perplexity like the other rows."""
+    import lowbit
+    from lowbit.data import sample_windows, text_windows
+    from lowbit.evaluate import perplexity
+    from lowbit.export import export_requantized
+
+    trained = TRAINED / name.removesuffix("-requant")
+    if not (trained / "config.json").is_file():
+        sys.exit(f"p2.py: error: row {name} needs the trained row {trained.name}: run it first")
+    bits = int(name.removesuffix("-requant").rsplit("-w", 1)[1])
+    config = lowbit.QuantConfig(bits=bits, group_size=64, init="clip", seed=0, options={"epochs": 2})
+    _, tokenizer = lowbit.load(trained)
+    calib = sample_windows(text_windows("ptb", tokenizer, EVAL_SEQLEN, split="train"), 32, 0)
+    start = time.perf_counter()
+    export_requantized(trained, tmp / "rq", config, calib, progress=sys.stderr.isatty())
+    row["export_seconds"] = round(time.perf_counter() - start, 1)
+    model, tokenizer = lowbit.load(tmp / "rq")
+    info = lowbit.info(tmp / "rq")
+    row.update(bits_per_weight=round(info["bits_per_weight"], 4), lora_params=info["lora_params"])
+    row["peak_rss_mb"] = round(benchlib.peak_rss_mb(), 1)
+    wins = text_windows("ptb", tokenizer, EVAL_SEQLEN, split="test", limit=eval_windows)
+    row["ppl"] = round(perplexity(model, wins, progress=False).ppl, 3)
+    return row
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| method | PTB-test ppl after P2 | train tokens/s | train peak RSS MiB | bits/weight |",
              "|---|---:|---:|---:|---:|"]  # fmt: skip
     for r in rows:
+        if "tokens_per_s" not in r:  # a re-quantized export: no training of its own
+            lines.append(f"| {r['label']} | {r['ppl']:.2f} | — | — | {r['bits_per_weight']:.3f} |")
+            continue
         lines.append(f"| {r['label']} | {r['ppl']:.2f} | {r['tokens_per_s']:.0f} | {r['train_peak_rss_mb']:.0f} | "
                      f"{r['bits_per_weight']:.3f} |")  # fmt: skip
     return "\n".join(lines)
@@ -188,8 +226,10 @@ def main() -> None:
         if proc.returncode:
             sys.exit(f"p2.py: error: row {name} failed (exit {proc.returncode}); see the messages above")
         row = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"[p2] {name}: ppl {row['ppl']:.2f}, {row['tokens_per_s']:.0f} tok/s, "
-              f"train peak {row['train_peak_rss_mb']:.0f} MiB", file=sys.stderr, flush=True)  # fmt: skip
+        speed = ""
+        if "tokens_per_s" in row:
+            speed = f", {row['tokens_per_s']:.0f} tok/s, train peak {row['train_peak_rss_mb']:.0f} MiB"
+        print(f"[p2] {name}: ppl {row['ppl']:.2f}{speed}", file=sys.stderr, flush=True)
         rows.append(row)
     print(f"\nP2: SmolLM2-135M-Instruct, float32 on CPU; PTB test first {args.windows} x {EVAL_SEQLEN} tokens\n")
     print(table(rows))

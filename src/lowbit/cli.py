@@ -1,4 +1,4 @@
-"""The ``lowbit`` command line: quantize, finetune, export, eval, info, report, generate.
+"""The ``lowbit`` command line: quantize, finetune, export, eval, info, report, generate, translate, adapt.
 
 Every command accepts ``--json`` and then prints exactly one JSON object on stdout (progress bars and logs go to
 stderr). A user mistake prints one line, ``lowbit: error: <what is wrong and how to fix it>``, and exits with
@@ -169,7 +169,48 @@ def cmd_export(args: argparse.Namespace) -> None:
     _emit(args, result, [f"wrote {result['out']} ({result['kind']}) in {result['seconds']:.1f} s"])
 
 
+def _shots(args: argparse.Namespace) -> list:
+    from lowbit.parallel import read_pairs
+
+    if not args.shots:
+        return []
+    shots = read_pairs(args.shots)[: args.num_shots]
+    if len(shots) < args.num_shots:
+        raise LowbitError(f"--num-shots {args.num_shots} but {args.shots} has only {len(shots)} pairs")
+    return shots
+
+
+def cmd_translate(args: argparse.Namespace) -> None:
+    from lowbit.models import load_model
+    from lowbit.translate import translate
+
+    if args.input == "-":
+        lines = sys.stdin.read().splitlines()
+    else:
+        path = Path(args.input)
+        if not path.is_file():
+            raise LowbitError(f"input file {path} does not exist: give a text file (one segment per line) or -")
+        lines = path.read_text(encoding="utf-8").splitlines()
+    sources = [line.strip() for line in lines if line.strip()]
+    if not sources:
+        raise LowbitError(f"{args.input} has no text to translate")
+    shots = _shots(args)
+    model, tokenizer = load_model(args.model)
+    start = time.perf_counter()
+    hyps = translate(model, tokenizer, sources, args.src, args.tgt, shots, batch_size=args.batch_size,
+                     beams=args.beams, max_new_tokens=args.max_new_tokens, progress=not args.json)  # fmt: skip
+    seconds = time.perf_counter() - start
+    if args.output:
+        from lowbit.fsutil import write_text
+
+        write_text(Path(args.output), "".join(f"{h}\n" for h in hyps))
+    result = {"translations": hyps, "segments": len(hyps), "seconds": round(seconds, 2), "shots": len(shots)}
+    _emit(args, result, [f"wrote {len(hyps)} translations to {args.output}"] if args.output else hyps)
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
+    if args.mt:
+        return _eval_mt(args)
     from lowbit.data import text_windows
     from lowbit.evaluate import perplexity
     from lowbit.models import load_model
@@ -197,6 +238,51 @@ def cmd_eval(args: argparse.Namespace) -> None:
             f"({result.tokens} tokens, {wins.shape[0]} windows of {args.seqlen})"
         ],
     )
+
+
+def _eval_mt(args: argparse.Namespace) -> None:
+    from lowbit.adapt import AdaptConfig, evaluate_mt
+    from lowbit.models import load_model
+    from lowbit.parallel import read_pairs
+
+    test = read_pairs(args.mt)
+    if args.windows:
+        test = test[: args.windows]
+    shots = _shots(args)
+    model, tokenizer = load_model(args.model)
+    config = AdaptConfig(
+        src=args.src, tgt=args.tgt, max_new_tokens=args.max_new_tokens, translate_batch=args.batch_size
+    )
+    result = evaluate_mt(model, tokenizer, test, config, shots, progress=not args.json)
+    result.update(data=args.mt, model=str(args.model) if args.model else "default", shots=len(shots))
+    if args.output:
+        from lowbit.fsutil import write_text
+
+        write_text(Path(args.output), "".join(f"{h}\n" for h in result["hypotheses"]))
+    lines = [f"chrF {result['chrf']:.2f}  BLEU {result['bleu']:.2f}  target-side perplexity {result['ppl']:.2f}  "
+             f"({result['segments']} segments, {len(shots)} shots, {args.src}->{args.tgt})"]  # fmt: skip
+    _emit(args, result, lines)
+
+
+def cmd_adapt(args: argparse.Namespace) -> None:
+    from lowbit.adapt import WARM, AdaptConfig, adapt
+    from lowbit.api import QuantConfig
+
+    fmt, bits = _format(args)
+    options = _options(args)
+    if args.init == "apiq-bw" and not options:
+        options = dict(WARM)
+    quant = QuantConfig(bits=bits, group_size=args.group_size, format=fmt, init=args.init, rank=args.rank,
+                        alpha=args.alpha, seed=args.seed, options=options)  # fmt: skip
+    names = ("src", "tgt", "mono", "pairs", "test", "calib_windows", "calib_seqlen", "cpt_epochs", "sft_epochs",
+             "lr", "batch_size", "max_new_tokens", "test_limit")  # fmt: skip
+    config = AdaptConfig(quant=quant, **{n: getattr(args, n) for n in names})
+    log = (lambda line: print(line, file=sys.stderr)) if args.json else print
+    result = adapt(args.model, Path(args.out), config, progress=not args.json, log=log)
+    summary = {k: v for k, v in result.items() if k != "hypotheses"}
+    _emit(args, {**summary, "out": args.out},
+          [f"chrF {result['chrf']:.2f}  BLEU {result['bleu']:.2f}  {config.tgt} perplexity {result['ppl']:.2f} "
+           f"on {result['segments']} test segments; stages in {args.out}"])  # fmt: skip
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -374,9 +460,53 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ppl", default="ptb", help="ptb, a .txt file or a .jsonl file with a text field")
     e.add_argument("--split", default="test", help="PTB split: train, valid or test")
     e.add_argument("--seqlen", type=int, default=512)
-    e.add_argument("--windows", type=int, default=None, help="evaluate the first N windows only")
-    e.add_argument("--batch-size", type=int, default=1)
+    e.add_argument("--windows", type=int, default=None, help="evaluate the first N windows (--mt: segments) only")
+    e.add_argument("--batch-size", type=int, default=1, help="windows (or, with --mt, segments) per forward")
+    e.add_argument("--mt", metavar="PAIRS", help="translate the sources of a .tsv/.jsonl and score chrF and BLEU")
+    e.add_argument("--output", help="with --mt: write the translations here, one per line")
+    _translation_flags(e)
     e.set_defaults(func=cmd_eval)
+
+    t = add("translate", "translate text with the fixed lowbit prompt (greedy or beam search)")
+    t.add_argument("model", nargs="?", help="checkpoint, HF folder or .gguf file (default: the default model)")
+    t.add_argument("--input", required=True, help="text file, one segment per line, or - for stdin")
+    t.add_argument("--output", help="write the translations here (default: print them)")
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--beams", type=int, default=1, help="1: greedy")
+    _translation_flags(t)
+    t.set_defaults(func=cmd_translate)
+
+    a = add("adapt", "teach a model a new language: calibrate, continue pre-training, fine-tune on pairs, evaluate")
+    a.add_argument("model", nargs="?", help="HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    a.add_argument("--out", required=True, help="run folder: every stage keeps its output here; reruns resume")
+    a.add_argument("--bits", type=int, default=None, help="2, 3, 4 or 8 (default 2)")
+    a.add_argument("--group-size", type=int, default=64)
+    a.add_argument("--format", default="int", choices=["int", "nf", "nf4", "nf3", "nf2"])
+    a.add_argument("--init", default="apiq-bw", choices=list(INITS), help="LoRA start (apiq-bw: warm, 2 epochs)")
+    a.add_argument("--rank", type=int, default=8)
+    a.add_argument("--alpha", type=float, default=16.0)
+    a.add_argument("--seed", type=int, default=0, help="quantization seed")
+    for flag in ("epochs", "batch"):
+        a.add_argument(f"--{flag}", type=int, default=None, help=argparse.SUPPRESS)
+    for flag in ("clip_lr", "lora_lr", "weight_decay", "clip_init"):
+        a.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=float, default=None, help=argparse.SUPPRESS)
+    a.add_argument("--loftq-iters", dest="loftq_iters", type=int, default=None, help="LoftQ iterations")
+    a.add_argument("--warm-start", dest="warm_start", choices=["none", "wsvd"], default=None)
+    a.add_argument("--second-loss", dest="second_loss", action="store_true", help=argparse.SUPPRESS)
+    a.add_argument("--mono", help="target-language .txt (default: the P3 Spanish Bible verses)")
+    a.add_argument("--pairs", help="training pairs .tsv/.jsonl (default: the P3 Bible pairs)")
+    a.add_argument("--test", help="test pairs .tsv/.jsonl (default: the P3 Bible test verses)")
+    a.add_argument("--src", default="en")
+    a.add_argument("--tgt", default="es")
+    a.add_argument("--calib-windows", type=int, default=32)
+    a.add_argument("--calib-seqlen", type=int, default=512)
+    a.add_argument("--cpt-epochs", type=int, default=1)
+    a.add_argument("--sft-epochs", type=int, default=1)
+    a.add_argument("--lr", type=float, default=3e-4)
+    a.add_argument("--batch-size", type=int, default=8)
+    a.add_argument("--max-new-tokens", type=int, default=128)
+    a.add_argument("--test-limit", type=int, default=0, help="evaluate the first N test pairs (0: all)")
+    a.set_defaults(func=cmd_adapt)
 
     i = add("info", "format and size of a lowbit checkpoint")
     i.add_argument("dir")
@@ -403,12 +533,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _translation_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--src", default="en", help="source language code (en, es, fr, de, pt, it or a name)")
+    p.add_argument("--tgt", default="es", help="target language code")
+    p.add_argument("--shots", help="solved pairs (.tsv/.jsonl) put before each prompt (few-shot)")
+    p.add_argument("--num-shots", type=int, default=5, help="how many of --shots to use")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "quantize":
+    if args.command in ("quantize", "adapt"):
         args.bits_given = args.bits is not None
-        args.bits = 4 if args.bits is None else args.bits
+        if args.bits is None:
+            args.bits = 4 if args.command == "quantize" else 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from lowbit.models import quiet_transformers
 

@@ -76,15 +76,19 @@ def work_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.partial"
 
 
-def write_json(path: Path, data: object) -> None:
-    """Write JSON atomically (temp file in the same folder, then rename)."""
+def write_text(path: Path, text: str) -> None:
+    """Write a text file atomically (temp file in the same folder, then rename)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False)
-            f.write("\n")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json(path: Path, data: object) -> None:
+    """Write JSON atomically (temp file in the same folder, then rename)."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")

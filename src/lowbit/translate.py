@@ -1,0 +1,126 @@
+"""Machine translation with a causal LM: one fixed prompt, batched greedy or beam decoding, chrF and BLEU.
+
+The prompt is plain text (no chat template), so the same string serves zero-shot, few-shot (the shots are earlier
+lines in the same format) and supervised fine-tuning (the prompt is the SFT prompt, the target the response)::
+
+    Translate English to Spanish.
+    English: <source>
+    Spanish: <target>
+
+Generation stops at the end of the line (or EOS) and at most ``max_new_tokens`` tokens; the hypothesis is the
+first line of the continuation, stripped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.parallel import Pair
+
+LANGUAGES = {"en": "English", "es": "Spanish", "fr": "French", "de": "German", "pt": "Portuguese", "it": "Italian"}
+
+
+def language(code: str) -> str:
+    """The English name of a language code, as the prompt writes it (unknown codes are used as given)."""
+    return LANGUAGES.get(code, code)
+
+
+def prompt(source: str, src: str = "en", tgt: str = "es", shots: Sequence[Pair] = ()) -> str:
+    """The prompt for ``source``; its continuation is `` <target>``. ``shots`` are solved examples put first."""
+    head = f"Translate {language(src)} to {language(tgt)}.\n"
+    solved = "".join(f"{language(src)}: {p.source}\n{language(tgt)}: {p.target}\n" for p in shots)
+    return f"{head}{solved}{language(src)}: {source}\n{language(tgt)}:"
+
+
+def sft_record(pair: Pair, src: str = "en", tgt: str = "es") -> dict[str, str]:
+    """One JSONL record for ``lowbit finetune --task sft``: loss only on `` <target>`` (and EOS)."""
+    return {"prompt": prompt(pair.source, src, tgt), "response": f" {pair.target}"}
+
+
+@cache
+def _line_end_ids(tokenizer) -> tuple[int, ...]:
+    """Every token whose text contains a newline (generation ends at any of them) plus EOS."""
+    ids = {i for i in range(len(tokenizer)) if "\n" in tokenizer.decode([i])}
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return tuple(sorted(ids))
+
+
+def _batches(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+@torch.no_grad()
+def translate(
+    model: nn.Module,
+    tokenizer,
+    sources: Sequence[str],
+    src: str = "en",
+    tgt: str = "es",
+    shots: Sequence[Pair] = (),
+    batch_size: int = 8,
+    beams: int = 1,
+    max_new_tokens: int = 128,
+    progress: bool = False,
+) -> list[str]:
+    """Translations of ``sources``, in order (greedy when ``beams`` is 1)."""
+    if tokenizer is None:
+        raise LowbitError("the model has no tokenizer files: copy the tokenizer into the model folder")
+    if batch_size < 1 or beams < 1:
+        raise LowbitError("--batch-size and --beams must be at least 1")
+    from tqdm.auto import tqdm
+
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation continues at the right edge
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model.eval()
+    out: list[str] = []
+    try:
+        bar = tqdm(total=len(sources), desc="translating", unit="seg", disable=not progress)
+        for chunk in _batches(list(sources), batch_size):
+            texts = [prompt(s, src, tgt, shots) for s in chunk]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=True)
+            device = next(model.parameters()).device
+            gen = model.generate(
+                **{k: v.to(device) for k, v in enc.items()}, max_new_tokens=max_new_tokens, do_sample=False,
+                num_beams=beams, eos_token_id=list(_line_end_ids(tokenizer)), pad_token_id=pad,
+            )  # fmt: skip
+            for row in gen[:, enc["input_ids"].shape[1] :]:
+                out.append(tokenizer.decode(row, skip_special_tokens=True).split("\n")[0].strip())
+            bar.update(len(chunk))
+        bar.close()
+    finally:
+        tokenizer.padding_side = side
+    return out
+
+
+@dataclass(frozen=True)
+class MTScores:
+    chrf: float
+    bleu: float
+    segments: int
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {"chrf": self.chrf, "bleu": self.bleu, "segments": self.segments}
+
+
+def score(hypotheses: Sequence[str], references: Sequence[str]) -> MTScores:
+    """Corpus chrF and BLEU with sacrebleu's defaults (chrF: character 6-grams, beta 2; BLEU: 13a, 4-grams)."""
+    if len(hypotheses) != len(references):
+        raise LowbitError(f"{len(hypotheses)} hypotheses for {len(references)} references: give one per line")
+    if not references:
+        raise LowbitError("nothing to score: no references")
+    try:
+        import sacrebleu
+    except ImportError as exc:
+        raise LowbitError("chrF/BLEU need sacrebleu: run `pip install 'lowbit[mt]'`") from exc
+    refs = [list(references)]
+    chrf = sacrebleu.corpus_chrf(list(hypotheses), refs).score
+    bleu = sacrebleu.corpus_bleu(list(hypotheses), refs).score
+    return MTScores(round(chrf, 2), round(bleu, 2), len(references))

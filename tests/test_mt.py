@@ -1,0 +1,236 @@
+"""Language adaptation (P3): loaders on local fixture files, the prompt format, the metric wiring, translate/eval
+commands and the resumable adapt pipeline on a tiny model."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+import lowbit.parallel as parallel
+from conftest import save_tiny, tiny_model, tiny_text, tiny_tokenizer
+from lowbit.cli import main
+from lowbit.errors import LowbitError
+from lowbit.parallel import Pair, VerseRef, clean_verse, p3_split, read_monolingual, read_pairs
+from lowbit.translate import prompt, score, sft_record, translate
+
+# Verse markup as the installed SWORD modules return it (clean=False), shortened.
+WEB_JOHN_3_16 = (
+    '<q marker="" who="Jesus"><w lemma="strong:G1063">For</w> <w lemma="strong:G2316">God</w> '
+    '<w lemma="strong:G3439">only</w> born</q><note placement="foot"><reference type="annotateRef">3:16 </reference>'
+    'The phrase “only born” is from the Greek word.</note><q marker="" who="Jesus"><w lemma="strong:G5207">Son</w>, '
+    '<w lemma="strong:G2443">that</w> <w lemma="strong:G3588">whoever</w> believes.</q>'
+)
+KJV_JOHN_3_16 = (
+    '<div type="x-milestone" subType="x-preverse" sID="pv5746"/><div sID="gen8359" type="x-p"/> '
+    '<q marker="" who="Jesus">¶ <w lemma="strong:G1063">For</w> <w lemma="strong:G2316">God</w> so loved the '
+    "world, that he gave his only begotten Son &amp; more. </q>"
+)
+
+
+def test_clean_verse_keeps_words_apart_and_drops_notes() -> None:
+    assert clean_verse(WEB_JOHN_3_16) == "For God only born Son, that whoever believes."
+    assert clean_verse(KJV_JOHN_3_16) == "For God so loved the world, that he gave his only begotten Son & more."
+    assert clean_verse('<title type="psalm">A Psalm.</title><w>EN</w> el principio .') == "EN el principio."
+
+
+@pytest.mark.parametrize("ref", ["John 3:16", "1 John 4:8", "Song of Solomon 2:1"])
+def test_verse_refs_round_trip(ref: str) -> None:
+    assert str(VerseRef.parse(ref)) == ref
+
+
+def test_bible_pairs_read_both_modules(monkeypatch) -> None:
+    texts = {("engWEB2015eb", "John", 3, 16): WEB_JOHN_3_16, ("spaRV1909eb", "John", 3, 16): "<w>Porque</w> de tal"}
+
+    class FakeBible:
+        def __init__(self, module: str) -> None:
+            self.module = module
+
+        def get(self, books, chapters, verses, clean):
+            assert not clean  # lowbit cleans the markup itself
+            return texts.get((self.module, books[0], chapters[0], verses[0]), "")
+
+    monkeypatch.setattr(parallel, "_open", lambda module, sword_dir: FakeBible(module))
+    [pair] = parallel.bible_pairs(["John 3:16"])
+    assert pair == Pair("For God only born Son, that whoever believes.", "Porque de tal", "John 3:16")
+    with pytest.raises(LowbitError, match="John 3:17 is empty"):
+        parallel.bible_pairs(["John 3:17"])
+
+
+def test_make_split_uses_verses_both_modules_have(monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    books = {  # English has Tobit (deuterocanonical), Spanish does not; John 1:2 is empty in Spanish
+        "engWEB2015eb": [SimpleNamespace(name="Tobit", num_chapters=1, chapter_lengths=[3]),
+                         SimpleNamespace(name="John", num_chapters=2, chapter_lengths=[4, 3])],
+        "spaRV1909eb": [SimpleNamespace(name="John", num_chapters=2, chapter_lengths=[4, 3])],
+    }  # fmt: skip
+
+    class FakeBible:
+        def __init__(self, module: str) -> None:
+            self.module = module
+
+        def get_structure(self):
+            return SimpleNamespace(get_books=lambda: {"nt": books[self.module]})
+
+        def get(self, books, chapters, verses, clean):
+            if self.module == "spaRV1909eb" and (books[0], chapters[0], verses[0]) == ("John", 1, 2):
+                return " "
+            return f"<w>{books[0]}</w> {chapters[0]}:{verses[0]} "
+
+    monkeypatch.setattr(parallel, "_open", lambda module, sword_dir: FakeBible(module))
+    monkeypatch.setattr(parallel, "SPLIT_SIZES", {"test": 2, "train": 3})
+    split = parallel.make_split(seed=0)
+    assert split["verses"] == 6 and len(split["test"]) == 2 and len(split["train"]) == 3
+    assert not {"John 1:2", "Tobit 1:1"} & set(split["test"] + split["train"])
+    assert parallel.make_split(seed=0) == split and parallel.make_split(seed=1) != split
+
+
+def test_missing_sword_modules_name_the_package(tmp_path: Path) -> None:
+    with pytest.raises(LowbitError, match="apt-get install sword-text-web"):
+        parallel._bible("engWEB2015eb", tmp_path)
+
+
+def test_shipped_p3_split_is_fixed_and_disjoint() -> None:
+    split = p3_split()
+    sizes = {k: len(split[k]) for k in parallel.SPLIT_SIZES}
+    assert sizes == parallel.SPLIT_SIZES
+    refs = [r for k in parallel.SPLIT_SIZES for r in split[k]]
+    assert len(set(refs)) == len(refs)  # test, validation, monolingual and training verses never overlap
+    assert all(str(VerseRef.parse(r)) == r for r in refs)
+    assert (split["source"], split["target"], split["seed"]) == ("engWEB2015eb", "spaRV1909eb", 0)
+
+
+def test_read_pairs_tsv_and_jsonl(tmp_path: Path) -> None:
+    tsv = tmp_path / "p.tsv"
+    tsv.write_text("Hello .\tHola .\n\nGood day\tBuen día\n", encoding="utf-8")
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"source": "Hello .", "target": "Hola ."}\n{"source": "Good day", "target": "Buen día"}\n')
+    a, b = read_pairs(tsv), read_pairs(jsonl)
+    assert (
+        [(p.source, p.target) for p in a]
+        == [(p.source, p.target) for p in b]
+        == [
+            ("Hello .", "Hola ."),
+            ("Good day", "Buen día"),
+        ]
+    )
+    assert a[1].ref == f"{tsv}:3"
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("bad.tsv", "one\ttwo\nonly one field\n", r"bad.tsv:2: expected `source<TAB>target`"),
+        ("bad.tsv", "one\t\n", r"bad.tsv:1: expected `source<TAB>target` with both non-empty"),
+        ("bad.jsonl", '{"source": "a", "target": "b"}\n{"source": "a"\n', r"bad.jsonl:2: not valid JSON"),
+        ("bad.jsonl", '{"source": "a", "tgt": "b"}\n', r"bad.jsonl:1: expected \{\"source\""),
+        ("empty.tsv", "\n\n", r"empty.tsv has no pairs"),
+        ("pairs.csv", "a,b\n", r"pair files are .tsv"),
+    ],
+)
+def test_read_pairs_errors_name_file_and_line(tmp_path: Path, name: str, text: str, message: str) -> None:
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(LowbitError, match=message):
+        read_pairs(path)
+
+
+def test_read_monolingual(tmp_path: Path) -> None:
+    path = tmp_path / "es.txt"
+    path.write_text("  Uno dos.\n\nTres.\n")
+    assert read_monolingual(path) == ["Uno dos.", "Tres."]
+    (tmp_path / "blank.txt").write_text("\n \n")
+    with pytest.raises(LowbitError, match="has no text"):
+        read_monolingual(tmp_path / "blank.txt")
+
+
+def test_prompt_format_is_fixed() -> None:
+    shots = [Pair("Good day", "Buen día")]
+    assert prompt("Hello.") == "Translate English to Spanish.\nEnglish: Hello.\nSpanish:"
+    assert prompt("Hello.", shots=shots) == (
+        "Translate English to Spanish.\nEnglish: Good day\nSpanish: Buen día\nEnglish: Hello.\nSpanish:"
+    )
+    record = sft_record(Pair("Hello.", "Hola."))
+    assert record == {"prompt": prompt("Hello."), "response": " Hola."}
+    # the training sequence is exactly the zero-shot prompt followed by the target: train and test agree
+    assert prompt("x", "es", "en") == "Translate Spanish to English.\nSpanish: x\nEnglish:"
+
+
+def test_chrf_and_bleu_known_answers() -> None:
+    # chrF (sacrebleu defaults: character n-grams 1..6, beta 2, whitespace ignored) of "abc" against "abd":
+    # 1-grams P = R = 2/3, 2-grams P = R = 1/2, 3-grams 0; higher orders have no n-grams and do not count,
+    # so chrF = 100 * (2/3 + 1/2 + 0) / 3.
+    assert score(["abc"], ["abd"]).chrf == pytest.approx(100 * (2 / 3 + 1 / 2) / 3, abs=0.01)
+    perfect = score(["El principio de todo ."], ["El principio de todo ."])
+    assert perfect.chrf == pytest.approx(100) and perfect.bleu == pytest.approx(100)
+    assert score(["nada"], ["El principio de todo ."]).bleu == pytest.approx(0)
+    with pytest.raises(LowbitError, match="2 hypotheses for 1 references"):
+        score(["a", "b"], ["a"])
+
+
+def test_translate_is_batch_invariant_and_one_line() -> None:
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    sources = ["w1 w2 w3", "w4", "w5 w6 w7 w8 w9 w10", "w11 w12"]
+    one = translate(model, tok, sources, batch_size=1, max_new_tokens=6)
+    many = translate(model, tok, sources, batch_size=3, max_new_tokens=6)
+    assert one == many and len(one) == 4  # left padding: a batch gives each segment's own greedy output
+    assert all(isinstance(h, str) and "\n" not in h for h in one)
+    assert tok.padding_side == "right"  # restored
+
+
+def _files(tmp_path: Path) -> dict[str, Path]:
+    words = tiny_text(600, seed=5).split()
+    pairs = [(" ".join(words[i : i + 4]), " ".join(words[i + 4 : i + 8])) for i in range(0, 480, 8)]
+    files = {"mono": tmp_path / "mono.txt", "pairs": tmp_path / "pairs.tsv", "test": tmp_path / "test.tsv"}
+    files["mono"].write_text("\n".join(tiny_text(40, seed=s) for s in range(40)) + "\n")
+    files["pairs"].write_text("".join(f"{a}\t{b}\n" for a, b in pairs[:50]))
+    files["test"].write_text("".join(f"{a}\t{b}\n" for a, b in pairs[50:]))
+    return files
+
+
+def test_translate_and_eval_mt_commands(tmp_path: Path, capsys) -> None:
+    folder = save_tiny(tmp_path / "m")
+    files = _files(tmp_path)
+    (tmp_path / "in.txt").write_text("w1 w2\n\nw3\n")
+    assert main(["translate", str(folder), "--input", str(tmp_path / "in.txt"), "--max-new-tokens", "4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["segments"] == 2 and len(out["translations"]) == 2
+    argv = ["eval", str(folder), "--mt", str(files["test"]), "--max-new-tokens", "4", "--batch-size", "4"]
+    assert main([*argv, "--shots", str(files["pairs"]), "--num-shots", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["segments"] == 10 and result["shots"] == 2 and 0 <= result["chrf"] <= 100 and result["ppl"] > 1
+    assert main(["translate", str(folder), "--input", str(tmp_path / "nope.txt")]) == 2
+    assert "nope.txt does not exist" in capsys.readouterr().err
+    (tmp_path / "bad.tsv").write_text("a\tb\nc\n")
+    assert main(["eval", str(folder), "--mt", str(tmp_path / "bad.tsv")]) == 2
+    assert "bad.tsv:2" in capsys.readouterr().err
+    assert main([*argv, "--shots", str(files["test"]), "--num-shots", "50"]) == 2
+    assert "--num-shots 50" in capsys.readouterr().err
+
+
+def test_adapt_runs_every_stage_and_resumes(tmp_path: Path, capsys) -> None:
+    folder = save_tiny(tmp_path / "m")
+    files = _files(tmp_path)
+    out = tmp_path / "run"
+    argv = ["adapt", str(folder), "--out", str(out), "--bits", "2", "--group-size", "32", "--init", "apiq-bw",
+            "--epochs", "1", "--rank", "4", "--calib-windows", "4", "--calib-seqlen", "32", "--batch-size", "4",
+            "--max-new-tokens", "4", *[f"--{k}={v}" for k, v in files.items()], "--json"]  # fmt: skip
+    assert main(argv) == 0
+    first = json.loads(capsys.readouterr().out)
+    for stage in ("data/train.jsonl", "quantized/config.json", "cpt/config.json", "sft/config.json", "eval.json"):
+        assert (out / stage).is_file(), stage
+    assert first["segments"] == 10
+    record = json.loads((out / "data" / "train.jsonl").read_text().splitlines()[0])
+    assert record["prompt"].startswith("Translate English to Spanish.\nEnglish: ")
+    # SFT trained the adapter further than CPT left it
+    cpt = json.loads((out / "cpt" / "training.json").read_text())
+    sft = json.loads((out / "sft" / "training.json").read_text())
+    assert cpt["adapter_sha256"] != sft["adapter_sha256"]
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "adapt.json"}
+    assert main(argv) == 0  # a rerun finds every stage finished and recomputes nothing
+    assert json.loads(capsys.readouterr().out)["chrf"] == first["chrf"]
+    assert stamps == {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "adapt.json"}
+    other = [a if a != "--epochs" else "--warm-start" for a in argv]
+    other[other.index("--warm-start") + 1] = "wsvd"
+    assert main(other) == 2
+    assert "other settings" in capsys.readouterr().err
