@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib.metadata
+import json
 import os
 import platform
 import resource
@@ -92,3 +93,12 @@ def peak_rss_since_reset_mb() -> float:
     except OSError:
         pass
     return peak_rss_mb()
+
+
+def stored_table(results: Path, order: list[str], table) -> str:
+    """The markdown table of every stored row (in ``order``), then when and where each was measured."""
+    stored = json.loads(results.read_text())["rows"] if results.is_file() else {}
+    rows = [stored[name] for name in order if name in stored]
+    runs = sorted({(r["env"]["date"], r["env"]["commit"], r["env"]["command"]) for r in rows})
+    notes = "\n".join(f"- {date}, commit {commit}: `{command}`" for date, commit, command in runs)
+    return f"{table(rows)}\n\nMeasured:\n{notes}"

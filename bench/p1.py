@@ -51,6 +51,8 @@ def _rows() -> dict[str, tuple[str, dict | None]]:
         warm = {**PUBLISHED, "epochs": WARM_EPOCHS, "warm_start": "wsvd"}
         rows[f"apiq-bw-warm-w{b}"] = (f"ApiQ-bw wsvd start, {WARM_EPOCHS} epochs {w} (lowbit)",
                                       dict(bits=b, init="apiq-bw", options=warm))  # fmt: skip
+        rows[f"apiq-bw-warm6-w{b}"] = (f"ApiQ-bw wsvd start, 6 epochs {w} (lowbit)",
+                                       dict(bits=b, init="apiq-bw", options={**warm, "epochs": 6}))  # fmt: skip
     return rows
 
 
@@ -161,10 +163,14 @@ def main() -> None:
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
     parser.add_argument("--windows", type=int, default=EVAL_WINDOWS, help="PTB-test windows (P1: 64)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--table", action="store_true", help="print the stored results as one table and exit")
     parser.add_argument("--keep", type=Path, help="keep each row's checkpoint in KEEP/ROW (P2 starts from them)")
     parser.add_argument("--no-save", action="store_true", help="do not update bench/results/p1.json")
     args = parser.parse_args()
 
+    if args.table:
+        print(benchlib.stored_table(RESULTS, list(ROWS), table))
+        return
     if args.worker:
         print(json.dumps(run_row(args.worker, args.windows, args.keep)))
         return

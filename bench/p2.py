@@ -209,7 +209,11 @@ def main() -> None:
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
     parser.add_argument("--windows", type=int, default=EVAL_WINDOWS, help="PTB-test windows (P2: 64)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--table", action="store_true", help="print the stored results as one table and exit")
     args = parser.parse_args()
+    if args.table:
+        print(benchlib.stored_table(RESULTS, list(ROWS), table))
+        return
     if args.worker:
         print(json.dumps(run_row(args.worker, args.windows)))
         return

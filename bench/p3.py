@@ -130,7 +130,11 @@ def main() -> None:
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
     parser.add_argument("--limit", type=int, default=0, help="first N test verses only (quick look; not saved)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--table", action="store_true", help="print the stored results as one table and exit")
     args = parser.parse_args()
+    if args.table:
+        print(benchlib.stored_table(RESULTS, list(ROWS), table))
+        return
     if args.worker:
         print(json.dumps(run_row(args.worker, args.limit), ensure_ascii=False))
         return

@@ -1,0 +1,60 @@
+"""How many epochs does ApiQ-bw need from the wsvd start? Block losses on the first blocks of the default model.
+
+A cheap proxy for the full P1 run: the default model truncated to its first ``--blocks`` decoder blocks is
+quantized in memory (W2g64, r8, 32 PTB-train windows of 512 tokens, seed 0, as P1) with each recipe, and the
+final block-output MSE of every block is printed. The published recipe's block losses for the same blocks are in
+``bench/results/p1.json`` (row ``apiq-bw-w2``), so a recipe whose losses match them there is a candidate for a
+full P1 row.
+
+    python bench/warm_epochs.py --recipes warm2,warm6,cold6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import benchlib
+
+RECIPES = {
+    "warm2": {"warm_start": "wsvd", "epochs": 2},
+    "warm2-lr2x": {"warm_start": "wsvd", "epochs": 2, "clip_lr": 1e-2, "lora_lr": 1e-3},
+    "warm2-lr4x": {"warm_start": "wsvd", "epochs": 2, "clip_lr": 2e-2, "lora_lr": 2e-3},
+    "warm6": {"warm_start": "wsvd", "epochs": 6},
+    "cold6": {"epochs": 6},
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipes", default=",".join(RECIPES), help=f"subset of {', '.join(RECIPES)}")
+    parser.add_argument("--blocks", type=int, default=4)
+    args = parser.parse_args()
+
+    import lowbit
+    from lowbit.data import sample_windows, text_windows
+    from lowbit.models import find_blocks, load_model, quiet_transformers
+
+    quiet_transformers()
+    published = json.loads((benchlib.ROOT / "bench" / "results" / "p1.json").read_text())["rows"].get("apiq-bw-w2")
+    if published:
+        print("published (20 epochs, from p1.json):", [round(b["loss"], 3) for b in published["blocks"][: args.blocks]])
+    for name in args.recipes.split(","):
+        model, tokenizer = load_model(None)
+        _, blocks = find_blocks(model)
+        del blocks[args.blocks :]
+        model.config.num_hidden_layers = args.blocks
+        calib = sample_windows(text_windows("ptb", tokenizer, 512, split="train"), 32, 0)
+        config = lowbit.QuantConfig(bits=2, group_size=64, init="apiq-bw", rank=8, alpha=16.0, seed=0,
+                                    options=RECIPES[name])  # fmt: skip
+        start = time.perf_counter()
+        lowbit.quantize(model, config, calib=calib, progress=False)
+        losses = [round(b["stats"]["loss"], 3) for b in model.lowbit_stats]
+        print(f"{name}: {time.perf_counter() - start:.1f} s, block losses {losses}", flush=True)
+    env = benchlib.environment()
+    print(f"{env['date']}, commit {env['commit']}, {env['machine']['cpu']} ({env['machine']['cores']} cores)")
+
+
+if __name__ == "__main__":
+    main()
