@@ -1,8 +1,9 @@
 """Protocol P2 (../shared/BENCHMARK.md): LoRA fine-tuning from each P1 start, against PEFT peers.
 
-Training: 128 windows of 256 tokens from PTB train drawn with seed 1, one epoch, effective batch 4 (32 steps,
-micro-batch 1 with 4 accumulation steps), AdamW lr 3e-4, weight decay 0.1, cosine schedule with 3% warm-up, only
-LoRA r8/alpha16 trainable. Every row then measures PTB-test perplexity over the first 64 windows of 512 tokens.
+Training: 128 windows of 256 tokens from PTB train drawn with seed 1, one epoch, effective batch 4 (32 steps;
+micro-batch 1 with 4 accumulation steps by default, ``--micro-batch 4`` does one forward per step for every row),
+AdamW lr 3e-4, weight decay 0.1, cosine schedule with 3% warm-up, only LoRA r8/alpha16 trainable. Every row then
+measures PTB-test perplexity over the first 64 windows of 512 tokens.
 
 Rows (each in its own subprocess, so peak RSS is the row's own):
 
@@ -128,7 +129,7 @@ def peft_model(name: str, folder: Path):
     return get_peft_model(model, lora), tokenizer, bits
 
 
-def run_row(name: str, eval_windows: int) -> dict:
+def run_row(name: str, eval_windows: int, micro_batch: int = 1) -> dict:
     import torch
 
     import lowbit
@@ -139,7 +140,7 @@ def run_row(name: str, eval_windows: int) -> dict:
 
     quiet_transformers()
     torch.manual_seed(0)
-    config = TrainConfig(micro_batch=1)
+    config = TrainConfig(micro_batch=micro_batch)
     row: dict = {"row": name, "label": ROWS[name], "train_config": config.__dict__}
     with tempfile.TemporaryDirectory() as tmp:
         if name.endswith("-requant"):
@@ -208,6 +209,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
     parser.add_argument("--windows", type=int, default=EVAL_WINDOWS, help="PTB-test windows (P2: 64)")
+    parser.add_argument("--micro-batch", type=int, default=1, help="examples per forward, every row (1 or 4)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--table", action="store_true", help="print the stored results as one table and exit")
     args = parser.parse_args()
@@ -215,7 +217,7 @@ def main() -> None:
         print(benchlib.stored_table(RESULTS, list(ROWS), table))
         return
     if args.worker:
-        print(json.dumps(run_row(args.worker, args.windows)))
+        print(json.dumps(run_row(args.worker, args.windows, args.micro_batch)))
         return
     names = [n.strip() for n in args.rows.split(",") if n.strip()]
     unknown = [n for n in names if n not in ROWS]
@@ -226,6 +228,7 @@ def main() -> None:
     for name in names:
         print(f"[p2] {name}: {ROWS[name]} ...", file=sys.stderr, flush=True)
         cmd = [sys.executable, __file__, "--worker", name, "--windows", str(args.windows)]
+        cmd += ["--micro-batch", str(args.micro_batch)]
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
         if proc.returncode:
             sys.exit(f"p2.py: error: row {name} failed (exit {proc.returncode}); see the messages above")
