@@ -6,7 +6,7 @@ from torch import nn
 
 from conftest import tiny_model
 from lowbit.layers import QuantLinear, dense_module, quant_layers, to_dense
-from lowbit.quant import QuantSpec, fake_quantize_weight
+from lowbit.quant import QuantSpec, dequantize_weight, fake_quantize_weight
 
 
 def _layer(spec: QuantSpec, bias: bool = True, rank: int = 4) -> tuple[nn.Linear, QuantLinear]:
@@ -39,6 +39,15 @@ def test_forward_backward_match_dense(spec: QuantSpec) -> None:
     assert q.lora_A.grad is not None and q.lora_B.grad is not None
     assert not q.bias.requires_grad
     assert all(b.dtype in (torch.uint8, torch.float16) for b in q.buffers())
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(2, 16), QuantSpec(3, 32), QuantSpec(4, 16, "nf")], ids=lambda s: s.name)
+def test_fast_dequant_is_bit_identical(spec: QuantSpec) -> None:
+    """The in-place float unpack path gives exactly the weight of the reference uint8 path."""
+    _, q = _layer(spec, rank=0)
+    reference = dequantize_weight(q.quantized(), spec)
+    assert torch.equal(q.dequantized_weight(), reference)
+    assert q.quantized().codes.dtype == torch.uint8  # the public default stays integer codes
 
 
 def test_holds_no_full_precision_weight() -> None:

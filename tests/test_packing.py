@@ -22,6 +22,8 @@ def test_pack_roundtrip_random_codes(bits: int, rows: int, cols: int, seed: int)
     assert packed.dtype == torch.uint8
     assert packed.numel() == packed_numel(codes.numel(), bits)
     assert torch.equal(unpack(packed, bits, codes.numel()).view(rows, cols), codes)
+    # The training path unpacks straight into float: same codes, no uint8 pass.
+    assert torch.equal(unpack(packed, bits, codes.numel(), torch.float32).view(rows, cols), codes.float())
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])

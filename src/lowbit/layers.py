@@ -137,16 +137,22 @@ class QuantLinear(nn.Module):
         self.lora_B.copy_(b)
 
     # ----- weights ------------------------------------------------------------------------------------------
-    def quantized(self) -> QuantizedWeight:
-        """Unpacked codes, scales and zeros."""
+    def quantized(self, dtype: torch.dtype = torch.uint8) -> QuantizedWeight:
+        """Unpacked codes (as ``dtype``), scales and zeros."""
         out, n_groups = self.scales.shape
-        codes = unpack(self.qweight, self.spec.bits, out * self.in_features).view(out, self.in_features)
-        zeros = unpack(self.qzeros, self.spec.bits, out * n_groups).view(out, n_groups) if self.spec.has_zeros else None
+        codes = unpack(self.qweight, self.spec.bits, out * self.in_features, dtype).view(out, self.in_features)
+        zeros = None
+        if self.spec.has_zeros:
+            zeros = unpack(self.qzeros, self.spec.bits, out * n_groups, dtype).view(out, n_groups)
         return QuantizedWeight(codes, self.scales, zeros)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The base weight ``dequant(Q)`` as ``[out, in]`` in ``dtype``."""
-        return dequantize_weight(self.quantized(), self.spec, dtype)
+        """The base weight ``dequant(Q)`` as ``[out, in]`` in ``dtype``.
+
+        The hot path of training (twice per layer per step): codes are unpacked straight into ``dtype`` and that
+        buffer becomes the weight, so one weight-sized tensor is allocated and no uint8 copy is made.
+        """
+        return dequantize_weight(self.quantized(dtype), self.spec, dtype, overwrite=True)
 
     def lora_delta(self) -> torch.Tensor | None:
         """``scaling * B A`` as ``[out, in]``, or None without an adapter."""

@@ -74,11 +74,13 @@ def quantize_weight(
     return QuantizedWeight(*uniform.quantize(w, spec.bits, spec.group_size, spec.symmetric, clip_hi, clip_lo))
 
 
-def dequantize_weight(q: QuantizedWeight, spec: QuantSpec, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Rebuild the ``[out, in]`` weight of ``q`` in ``dtype``."""
+def dequantize_weight(
+    q: QuantizedWeight, spec: QuantSpec, dtype: torch.dtype = torch.float32, overwrite: bool = False
+) -> torch.Tensor:
+    """Rebuild the ``[out, in]`` weight of ``q`` in ``dtype``; ``overwrite`` lets it reuse ``q.codes`` as scratch."""
     if spec.format == "nf":
         return normalfloat.dequantize(q.codes, q.scales, spec.bits, dtype)
-    return uniform.dequantize(q.codes, q.scales, q.zeros, spec.bits, dtype)
+    return uniform.dequantize(q.codes, q.scales, q.zeros, spec.bits, dtype, overwrite)
 
 
 def fake_quantize_weight(

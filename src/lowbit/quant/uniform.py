@@ -126,16 +126,20 @@ def dequantize(
     zeros: torch.Tensor | None,
     bits: int,
     dtype: torch.dtype = torch.float32,
+    overwrite: bool = False,
 ) -> torch.Tensor:
     """Rebuild the weight from codes ``[out, in]``, scales and zeros ``[out, n_groups]``.
 
-    This runs twice per layer per training step (forward and backward), so it works in place on the one
-    weight-sized tensor it allocates: on CPU that halves its cost against out-of-place ``(q - z) * s``, with the
-    same operations in the same order, hence bit-identical values.
+    This runs twice per layer per training step (forward and backward), so it works in place on one weight-sized
+    tensor: on CPU that halves its cost against out-of-place ``(q - z) * s``, with the same operations in the same
+    order, hence bit-identical values. ``overwrite=True`` says ``codes`` is already a scratch tensor in ``dtype``
+    (QuantLinear unpacks straight into it), so even the one copy is skipped.
     """
     out, in_features = codes.shape
     n_groups = scales.shape[1]
-    groups = codes.reshape(out, n_groups, in_features // n_groups).to(dtype, copy=True)
+    groups = codes.reshape(out, n_groups, in_features // n_groups)
+    if not (overwrite and codes.dtype == dtype):
+        groups = groups.to(dtype, copy=True)
     if zeros is None:
         groups.sub_(float(1 << (bits - 1)))
     else:
