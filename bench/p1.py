@@ -51,8 +51,10 @@ def _rows() -> dict[str, tuple[str, dict | None]]:
         warm = {**PUBLISHED, "epochs": WARM_EPOCHS, "warm_start": "wsvd"}
         rows[f"apiq-bw-warm-w{b}"] = (f"ApiQ-bw wsvd start, {WARM_EPOCHS} epochs {w} (lowbit)",
                                       dict(bits=b, init="apiq-bw", options=warm))  # fmt: skip
-        rows[f"apiq-bw-warm6-w{b}"] = (f"ApiQ-bw wsvd start, 6 epochs {w} (lowbit)",
-                                       dict(bits=b, init="apiq-bw", options={**warm, "epochs": 6}))  # fmt: skip
+        for epochs in (4, 6):
+            options = {**warm, "epochs": epochs}
+            rows[f"apiq-bw-warm{epochs}-w{b}"] = (f"ApiQ-bw wsvd start, {epochs} epochs {w} (lowbit)",
+                                                  dict(bits=b, init="apiq-bw", options=options))  # fmt: skip
     return rows
 
 

@@ -2,11 +2,11 @@
 
 A cheap proxy for the full P1 run: the default model truncated to its first ``--blocks`` decoder blocks is
 quantized in memory (W2g64, r8, 32 PTB-train windows of 512 tokens, seed 0, as P1) with each recipe, and the
-final block-output MSE of every block is printed. The published recipe's block losses for the same blocks are in
-``bench/results/p1.json`` (row ``apiq-bw-w2``), so a recipe whose losses match them there is a candidate for a
-full P1 row.
+final block-output MSE of every block is printed. The ``published`` recipe run in the same process gives
+the block losses and the time to beat (its full-model losses are also in ``bench/results/p1.json``, row
+``apiq-bw-w2``), so a recipe whose losses match it at a third of its time is a candidate for a full P1 row.
 
-    python bench/warm_epochs.py --recipes warm2,warm6,cold6
+    python bench/warm_epochs.py --recipes published,warm4,warm5
 """
 
 from __future__ import annotations
@@ -18,7 +18,11 @@ import time
 import benchlib
 
 RECIPES = {
+    "published": {},  # ApiQ-bw's published recipe (20 epochs, B = 0): the time and losses to beat, same process
     "warm2": {"warm_start": "wsvd", "epochs": 2},
+    "warm3": {"warm_start": "wsvd", "epochs": 3},
+    "warm4": {"warm_start": "wsvd", "epochs": 4},
+    "warm5": {"warm_start": "wsvd", "epochs": 5},
     "warm2-lr2x": {"warm_start": "wsvd", "epochs": 2, "clip_lr": 1e-2, "lora_lr": 1e-3},
     "warm2-lr4x": {"warm_start": "wsvd", "epochs": 2, "clip_lr": 2e-2, "lora_lr": 2e-3},
     "warm6": {"warm_start": "wsvd", "epochs": 6},
@@ -40,6 +44,7 @@ def main() -> None:
     published = json.loads((benchlib.ROOT / "bench" / "results" / "p1.json").read_text())["rows"].get("apiq-bw-w2")
     if published:
         print("published (20 epochs, from p1.json):", [round(b["loss"], 3) for b in published["blocks"][: args.blocks]])
+    timing: dict[str, float] = {}
     for name in args.recipes.split(","):
         model, tokenizer = load_model(None)
         _, blocks = find_blocks(model)
@@ -51,7 +56,11 @@ def main() -> None:
         start = time.perf_counter()
         lowbit.quantize(model, config, calib=calib, progress=False)
         losses = [round(b["stats"]["loss"], 3) for b in model.lowbit_stats]
-        print(f"{name}: {time.perf_counter() - start:.1f} s, block losses {losses}", flush=True)
+        seconds = time.perf_counter() - start
+        if name == "published":
+            timing["published"] = seconds
+        ratio = f" ({seconds / timing['published']:.2f} x published)" if "published" in timing else ""
+        print(f"{name}: {seconds:.1f} s{ratio}, block losses {losses}", flush=True)
     env = benchlib.environment()
     print(f"{env['date']}, commit {env['commit']}, {env['machine']['cpu']} ({env['machine']['cores']} cores)")
 

@@ -102,6 +102,38 @@ def test_resume_after_crash_gives_identical_adapter(kw: dict, tmp_path: Path) ->
     assert not (tmp_path / ".b.partial").exists()
 
 
+def test_sigkill_then_resume_gives_identical_adapter(tmp_path: Path) -> None:
+    """A real ``kill -9`` (no exception handlers, no cleanup) after step 5, then the same call resumes from step 4."""
+    ckpt = quantized(tmp_path)
+    config = small(text_file(tmp_path), save_every=2)
+    reference = finetune(ckpt, tmp_path / "a", config, progress=False)
+    script = tmp_path / "killed.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_finetune import small
+        from lowbit.finetune import finetune
+
+        def die(done):
+            if done == 5:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        finetune({str(ckpt)!r}, {str(tmp_path / "b")!r}, small({str(tmp_path / "train.txt")!r}, save_every=2),
+                 progress=False, on_step=die)
+    """)
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert not (tmp_path / "b").exists()
+    resumed = finetune(ckpt, tmp_path / "b", config, progress=False)
+    assert resumed["resumed_from_step"] == 4
+    assert resumed["losses"] == reference["losses"]
+    ref, res = adapter(tmp_path / "a"), adapter(tmp_path / "b")
+    assert all(torch.equal(ref[k], res[k]) for k in ref)
+
+
 def test_resume_refuses_another_base_checkpoint(tmp_path: Path) -> None:
     first, other = quantized(tmp_path, name="q1"), quantized(tmp_path, bits=3, name="q2")
     config = small(text_file(tmp_path), save_every=2)
