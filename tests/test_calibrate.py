@@ -149,6 +149,55 @@ def test_resume_after_crash_gives_identical_checkpoint(init: str, options: dict,
         assert torch.isfinite(model(HELD_OUT).logits).all()
 
 
+def test_sigkill_mid_calibration_then_resume_is_identical(tmp_path: Path) -> None:
+    """A real ``kill -9`` right after block 1 is committed (no handlers run), then the same call resumes."""
+    import os
+
+    folder = save_tiny(tmp_path / "m", "llama", layers=3)
+    config = lowbit.QuantConfig(bits=2, group_size=32, init="apiq-bw", rank=4, options={"epochs": 1})
+    calibrate(folder, config, tmp_path / "full", CALIB[:4, :32], tiny_tokenizer(), engine=_quiet())
+    script = tmp_path / "killed.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import lowbit
+        from test_calibrate import CALIB, _quiet
+        from lowbit.calibrate import calibrate
+
+        def die(i):
+            if i == 1:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        config = lowbit.QuantConfig(bits=2, group_size=32, init="apiq-bw", rank=4, options={{"epochs": 1}})
+        calibrate({str(folder)!r}, config, {str(tmp_path / "resumed")!r}, CALIB[:4, :32], engine=_quiet(),
+                  on_block=die)
+    """)
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    summary = calibrate(folder, config, tmp_path / "resumed", CALIB[:4, :32], tiny_tokenizer(), engine=_quiet())
+    assert summary["resumed_from"] == 2
+    assert _files(tmp_path / "resumed") == _files(tmp_path / "full")
+
+
+@pytest.mark.parametrize("init", ["qlora", "apiq-bw"])
+def test_nonfinite_weight_names_block_and_layer_and_keeps_finished_blocks(init: str, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    folder = save_tiny(tmp_path / "m", "llama", layers=3)
+    weights = load_file(folder / "model.safetensors")
+    weights["model.layers.1.mlp.down_proj.weight"][0, 0] = float("inf")
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    config = lowbit.QuantConfig(bits=2, group_size=32, init=init, rank=4, options={"epochs": 1})
+    with pytest.raises(LowbitError, match=r"model\.layers\.1\.mlp\.down_proj\.weight contains NaN or inf"):
+        calibrate(folder, config, tmp_path / "q", CALIB[:4, :32], engine=_quiet())
+    work = tmp_path / ".q.partial"
+    assert (work / "model-block-00000.safetensors").is_file()  # block 0 is kept for a rerun
+    assert not (work / "model-block-00001.safetensors").exists()
+
+
 def test_resume_refuses_changed_settings(tmp_path: Path) -> None:
     folder = save_tiny(tmp_path / "m", "llama", layers=3)
     config = lowbit.QuantConfig(bits=2, group_size=32, init="qlora", rank=4)

@@ -213,10 +213,16 @@ class Engine:
                 for w in range(x.shape[0]):
                     y[w] = ctx.forward(block, x[w : w + 1].float())[0]
             ctx.x, ctx.xq, ctx.y = x.data, xq.data, y.data
+        bad = first_nonfinite(block)
+        if bad is not None:  # a damaged input: say so, rather than blame the initializer for what it was given
+            raise LowbitError(f"block {i}: the input model's {self.prefix}.{i}.{bad} contains NaN or inf; the model "
+                              "file is damaged: re-export or re-download it")  # fmt: skip
         try:
             stats = self.initializer.init_block(block, ctx)
         except FloatingPointError as exc:
-            raise LowbitError(f"block {i} ({self.prefix}.{i}): {exc}; lower the learning rates") from exc
+            bad = first_nonfinite(block)
+            where = f", first non-finite tensor {self.prefix}.{i}.{bad}" if bad is not None else ""
+            raise LowbitError(f"block {i} ({self.prefix}.{i}){where}: {exc}; lower the learning rates") from exc
         check_finite(block, f"{self.prefix}.{i}")
         if x is not None:
             with torch.no_grad():
@@ -231,6 +237,14 @@ class Engine:
                 stats = {**stats, "rel_error": math.sqrt(num / max(den, 1e-30))}
             del y
         return stats
+
+
+def first_nonfinite(block: nn.Module) -> str | None:
+    """Name of the block's first floating-point parameter or buffer holding NaN or inf, or None."""
+    for name, t in [*block.named_parameters(), *block.named_buffers()]:
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            return name
+    return None
 
 
 def check_finite(block: nn.Module, prefix: str) -> None:
