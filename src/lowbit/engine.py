@@ -27,7 +27,6 @@ from tqdm.auto import tqdm
 
 from lowbit.errors import LowbitError
 from lowbit.init import BlockContext, Initializer, LoraSpec
-from lowbit.layers import quant_layers
 from lowbit.models import find_blocks
 from lowbit.quant import QuantSpec
 
@@ -204,6 +203,10 @@ class Engine:
             bar.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in stats.items()}, refresh=True)
 
         ctx.report = report
+        bad = first_nonfinite(block)
+        if bad is not None:  # a damaged input: say so, rather than blame the initializer for what it was given
+            raise LowbitError(f"block {i}: the input model's {self.prefix}.{i}.{bad} contains NaN or inf; the model "
+                              "file is damaged: re-export or re-download it")  # fmt: skip
         y = None
         if x is not None:
             call = self.calls[i]
@@ -213,17 +216,15 @@ class Engine:
                 for w in range(x.shape[0]):
                     y[w] = ctx.forward(block, x[w : w + 1].float())[0]
             ctx.x, ctx.xq, ctx.y = x.data, xq.data, y.data
-        bad = first_nonfinite(block)
-        if bad is not None:  # a damaged input: say so, rather than blame the initializer for what it was given
-            raise LowbitError(f"block {i}: the input model's {self.prefix}.{i}.{bad} contains NaN or inf; the model "
-                              "file is damaged: re-export or re-download it")  # fmt: skip
         try:
             stats = self.initializer.init_block(block, ctx)
         except FloatingPointError as exc:
             bad = first_nonfinite(block)
             where = f", first non-finite tensor {self.prefix}.{i}.{bad}" if bad is not None else ""
             raise LowbitError(f"block {i} ({self.prefix}.{i}){where}: {exc}; lower the learning rates") from exc
-        check_finite(block, f"{self.prefix}.{i}")
+        bad = first_nonfinite(block)
+        if bad is not None:
+            raise LowbitError(f"{self.prefix}.{i}.{bad} contains NaN or inf; the block's initialization diverged")
         if x is not None:
             with torch.no_grad():
                 for w in range(xq.shape[0]):
@@ -245,14 +246,3 @@ def first_nonfinite(block: nn.Module) -> str | None:
         if t.is_floating_point() and not torch.isfinite(t).all():
             return name
     return None
-
-
-def check_finite(block: nn.Module, prefix: str) -> None:
-    """Raise naming the block and layer if any quantized weight or LoRA factor is NaN or inf."""
-    for name, layer in quant_layers(block).items():
-        tensors = {"scales": layer.scales.float()}
-        if layer.lora_A is not None:
-            tensors.update(lora_A=layer.lora_A, lora_B=layer.lora_B)
-        for what, t in tensors.items():
-            if not torch.isfinite(t).all():
-                raise LowbitError(f"{prefix}.{name}: {what} contains NaN or inf; the block's initialization diverged")
