@@ -154,21 +154,25 @@ def main() -> None:
         print(f"[p3] {name}: chrF {row['chrf']:.2f}, BLEU {row['bleu']:.2f}, es ppl {row['ppl']:.2f}, "
               f"{row['seconds']:.0f} s", file=sys.stderr, flush=True)  # fmt: skip
         rows.append(row)
+        if not args.limit:  # each row is saved as it finishes, so a long run interrupted later keeps it
+            save(row, env)
     print(f"\nP3: SmolLM2-135M-Instruct, English -> Spanish Bible verses, float32 on CPU, "
           f"{rows[0]['segments'] if rows else 0} test verses\n")  # fmt: skip
     print(table(rows))
     print(f"\n{env['date']}, commit {env['commit']}, {env['machine']['cpu']} ({env['machine']['cores']} cores), "
           f"torch {env['versions']['torch']}, transformers {env['versions']['transformers']}")  # fmt: skip
-    if args.limit:
-        return
+
+
+def save(row: dict, env: dict) -> None:
+    """Merge one finished row into bench/results/p3.json (atomic replace)."""
     previous = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"rows": {}}
-    previous["rows"].update({r["row"]: {**r, "env": env} for r in rows})
+    previous["rows"][row["row"]] = {**row, "env": env}
     previous["protocol"] = "P3"
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     tmp = RESULTS.with_suffix(".tmp")
     tmp.write_text(json.dumps(previous, indent=2, ensure_ascii=False) + "\n")
     tmp.replace(RESULTS)
-    print(f"wrote {RESULTS.relative_to(benchlib.ROOT)}", file=sys.stderr)
+    print(f"[p3] {row['row']} saved to {RESULTS.relative_to(benchlib.ROOT)}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
