@@ -46,6 +46,7 @@ def _rows() -> dict[str, tuple[str, dict | None]]:
         rows[f"loftq1-w{b}"] = (f"LoftQ 1 iter {w}", dict(bits=b, init="loftq", options={"loftq_iters": 1}))
         rows[f"loftq5-w{b}"] = (f"LoftQ 5 iters {w}", dict(bits=b, init="loftq", options={"loftq_iters": 5}))
         rows[f"wsvd-w{b}"] = (f"wsvd closed form {w} (lowbit)", dict(bits=b, init="wsvd"))
+        rows[f"gptq-w{b}"] = (f"GPTQ {w}, no adapter (lowbit)", dict(bits=b, init="gptq"))
         rows[f"apiq-lw-w{b}"] = (f"ApiQ-lw published {w}", dict(bits=b, init="apiq-lw", options=dict(PUBLISHED)))
         rows[f"apiq-bw-w{b}"] = (f"ApiQ-bw published {w}", dict(bits=b, init="apiq-bw", options=dict(PUBLISHED)))
         warm = {**PUBLISHED, "epochs": WARM_EPOCHS, "warm_start": "wsvd"}

@@ -14,7 +14,7 @@ Rows (each in its own subprocess, so peak RSS is the row's own):
   made once with ``bench/p1.py --keep`` into ``bench/.starts`` and reused. The trained checkpoint is kept in
   ``bench/.p2/ROW``;
 - ``lowbit-...-requant``: that trained row merged and re-quantized to the same format with no adapter
-  (``lowbit export --requantize``: learned clipping, 2 epochs on 32 PTB-train windows), perplexity only.
+  (``lowbit export --requantize``: GPTQ on 32 PTB-train windows), perplexity only.
 
 The peers train with the same data order, loss normalization, optimizer and schedule as ``lowbit.finetune``
 (the functions are imported from it), so tokens per second compare the layers, not the loops. Peak RSS is
@@ -167,8 +167,8 @@ def run_row(name: str, eval_windows: int, micro_batch: int = 1) -> dict:
 
 
 def requant_row(name: str, row: dict, tmp: Path, eval_windows: int) -> dict:
-    """Merge a trained row's adapter and re-quantize (``lowbit export --requantize``: learned clipping, 2 epochs,
-    32 PTB-train windows of 512 tokens, seed 0), then measure its perplexity like the other rows."""
+    """Merge a trained row's adapter and re-quantize (``lowbit export --requantize``: GPTQ, 32 PTB-train windows of
+    512 tokens, seed 0), then measure its perplexity like the other rows."""
     import lowbit
     from lowbit.data import sample_windows, text_windows
     from lowbit.evaluate import perplexity
@@ -178,7 +178,7 @@ def requant_row(name: str, row: dict, tmp: Path, eval_windows: int) -> dict:
     if not (trained / "config.json").is_file():
         sys.exit(f"p2.py: error: row {name} needs the trained row {trained.name}: run it first")
     bits = int(name.removesuffix("-requant").rsplit("-w", 1)[1])
-    config = lowbit.QuantConfig(bits=bits, group_size=64, init="clip", seed=0, options={"epochs": 2})
+    config = lowbit.QuantConfig(bits=bits, group_size=64, init="gptq", seed=0)
     _, tokenizer = lowbit.load(trained)
     calib = sample_windows(text_windows("ptb", tokenizer, EVAL_SEQLEN, split="train"), 32, 0)
     start = time.perf_counter()

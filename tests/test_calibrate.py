@@ -36,7 +36,7 @@ def logit_error(arch: str, init: str, bits: int = 2, **options) -> float:
 def test_every_initializer_runs(arch: str) -> None:
     for init, options in [("none", {}), ("loftq", {"loftq_iters": 2}), ("wsvd", {}), ("apiq-lw", {"epochs": 1}),
                           ("apiq-bw", {"epochs": 1, "warm_start": "wsvd", "second_loss": 1}),
-                          ("clip", {"epochs": 1})]:  # fmt: skip
+                          ("gptq", {})]:  # fmt: skip
         assert logit_error(arch, init, **options) < 1.5
 
 
@@ -50,6 +50,7 @@ def test_quality_order_on_llama() -> None:
     assert wsvd < loftq1  # activation-aware beats weight-only SVD of the same residual
     assert cold < rtn
     assert warm < cold  # warm start: better at equal epochs
+    assert logit_error("llama", "gptq") < logit_error("llama", "none")  # no adapter: GPTQ beats rounding
 
 
 def test_wsvd_clip_search_beats_min_max() -> None:

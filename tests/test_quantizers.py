@@ -12,6 +12,7 @@ from lowbit.quant import (
     search_clip,
     uniform,
 )
+from lowbit.quant.gptq import gptq_quantize
 
 SPECS = [QuantSpec(b, g, "int", sym) for b in (2, 3, 4, 8) for g in (16, 32) for sym in (False, True)] + [
     QuantSpec(b, 16, "nf") for b in (2, 3, 4)
@@ -131,3 +132,29 @@ def test_search_clip_picks_each_groups_best_candidate(spec: QuantSpec) -> None:
         other = fake_quantize_weight(w, spec, f, f if spec.has_zeros else None)
         err = lambda q: ((q - w).square() * importance).view(6, 4, 16).sum(-1)  # noqa: E731
         assert (err(chosen) <= err(other) + 1e-6).all()
+
+
+GPTQ_SPECS = [QuantSpec(2, 16), QuantSpec(3, 16, symmetric=True), QuantSpec(4, -1), QuantSpec(3, 16, "nf")]
+
+
+@pytest.mark.parametrize("spec", GPTQ_SPECS, ids=lambda s: s.name + ("s" if s.symmetric else ""))
+def test_gptq_with_a_diagonal_gram_is_round_to_nearest(spec: QuantSpec) -> None:
+    w = torch.randn(12, 64, generator=torch.Generator().manual_seed(0))
+    grid = quantize_weight(w, spec)
+    gram = torch.diag(torch.rand(64, generator=torch.Generator().manual_seed(1)) + 0.1)
+    q = gptq_quantize(w, spec, gram, grid)
+    assert torch.equal(q.codes, grid.codes) and q.scales is grid.scales and q.zeros is grid.zeros
+
+
+@pytest.mark.parametrize("spec", GPTQ_SPECS, ids=lambda s: s.name + ("s" if s.symmetric else ""))
+@pytest.mark.parametrize("act_order", [True, False])
+def test_gptq_cuts_output_error_on_correlated_inputs(spec: QuantSpec, act_order: bool) -> None:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 64, generator=g)
+    mix = torch.randn(64, 64, generator=g) * torch.logspace(0, -2, 64).unsqueeze(0)
+    x = torch.randn(2048, 64, generator=g) @ mix + 0.1 * torch.randn(2048, 64, generator=g)
+    grid = quantize_weight(w, spec)
+    q = gptq_quantize(w, spec, x.t() @ x, grid, act_order=act_order, block_size=24)  # blocks not dividing 64
+    assert q.codes.dtype == torch.uint8 and int(q.codes.max()) < 1 << spec.bits
+    out_err = lambda qw: (x @ (w - dequantize_weight(qw, spec)).t()).square().sum()  # noqa: E731
+    assert out_err(q) < 0.7 * out_err(grid)

@@ -153,11 +153,15 @@ def cmd_export(args: argparse.Namespace) -> None:
     else:
         qc = read_config(Path(args.dir))["quantization_config"]
         bits = args.bits or qc["bits"]
-        config = QuantConfig(bits=bits, group_size=args.group_size or qc["group_size"], init=args.init,
-                             seed=args.seed, options={"epochs": args.epochs, "calib": args.calib,
-                                                      "calib_windows": args.calib_windows})  # fmt: skip
+        config = QuantConfig(
+            bits=bits,
+            group_size=args.group_size or qc["group_size"],
+            init=args.init,
+            seed=args.seed,
+            options={"calib": args.calib, "calib_windows": args.calib_windows},
+        )
         calib = None
-        if args.init == "clip":
+        if args.init == "gptq":
             tokenizer = load_tokenizer(Path(args.dir))
             wins = text_windows(args.calib, tokenizer, args.calib_seqlen, split="train")
             calib = sample_windows(wins, args.calib_windows, args.calib_seed)
@@ -445,8 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--requantize", metavar="OUT", help="merge, then quantize again (no adapter needed)")
     x.add_argument("--bits", type=int, help="bits of the re-quantized model (default: the checkpoint's)")
     x.add_argument("--group-size", type=int, help="group size (default: the checkpoint's)")
-    x.add_argument("--init", default="clip", choices=["clip", "none"], help="clip: activation-aware; none: rounding")
-    x.add_argument("--epochs", type=int, default=2, help="clip: epochs of clipping optimization per block")
+    x.add_argument("--init", default="gptq", choices=["gptq", "none"], help="gptq: activation-aware; none: rounding")
     x.add_argument("--calib", default="ptb", help="calibration text: ptb (train split), .txt or .jsonl")
     x.add_argument("--calib-windows", type=int, default=32)
     x.add_argument("--calib-seqlen", type=int, default=512)

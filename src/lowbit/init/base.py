@@ -64,7 +64,7 @@ class Initializer(ABC):
     name: ClassVar[str]
     needs_data: ClassVar[bool] = False
     needs_lora: ClassVar[bool] = False  # sets the LoRA start itself, so a rank > 0 adapter is required
-    adapter: ClassVar[bool] = True  # False: the result has no LoRA adapter at all (``none``, ``clip``)
+    adapter: ClassVar[bool] = True  # False: the result has no LoRA adapter at all (``none``, ``gptq``)
 
     @abstractmethod
     def init_block(self, block: nn.Module, ctx: BlockContext) -> dict[str, float]: ...

@@ -45,7 +45,7 @@ def _absmax(groups: torch.Tensor, clip: torch.Tensor | None) -> torch.Tensor:
     return amax + (stored - amax).detach()
 
 
-def _nearest(x: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
+def nearest(x: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
     """Index of the nearest codebook entry (ties go to the smaller value)."""
     mids = (cb[1:] + cb[:-1]) / 2
     return torch.bucketize(x.contiguous(), mids.to(x.dtype))
@@ -57,7 +57,7 @@ def fake_quantize(w: torch.Tensor, bits: int, group_size: int, clip: torch.Tenso
     amax = _absmax(groups, clip)
     cb = codebook(bits).to(w.device, w.dtype)
     x = torch.clamp(groups / amax, -1.0, 1.0)
-    q = cb[_nearest(x.detach(), cb)]
+    q = cb[nearest(x.detach(), cb)]
     x_q = x + (q - x).detach()
     return (x_q * amax).reshape(w.shape)
 
@@ -70,7 +70,7 @@ def quantize(
     groups = group_view(w.float(), group_size)
     amax = _absmax(groups, clip)
     x = torch.clamp(groups / amax, -1.0, 1.0)
-    codes = _nearest(x, codebook(bits).to(w.device))
+    codes = nearest(x, codebook(bits).to(w.device))
     return codes.reshape(w.shape).to(torch.uint8), amax.squeeze(-1).to(torch.float16)
 
 

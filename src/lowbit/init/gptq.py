@@ -1,0 +1,59 @@
+"""``gptq``: adapter-free codes rounded for the block's outputs, not the weights (GPTQ with static groups).
+
+Per layer group in forward order (so later layers see the already-quantized earlier ones), the Gram matrices of
+the group's inputs are accumulated as in ``wsvd``: ``Gq = Xq^T Xq`` on the quantized path and ``C = Xq^T X``
+against the full-precision path. The layer's target is then the weight that best maps the quantized path's
+inputs onto the full-precision outputs, ``T = W + (C - Gq)^T``-corrected (``T^T = W^T + Gq^{-1} (C - Gq) W^T``,
+exactly ``W`` while no error has crept into the inputs), and ``||X W^T - Xq Q^T||`` = ``||Xq (T - Q)^T||`` + a
+constant is minimized by GPTQ rounding of ``T`` with Hessian ``Gq``. Each group's grid comes first from the same
+activation-weighted clipping search ``wsvd`` uses.
+
+Its main use is ``lowbit export --requantize``: a fine-tuned ``dequant(Q) + s·BA`` lies on the old grid plus a
+small delta, so plain rounding onto the merged weights' new (shifted) grid adds a second full rounding error and
+drops the delta, leaving a model worse than the untrained start; GPTQ keeps what the delta does to the outputs.
+
+``options``: ``gptq_damp`` (relative ridge on the Gram, default 0.01), ``gptq_act_order`` (1/0, default 1),
+and ``wsvd_clip`` (``search`` | ``none``) for the grid.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lowbit.init.base import BlockContext, Initializer
+from lowbit.init.layerwise import walk
+from lowbit.init.wsvd import clip_candidates, grams
+from lowbit.layers import QuantLinear, linear_weight, set_module
+from lowbit.quant import quantize_weight, search_clip
+from lowbit.quant.gptq import gptq_quantize
+
+
+def drift_corrected(w: torch.Tensor, gqq: torch.Tensor, gqx: torch.Tensor, damp: float) -> torch.Tensor:
+    """``T`` with ``T^T = W^T + Gq^{-1} (C - Gq) W^T``: the full-precision outputs as a map of the quantized inputs."""
+    g = gqq + damp * gqq.diagonal().mean().clamp(min=1e-12) * torch.eye(gqq.shape[0], dtype=gqq.dtype)
+    correction = torch.linalg.solve(g, (gqx - gqq) @ w.double().t()).t()
+    return (w.double() + correction).float()
+
+
+class GPTQ(Initializer):
+    name = "gptq"
+    needs_data = True
+    adapter = False
+
+    def init_block(self, block: nn.Module, ctx: BlockContext) -> dict[str, float]:
+        damp = float(ctx.options.get("gptq_damp", 0.01))
+        act_order = bool(int(ctx.options.get("gptq_act_order", 1)))
+        candidates = clip_candidates(ctx, 1.0)
+        for group, fp_block in walk(block, ctx):
+            gqq, gqx = grams(block, fp_block, group[0], ctx)
+            importance = gqq.diagonal().float()
+            for name in group:
+                module = block.get_submodule(name)
+                w, _ = linear_weight(module)
+                target = drift_corrected(w, gqq, gqx, damp)
+                factors = search_clip(target, ctx.spec, importance, candidates)
+                grid = quantize_weight(target, ctx.spec, factors, factors if ctx.spec.has_zeros else None)
+                q = gptq_quantize(target, ctx.spec, gqq, grid, damp=damp, act_order=act_order)
+                set_module(block, name, QuantLinear.from_linear(module, ctx.spec, q))
+        return {}
