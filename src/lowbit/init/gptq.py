@@ -2,11 +2,11 @@
 
 Per layer group in forward order (so later layers see the already-quantized earlier ones), the Gram matrices of
 the group's inputs are accumulated as in ``wsvd``: ``Gq = Xq^T Xq`` on the quantized path and ``C = Xq^T X``
-against the full-precision path. The layer's target is then the weight that best maps the quantized path's
-inputs onto the full-precision outputs, ``T = W + (C - Gq)^T``-corrected (``T^T = W^T + Gq^{-1} (C - Gq) W^T``,
-exactly ``W`` while no error has crept into the inputs), and ``||X W^T - Xq Q^T||`` = ``||Xq (T - Q)^T||`` + a
-constant is minimized by GPTQ rounding of ``T`` with Hessian ``Gq``. Each group's grid comes first from the same
-activation-weighted clipping search ``wsvd`` uses.
+against the full-precision path. The layer's target is the weight that best maps the quantized path's inputs
+onto the full-precision outputs, ``T^T = W^T + Gq^{-1} (C - Gq) W^T`` (exactly ``W`` while no error has crept
+into the inputs); since ``||X W^T - Xq Q^T||^2 = ||Xq (T - Q)^T||^2`` + a constant, GPTQ rounding of ``T`` with
+Hessian ``Gq`` minimizes the layer's output error against the full-precision block. Each layer's grid comes
+first, from the same activation-weighted clipping search ``wsvd`` uses.
 
 Its main use is ``lowbit export --requantize``: a fine-tuned ``dequant(Q) + s·BA`` lies on the old grid plus a
 small delta, so plain rounding onto the merged weights' new (shifted) grid adds a second full rounding error and
