@@ -108,7 +108,8 @@ def fp_lora(model, tokenizer, data: Path, config) -> tuple[object, dict]:
     modules = sorted({n.rsplit(".", 1)[-1] for n in target_linears(model)})
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=modules, task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
-    common = dict(lr=config.lr, batch_size=config.batch_size, seed=config.seed, samples=0)
+    common = dict(lr=config.lr, batch_size=config.batch_size, micro_batch=config.micro_batch, seed=config.seed,
+                  samples=0)  # fmt: skip
     stages = {}
     for stage, train in (("cpt", TrainConfig(data=str(data / "mono.txt"), task="clm", **common)),
                          ("sft", TrainConfig(data=str(data / "train.jsonl"), task="sft", **common))):  # fmt: skip

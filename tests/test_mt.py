@@ -214,6 +214,7 @@ def test_adapt_runs_every_stage_and_resumes(tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
     argv = ["adapt", str(folder), "--out", str(out), "--bits", "2", "--group-size", "32", "--init", "apiq-bw",
             "--epochs", "1", "--rank", "4", "--calib-windows", "4", "--calib-seqlen", "32", "--batch-size", "4",
+            "--micro-batch", "2", "--save-every", "1",
             "--max-new-tokens", "4", *[f"--{k}={v}" for k, v in files.items()], "--json"]  # fmt: skip
     assert main(argv) == 0
     first = json.loads(capsys.readouterr().out)
@@ -226,6 +227,8 @@ def test_adapt_runs_every_stage_and_resumes(tmp_path: Path, capsys) -> None:
     cpt = json.loads((out / "cpt" / "training.json").read_text())
     sft = json.loads((out / "sft" / "training.json").read_text())
     assert cpt["adapter_sha256"] != sft["adapter_sha256"]
+    for stage in (cpt, sft):  # micro-batches and per-step checkpoints reach both fine-tuning stages
+        assert (stage["config"]["micro_batch"], stage["config"]["save_every"]) == (2, 1)
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "adapt.json"}
     assert main(argv) == 0  # a rerun finds every stage finished and recomputes nothing
     assert json.loads(capsys.readouterr().out)["chrf"] == first["chrf"]

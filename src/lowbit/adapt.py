@@ -1,7 +1,7 @@
 """``lowbit adapt``: teach a low-bit model a new language, in resumable stages (protocol P3).
 
 Stages, each writing its own output under ``OUT`` and skipped on a rerun once finished (an interrupted stage
-resumes from its own checkpoint: calibration per block, fine-tuning per ``save_every`` steps):
+resumes from its own checkpoint: calibration per block, fine-tuning every ``save_every`` optimizer steps):
 
 1. ``data/`` -- ``mono.txt`` (target-language text), ``train.jsonl`` (SFT records with the fixed translation
    prompt), ``test.tsv``, ``valid.tsv`` and ``shots.tsv``; from the shipped P3 Bible split unless files are given;
@@ -50,6 +50,7 @@ class AdaptConfig:
     sft_epochs: int = 1
     lr: float = 3e-4
     batch_size: int = 8
+    micro_batch: int = 8  # examples per forward pass: same steps and loss, far fewer per-layer dequantizations
     seed: int = 1
     max_new_tokens: int = 128
     translate_batch: int = 16
@@ -107,8 +108,13 @@ def adapt(
     config: AdaptConfig,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    save_every: int = 20,
 ) -> dict:
-    """Run the stages that are not finished yet; returns ``eval.json``'s content."""
+    """Run the stages that are not finished yet; returns ``eval.json``'s content.
+
+    ``save_every`` (optimizer steps between fine-tuning checkpoints) only decides how much a crash can cost: a
+    resumed stage ends exactly where an uninterrupted one would, so it is not part of the recorded settings.
+    """
     from lowbit.calibrate import calibrate
     from lowbit.data import sample_windows, text_windows
     from lowbit.engine import EngineOptions
@@ -138,7 +144,8 @@ def adapt(
         log(f"[adapt] quantize ({q.spec.name}, init {q.init}) on {config.tgt} text -> {quantized}")
         torch.manual_seed(q.seed)
         calibrate(source, q, quantized, calib, tokenizer, engine=EngineOptions(progress=progress))
-    common = dict(lr=config.lr, batch_size=config.batch_size, seed=config.seed, samples=0)
+    common = dict(lr=config.lr, batch_size=config.batch_size, micro_batch=config.micro_batch, seed=config.seed,
+                  samples=0, save_every=save_every)  # fmt: skip
     if not (cpt / "config.json").is_file():
         log(f"[adapt] continued pre-training on {data / 'mono.txt'} -> {cpt}")
         finetune(quantized, cpt, TrainConfig(data=str(data / "mono.txt"), task="clm", epochs=config.cpt_epochs,

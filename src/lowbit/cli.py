@@ -279,10 +279,10 @@ def cmd_adapt(args: argparse.Namespace) -> None:
     quant = QuantConfig(bits=bits, group_size=args.group_size, format=fmt, init=args.init, rank=args.rank,
                         alpha=args.alpha, seed=args.seed, options=options)  # fmt: skip
     names = ("src", "tgt", "mono", "pairs", "test", "calib_windows", "calib_seqlen", "cpt_epochs", "sft_epochs",
-             "lr", "batch_size", "max_new_tokens", "test_limit")  # fmt: skip
+             "lr", "batch_size", "micro_batch", "max_new_tokens", "test_limit")  # fmt: skip
     config = AdaptConfig(quant=quant, **{n: getattr(args, n) for n in names})
     log = (lambda line: print(line, file=sys.stderr)) if args.json else print
-    result = adapt(args.model, Path(args.out), config, progress=not args.json, log=log)
+    result = adapt(args.model, Path(args.out), config, progress=not args.json, log=log, save_every=args.save_every)
     summary = {k: v for k, v in result.items() if k != "hypotheses"}
     _emit(args, {**summary, "out": args.out},
           [f"chrF {result['chrf']:.2f}  BLEU {result['bleu']:.2f}  {config.tgt} perplexity {result['ppl']:.2f} "
@@ -507,6 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--sft-epochs", type=int, default=1)
     a.add_argument("--lr", type=float, default=3e-4)
     a.add_argument("--batch-size", type=int, default=8)
+    a.add_argument("--micro-batch", type=int, default=8, help="examples per forward pass (divides --batch-size)")
+    a.add_argument("--save-every", type=int, default=20, help="fine-tuning checkpoint every N steps (0: none)")
     a.add_argument("--max-new-tokens", type=int, default=128)
     a.add_argument("--test-limit", type=int, default=0, help="evaluate the first N test pairs (0: all)")
     a.set_defaults(func=cmd_adapt)
