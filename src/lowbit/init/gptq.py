@@ -22,9 +22,8 @@ import torch
 from torch import nn
 
 from lowbit.init.base import BlockContext, Initializer
-from lowbit.init.layerwise import walk
-from lowbit.init.wsvd import clip_candidates, grams
-from lowbit.layers import QuantLinear, linear_weight, set_module
+from lowbit.init.wsvd import clip_candidates, layer_grams
+from lowbit.layers import QuantLinear, set_module
 from lowbit.quant import quantize_weight, search_clip
 from lowbit.quant.gptq import gptq_quantize
 
@@ -45,15 +44,10 @@ class GPTQ(Initializer):
         damp = float(ctx.options.get("gptq_damp", 0.01))
         act_order = bool(int(ctx.options.get("gptq_act_order", 1)))
         candidates = clip_candidates(ctx, 1.0)
-        for group, fp_block in walk(block, ctx):
-            gqq, gqx = grams(block, fp_block, group[0], ctx)
-            importance = gqq.diagonal().float()
-            for name in group:
-                module = block.get_submodule(name)
-                w, _ = linear_weight(module)
-                target = drift_corrected(w, gqq, gqx, damp)
-                factors = search_clip(target, ctx.spec, importance, candidates)
-                grid = quantize_weight(target, ctx.spec, factors, factors if ctx.spec.has_zeros else None)
-                q = gptq_quantize(target, ctx.spec, gqq, grid, damp=damp, act_order=act_order)
-                set_module(block, name, QuantLinear.from_linear(module, ctx.spec, q))
+        for name, module, w, gqq, gqx in layer_grams(block, ctx):
+            target = drift_corrected(w, gqq, gqx, damp)
+            factors = search_clip(target, ctx.spec, gqq.diagonal().float(), candidates)
+            grid = quantize_weight(target, ctx.spec, factors, factors if ctx.spec.has_zeros else None)
+            q = gptq_quantize(target, ctx.spec, gqq, grid, damp=damp, act_order=act_order)
+            set_module(block, name, QuantLinear.from_linear(module, ctx.spec, q))
         return {}

@@ -18,6 +18,8 @@ ApiQ-bw's warm start clipping factors close to where its optimization would take
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -48,6 +50,22 @@ def grams(block: nn.Module, fp_block: nn.Module, name: str, ctx: BlockContext) -
 
     capture(block, name, ctx.xq, ctx, accumulate)
     return gqq, gqx
+
+
+LayerGrams = tuple[str, nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def layer_grams(block: nn.Module, ctx: BlockContext) -> Iterator[LayerGrams]:
+    """Each linear layer of ``block`` in forward order as ``(name, module, weight, Xq^T Xq, Xq^T X)``.
+
+    The Gram matrices are captured once per group of layers sharing an input; the caller replaces each layer
+    before asking for the next, so later groups are captured through the already-quantized earlier layers.
+    """
+    for group, fp_block in walk(block, ctx):
+        gqq, gqx = grams(block, fp_block, group[0], ctx)
+        for name in group:
+            module = block.get_submodule(name)
+            yield name, module, linear_weight(module)[0], gqq, gqx
 
 
 def wsvd_factors(
@@ -86,16 +104,11 @@ class WSVD(Initializer):
         ``clip_max``, which ApiQ-bw sets to its initial factor so a warm start never widens a range)."""
         candidates = clip_candidates(ctx, clip_max)
         clips = {}
-        for group, fp_block in walk(block, ctx):
-            gqq, gqx = grams(block, fp_block, group[0], ctx)
-            importance = gqq.diagonal().float()
-            for name in group:
-                module = block.get_submodule(name)
-                w, _ = linear_weight(module)
-                clips[name] = factors = search_clip(w, ctx.spec, importance, candidates)
-                q = quantize_weight(w, ctx.spec, factors, factors if ctx.spec.has_zeros else None)
-                a, b = wsvd_factors(w, q, gqq, gqx, ctx)
-                layer = QuantLinear.from_linear(module, ctx.spec, q)
-                layer.set_lora(a, b, ctx.lora.alpha, ctx.lora.dropout)
-                set_module(block, name, layer)
+        for name, module, w, gqq, gqx in layer_grams(block, ctx):
+            clips[name] = factors = search_clip(w, ctx.spec, gqq.diagonal().float(), candidates)
+            q = quantize_weight(w, ctx.spec, factors, factors if ctx.spec.has_zeros else None)
+            a, b = wsvd_factors(w, q, gqq, gqx, ctx)
+            layer = QuantLinear.from_linear(module, ctx.spec, q)
+            layer.set_lora(a, b, ctx.lora.alpha, ctx.lora.dropout)
+            set_module(block, name, layer)
         return clips
