@@ -56,6 +56,10 @@ def _rows() -> dict[str, tuple[str, dict | None]]:
             options = {**warm, "epochs": epochs}
             rows[f"apiq-bw-warm{epochs}-w{b}"] = (f"ApiQ-bw wsvd start, {epochs} epochs {w} (lowbit)",
                                                   dict(bits=b, init="apiq-bw", options=options))  # fmt: skip
+        for epochs in (0, 2, 4):  # GPTQ codes (fixed) + wsvd LoRA, then ApiQ-bw's block objective on the LoRA
+            options = {**warm, "epochs": epochs, "warm_start": "gptq"}
+            rows[f"apiq-bw-gptq{epochs}-w{b}"] = (f"ApiQ-bw GPTQ+wsvd start, {epochs} LoRA epochs {w} (lowbit)",
+                                                  dict(bits=b, init="apiq-bw", options=options))  # fmt: skip
     return rows
 
 

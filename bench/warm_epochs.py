@@ -27,6 +27,11 @@ RECIPES = {
     "warm2-lr4x": {"warm_start": "wsvd", "epochs": 2, "clip_lr": 2e-2, "lora_lr": 2e-3},
     "warm6": {"warm_start": "wsvd", "epochs": 6},
     "cold6": {"epochs": 6},
+    "warm8": {"warm_start": "wsvd", "epochs": 8},
+    "gptq0": {"warm_start": "gptq", "epochs": 0},
+    "gptq4": {"warm_start": "gptq", "epochs": 4},
+    "warm3x": {"warm_start": "wsvd", "epochs": 3, "max_epochs": 10, "extend_tol": 0.05},
+    "warm4x": {"warm_start": "wsvd", "epochs": 4, "max_epochs": 10, "extend_tol": 0.05},
 }
 
 
@@ -34,6 +39,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipes", default=",".join(RECIPES), help=f"subset of {', '.join(RECIPES)}")
     parser.add_argument("--blocks", type=int, default=4)
+    parser.add_argument("--epoch-losses", action="store_true", help="also print each block's mean loss per epoch")
     args = parser.parse_args()
 
     import lowbit
@@ -55,12 +61,15 @@ def main() -> None:
                                     options=RECIPES[name])  # fmt: skip
         start = time.perf_counter()
         lowbit.quantize(model, config, calib=calib, progress=False)
-        losses = [round(b["stats"]["loss"], 3) for b in model.lowbit_stats]
+        losses = [round(b["stats"]["mse"], 3) for b in model.lowbit_stats]
         seconds = time.perf_counter() - start
         if name == "published":
             published_seconds = seconds
         ratio = f" ({seconds / published_seconds:.2f} x published)" if published_seconds else ""
         print(f"{name}: {seconds:.1f} s{ratio}, block losses {losses}", flush=True)
+        if args.epoch_losses:
+            for b in model.lowbit_stats:
+                print(f"  block {b['index']}: epochs", [round(v, 3) for v in b["stats"]["epoch_losses"]], flush=True)
     env = benchlib.environment()
     print(f"{env['date']}, commit {env['commit']}, {env['machine']['cpu']} ({env['machine']['cores']} cores)")
 

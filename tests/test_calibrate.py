@@ -13,6 +13,7 @@ import lowbit
 from conftest import run_until_killed, save_tiny, tiny_model, tiny_tokenizer
 from lowbit.calibrate import calibrate
 from lowbit.errors import LowbitError
+from lowbit.init.apiq_bw import EpochSchedule
 from lowbit.init.lowrank import best_rank, whitened_best_rank
 from lowbit.layers import QuantLinear
 
@@ -60,11 +61,14 @@ def test_wsvd_clip_search_beats_min_max() -> None:
 
 
 def test_apiq_bw_reduces_block_loss() -> None:
-    model = tiny_model("llama")
-    lowbit.quantize(model, lowbit.QuantConfig(bits=2, group_size=32, init="apiq-bw", rank=4, options={"epochs": 3}),
-                    calib=CALIB, progress=False)  # fmt: skip
-    for block in model.lowbit_stats:
-        assert block["stats"]["loss"] < block["stats"]["loss_start"]
+    def block_mse(epochs: int) -> list[float]:
+        model = tiny_model("llama")
+        config = lowbit.QuantConfig(bits=2, group_size=32, init="apiq-bw", rank=4, options={"epochs": epochs})
+        lowbit.quantize(model, config, calib=CALIB, progress=False)
+        return [block["stats"]["mse"] for block in model.lowbit_stats]
+
+    trained, untrained = block_mse(3), block_mse(0)
+    assert all(t < u for t, u in zip(trained, untrained, strict=True))
 
 
 def test_whitened_rank_fit_is_optimal_in_its_metric() -> None:
@@ -288,3 +292,33 @@ def test_layer_groups_follow_shared_inputs() -> None:
             ["mlp.gate_proj", "mlp.up_proj"],
             ["mlp.down_proj"],
         ]
+
+
+def test_epoch_schedule_extends_only_blocks_that_still_improve() -> None:
+    fixed = EpochSchedule(epochs=3, max_epochs=3)
+    assert [fixed.after([1.0] * k) for k in (1, 2, 3)] == ["continue", "continue", "stop"]
+    assert fixed.after([1.0, 2.0]) == "continue"  # the published recipe never reacts to the loss
+
+    adaptive = EpochSchedule(epochs=3, max_epochs=6, extend_tol=0.05)
+    assert adaptive.after([1.0, 0.99]) == "continue"  # the first `epochs` always run
+    assert adaptive.after([1.0, 0.99, 0.98]) == "stop"  # converged: 1% < 5%
+    assert adaptive.after([10.0, 6.0, 4.0]) == "continue"  # still falling fast
+    assert adaptive.after([10.0, 6.0, 4.0, 4.5]) == "backoff"  # oscillating: halve the learning rates
+    assert adaptive.after([10.0, 6.0, 4.0, 4.5, 3.0]) == "continue"  # 25% below the best so far
+    assert adaptive.after([10.0, 6.0, 4.0, 3.0, 2.0, 1.0]) == "stop"  # max_epochs
+    with pytest.raises(LowbitError, match="max_epochs"):
+        EpochSchedule(epochs=4, max_epochs=2)
+
+
+def test_apiq_bw_extra_epochs_follow_the_loss() -> None:
+    model = tiny_model("llama")
+    options = {"epochs": 2, "max_epochs": 5, "extend_tol": 0.05, "warm_start": "wsvd"}
+    lowbit.quantize(model, lowbit.QuantConfig(bits=2, group_size=32, init="apiq-bw", rank=4, options=options),
+                    calib=CALIB, progress=False)  # fmt: skip
+    schedule = EpochSchedule(2, 5, 0.05)
+    for block in model.lowbit_stats:
+        losses = block["stats"]["epoch_losses"]
+        assert 2 <= len(losses) <= 5
+        # every epoch but the last was asked for by the rule, and the last one ended training
+        assert all(schedule.after(losses[:k]) != "stop" for k in range(1, len(losses)))
+        assert schedule.after(losses) == "stop"

@@ -48,6 +48,7 @@ class QuantConfig:
             raise LowbitError(f"unknown init {self.init!r}: choose one of {', '.join(INITS)}")
         if INITIALIZERS[self.init].adapter and self.rank <= 0:
             raise LowbitError(f"LoRA rank must be positive for init {self.init!r}, got {self.rank}")
+        INITIALIZERS[self.init].check_options(self.options)
 
     @property
     def spec(self) -> QuantSpec:

@@ -235,7 +235,7 @@ class Engine:
                 x.data.copy_(y.data)
                 num = sum(float((xq[w].float() - x[w].float()).pow(2).sum()) for w in range(x.shape[0]))
                 den = sum(float(x[w].float().pow(2).sum()) for w in range(x.shape[0]))
-                stats = {**stats, "rel_error": math.sqrt(num / max(den, 1e-30))}
+                stats = {**stats, "mse": num / x.data.numel(), "rel_error": math.sqrt(num / max(den, 1e-30))}
             del y
         return stats
 

@@ -68,3 +68,8 @@ class Initializer(ABC):
 
     @abstractmethod
     def init_block(self, block: nn.Module, ctx: BlockContext) -> dict[str, float]: ...
+
+    @classmethod
+    def check_options(cls, options: dict) -> None:
+        """Raise LowbitError for options that cannot work, before any block is touched (default: accept all)."""
+        return None

@@ -24,7 +24,7 @@ from torch import nn
 from lowbit.init.base import BlockContext, Initializer
 from lowbit.init.wsvd import clip_candidates, layer_grams
 from lowbit.layers import QuantLinear, set_module
-from lowbit.quant import quantize_weight, search_clip
+from lowbit.quant import QuantizedWeight, quantize_weight, search_clip
 from lowbit.quant.gptq import gptq_quantize
 
 
@@ -41,13 +41,16 @@ class GPTQ(Initializer):
     adapter = False
 
     def init_block(self, block: nn.Module, ctx: BlockContext) -> dict[str, float]:
-        damp = float(ctx.options.get("gptq_damp", 0.01))
-        act_order = bool(int(ctx.options.get("gptq_act_order", 1)))
-        candidates = clip_candidates(ctx, 1.0)
         for name, module, w, gqq, gqx in layer_grams(block, ctx):
-            target = drift_corrected(w, gqq, gqx, damp)
-            factors = search_clip(target, ctx.spec, gqq.diagonal().float(), candidates)
-            grid = quantize_weight(target, ctx.spec, factors, factors if ctx.spec.has_zeros else None)
-            q = gptq_quantize(target, ctx.spec, gqq, grid, damp=damp, act_order=act_order)
-            set_module(block, name, QuantLinear.from_linear(module, ctx.spec, q))
+            set_module(block, name, QuantLinear.from_linear(module, ctx.spec, gptq_codes(w, gqq, gqx, ctx)))
         return {}
+
+
+def gptq_codes(w: torch.Tensor, gqq: torch.Tensor, gqx: torch.Tensor, ctx: BlockContext) -> QuantizedWeight:
+    """One layer's codes: the drift-corrected target, its clipping-searched grid, then GPTQ rounding."""
+    damp = float(ctx.options.get("gptq_damp", 0.01))
+    act_order = bool(int(ctx.options.get("gptq_act_order", 1)))
+    target = drift_corrected(w, gqq, gqx, damp)
+    factors = search_clip(target, ctx.spec, gqq.diagonal().float(), clip_candidates(ctx, 1.0))
+    grid = quantize_weight(target, ctx.spec, factors, factors if ctx.spec.has_zeros else None)
+    return gptq_quantize(target, ctx.spec, gqq, grid, damp=damp, act_order=act_order)
