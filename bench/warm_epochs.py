@@ -29,9 +29,8 @@ RECIPES = {
     "cold6": {"epochs": 6},
     "warm8": {"warm_start": "wsvd", "epochs": 8},
     "gptq0": {"warm_start": "gptq", "epochs": 0},
+    "gptq2": {"warm_start": "gptq", "epochs": 2},
     "gptq4": {"warm_start": "gptq", "epochs": 4},
-    "warm3x": {"warm_start": "wsvd", "epochs": 3, "max_epochs": 10, "extend_tol": 0.05},
-    "warm4x": {"warm_start": "wsvd", "epochs": 4, "max_epochs": 10, "extend_tol": 0.05},
 }
 
 

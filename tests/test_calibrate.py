@@ -13,9 +13,8 @@ import lowbit
 from conftest import run_until_killed, save_tiny, tiny_model, tiny_tokenizer
 from lowbit.calibrate import calibrate
 from lowbit.errors import LowbitError
-from lowbit.init.apiq_bw import EpochSchedule
 from lowbit.init.lowrank import best_rank, whitened_best_rank
-from lowbit.layers import QuantLinear
+from lowbit.layers import QuantLinear, quant_layers
 
 CALIB = torch.randint(3, 120, (8, 64), generator=torch.Generator().manual_seed(0))
 HELD_OUT = torch.randint(3, 120, (4, 64), generator=torch.Generator().manual_seed(1))
@@ -37,6 +36,7 @@ def logit_error(arch: str, init: str, bits: int = 2, **options) -> float:
 def test_every_initializer_runs(arch: str) -> None:
     for init, options in [("none", {}), ("loftq", {"loftq_iters": 2}), ("wsvd", {}), ("apiq-lw", {"epochs": 1}),
                           ("apiq-bw", {"epochs": 1, "warm_start": "wsvd", "second_loss": 1}),
+                          ("apiq-bw", {"epochs": 1, "warm_start": "gptq"}),
                           ("gptq", {})]:  # fmt: skip
         assert logit_error(arch, init, **options) < 1.5
 
@@ -51,6 +51,7 @@ def test_quality_order_on_llama() -> None:
     assert wsvd < loftq1  # activation-aware beats weight-only SVD of the same residual
     assert cold < rtn
     assert warm < cold  # warm start: better at equal epochs
+    assert logit_error("llama", "apiq-bw", epochs=4, warm_start="gptq") < warm  # GPTQ codes under the LoRA
     assert logit_error("llama", "gptq") < logit_error("llama", "none")  # no adapter: GPTQ beats rounding
 
 
@@ -294,31 +295,23 @@ def test_layer_groups_follow_shared_inputs() -> None:
         ]
 
 
-def test_epoch_schedule_extends_only_blocks_that_still_improve() -> None:
-    fixed = EpochSchedule(epochs=3, max_epochs=3)
-    assert [fixed.after([1.0] * k) for k in (1, 2, 3)] == ["continue", "continue", "stop"]
-    assert fixed.after([1.0, 2.0]) == "continue"  # the published recipe never reacts to the loss
+def test_gptq_warm_start_keeps_the_gptq_codes_and_trains_only_the_lora() -> None:
+    def run(init: str, **options) -> tuple[dict, dict, list[float]]:
+        model = tiny_model("llama")
+        config = lowbit.QuantConfig(bits=2, group_size=32, init=init, rank=4, options=options)
+        lowbit.quantize(model, config, calib=CALIB, progress=False)
+        layers = quant_layers(model)
+        weights = {n: m.dequantized_weight() for n, m in layers.items()}
+        loras = {n: m.lora_delta() for n, m in layers.items()}
+        return weights, loras, [b["stats"]["mse"] for b in model.lowbit_stats]
 
-    adaptive = EpochSchedule(epochs=3, max_epochs=6, extend_tol=0.05)
-    assert adaptive.after([1.0, 0.99]) == "continue"  # the first `epochs` always run
-    assert adaptive.after([1.0, 0.99, 0.98]) == "stop"  # converged: 1% < 5%
-    assert adaptive.after([10.0, 6.0, 4.0]) == "continue"  # still falling fast
-    assert adaptive.after([10.0, 6.0, 4.0, 4.5]) == "backoff"  # oscillating: halve the learning rates
-    assert adaptive.after([10.0, 6.0, 4.0, 4.5, 3.0]) == "continue"  # 25% below the best so far
-    assert adaptive.after([10.0, 6.0, 4.0, 3.0, 2.0, 1.0]) == "stop"  # max_epochs
-    with pytest.raises(LowbitError, match="max_epochs"):
-        EpochSchedule(epochs=4, max_epochs=2)
-
-
-def test_apiq_bw_extra_epochs_follow_the_loss() -> None:
-    model = tiny_model("llama")
-    options = {"epochs": 2, "max_epochs": 5, "extend_tol": 0.05, "warm_start": "wsvd"}
-    lowbit.quantize(model, lowbit.QuantConfig(bits=2, group_size=32, init="apiq-bw", rank=4, options=options),
-                    calib=CALIB, progress=False)  # fmt: skip
-    schedule = EpochSchedule(2, 5, 0.05)
-    for block in model.lowbit_stats:
-        losses = block["stats"]["epoch_losses"]
-        assert 2 <= len(losses) <= 5
-        # every epoch but the last was asked for by the rule, and the last one ended training
-        assert all(schedule.after(losses[:k]) != "stop" for k in range(1, len(losses)))
-        assert schedule.after(losses) == "stop"
+    gptq, _, _ = run("gptq")
+    start, start_lora, start_mse = run("apiq-bw", epochs=0, warm_start="gptq")
+    trained, trained_lora, trained_mse = run("apiq-bw", epochs=3, warm_start="gptq")
+    for name, w in gptq.items():
+        assert torch.equal(start[name], w) and torch.equal(trained[name], w)  # codes and grids stay GPTQ's
+        assert start_lora[name].abs().max() > 0  # the wsvd start, not B = 0
+        assert not torch.equal(trained_lora[name], start_lora[name])
+    assert all(t < s for t, s in zip(trained_mse, start_mse, strict=True))
+    with pytest.raises(LowbitError, match="warm_start"):
+        lowbit.QuantConfig(bits=2, init="apiq-bw", options={"warm_start": "loftq"})

@@ -108,7 +108,6 @@ def test_folder_that_is_not_a_model(tmp_path: Path, capsys) -> None:
         (["--format", "nf4", "--bits", "3"], "drop one of them"),
         (["--group-size", "0"], "group size must be positive"),
         (["--rank", "0"], "rank must be positive"),
-        (["--init", "apiq-bw", "--epochs", "4", "--max-epochs", "2"], "max_epochs=2 must be at least epochs=4"),
     ],
 )
 def test_unsupported_settings(argv: list, pattern: str, tiny_folder: Path, tmp_path: Path, capsys) -> None:

@@ -45,8 +45,7 @@ def _format(args: argparse.Namespace) -> tuple[str, int]:
 
 def _options(args: argparse.Namespace) -> dict:
     """Method options from the flags that were given (recorded in the checkpoint)."""
-    names = ("epochs", "clip_lr", "lora_lr", "weight_decay", "clip_init", "loftq_iters", "warm_start", "batch",
-             "max_epochs", "extend_tol")  # fmt: skip
+    names = ("epochs", "clip_lr", "lora_lr", "weight_decay", "clip_init", "loftq_iters", "warm_start", "batch")
     options = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     if args.second_loss:
         options["second_loss"] = 1
@@ -404,14 +403,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--spill", action="store_true", help="keep activations in memory-mapped files, not RAM")
     m = q.add_argument_group("method options (defaults: the published recipes)")
     m.add_argument("--epochs", type=int, help="ApiQ epochs per block/layer (published: 20)")
-    m.add_argument("--max-epochs", type=int, help="ApiQ-bw: let blocks still improving train up to this many epochs")
-    m.add_argument("--extend-tol", type=float, help="ApiQ-bw: relative loss drop per epoch that earns one more (0.05)")
     m.add_argument("--clip-lr", type=float, help="ApiQ clipping learning rate (5e-3)")
     m.add_argument("--lora-lr", type=float, help="ApiQ LoRA learning rate (5e-4)")
     m.add_argument("--weight-decay", type=float, help="ApiQ AdamW weight decay (0.1)")
     m.add_argument("--clip-init", type=float, help="initial clipping logit (4.0)")
     m.add_argument("--batch", type=int, help="ApiQ-bw windows per step (1)")
-    m.add_argument("--warm-start", choices=["none", "wsvd"], help="ApiQ-bw start: none (B = 0) or wsvd")
+    m.add_argument(
+        "--warm-start",
+        choices=["none", "wsvd", "gptq"],
+        help="ApiQ-bw start: none (B = 0), wsvd, or gptq (fixed GPTQ codes + wsvd LoRA; LoRA trained)",
+    )
     m.add_argument("--second-loss", action="store_true", help="ApiQ-bw: add MSE(block_fp(Xq), block_q(Xq))")
     m.add_argument("--loftq-iters", type=int, help="LoftQ iterations (5)")
     q.add_argument("--out", required=True, help="output checkpoint folder")
@@ -492,12 +493,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--rank", type=int, default=8)
     a.add_argument("--alpha", type=float, default=16.0)
     a.add_argument("--seed", type=int, default=0, help="quantization seed")
-    for flag in ("epochs", "batch", "max_epochs"):
-        a.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=int, default=None, help=argparse.SUPPRESS)
-    for flag in ("clip_lr", "lora_lr", "weight_decay", "clip_init", "extend_tol"):
+    for flag in ("epochs", "batch"):
+        a.add_argument(f"--{flag}", type=int, default=None, help=argparse.SUPPRESS)
+    for flag in ("clip_lr", "lora_lr", "weight_decay", "clip_init"):
         a.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=float, default=None, help=argparse.SUPPRESS)
     a.add_argument("--loftq-iters", dest="loftq_iters", type=int, default=None, help="LoftQ iterations")
-    a.add_argument("--warm-start", dest="warm_start", choices=["none", "wsvd"], default=None)
+    a.add_argument("--warm-start", dest="warm_start", choices=["none", "wsvd", "gptq"], default=None)
     a.add_argument("--second-loss", dest="second_loss", action="store_true", help=argparse.SUPPRESS)
     a.add_argument("--mono", help="target-language .txt (default: the P3 Spanish Bible verses)")
     a.add_argument("--pairs", help="training pairs .tsv/.jsonl (default: the P3 Bible pairs)")

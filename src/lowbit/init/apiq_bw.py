@@ -7,13 +7,19 @@ the clipping logits, one for the LoRA factors) to minimize ``MSE(block_fp(X), bl
 The published recipe is the default (options ``epochs=20 clip_lr=5e-3 lora_lr=5e-4 weight_decay=0.1 batch=1
 clip_init=4.0``, CLI flags ``--epochs`` etc.) with A Kaiming-uniform and B = 0 (``warm_start=none``).
 ``warm_start=wsvd`` starts A, B from lowbit's closed-form activation-aware solution instead, which begins
-near where the published recipe ends up, so far fewer epochs are needed; ``max_epochs`` lets the few blocks
-that are still improving fast after ``epochs`` go on (:class:`EpochSchedule`).
+near where the published recipe ends up, so far fewer epochs are needed.
+
+``warm_start=gptq`` goes further: each layer's codes come from GPTQ rounding of its drift-corrected target on the
+clipping-searched grid (:func:`lowbit.init.gptq.gptq_codes`) and its LoRA from ``wsvd`` on those codes, layer
+after layer on the block's quantized-path inputs; then ApiQ-bw's objective trains the LoRA factors alone, over
+the fixed codes. Why: at 2 bits the rounding itself is where most of the block's error comes from, and GPTQ,
+which rounds for the layer's outputs, removes far more of it than learned clipping of round-to-nearest can (on
+the default model the untrained start is already below the published recipe's trained block losses). The
+clipping is not learned here (the grid is searched, as in ``wsvd``), and the steps are cheaper: no fake
+quantization and no weight gradient.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,12 +34,12 @@ from lowbit.layers import QuantLinear, quant_layers, set_module
 from lowbit.models import block_linears
 from lowbit.quant.uniform import clip_factors
 
+WARM_STARTS = ("none", "wsvd", "gptq")
 PUBLISHED = {"epochs": 20, "clip_lr": 5e-3, "lora_lr": 5e-4, "weight_decay": 0.1, "batch": 1, "clip_init": 4.0}
 
 
-def option(ctx: BlockContext | dict, key: str, default):
-    options = ctx if isinstance(ctx, dict) else ctx.options
-    return type(default)(options.get(key, default))
+def option(ctx: BlockContext, key: str, default):
+    return type(default)(ctx.options.get(key, default))
 
 
 def optimizer(ctx: BlockContext, clip_params: list, lora_params: list) -> torch.optim.AdamW:
@@ -79,45 +85,6 @@ def block_loss(block: nn.Module, ctx: BlockContext, idx: torch.Tensor, second: b
     return loss
 
 
-@dataclass
-class EpochSchedule:
-    """How many epochs a block trains: ``epochs``, or more for the blocks that still improve fast.
-
-    With ``max_epochs > epochs`` (options ``max_epochs``, ``extend_tol``, default 0.05) a block keeps training
-    past ``epochs``, up to ``max_epochs``, while its last epoch lowered the mean loss by more than ``extend_tol``
-    (relative), and an epoch whose loss rose halves both learning rates and tries again. Why: from the ``wsvd``
-    start most blocks are near their optimum after a few epochs, but a few (the block of the default model that
-    creates its largest activations) start far off and oscillate; a fixed epoch count spends too much on the
-    first and too little on the second. ``max_epochs = epochs`` (the default) is the published fixed count.
-    """
-
-    epochs: int
-    max_epochs: int
-    extend_tol: float = 0.05
-
-    def __post_init__(self) -> None:
-        if self.max_epochs < self.epochs or not 0 <= self.extend_tol < 1:
-            raise LowbitError(f"max_epochs={self.max_epochs} must be at least epochs={self.epochs} and "
-                              f"extend_tol={self.extend_tol} in [0, 1)")  # fmt: skip
-
-    def after(self, losses: list[float]) -> str:
-        """``continue``, ``backoff`` (halve the learning rates, then continue) or ``stop`` after an epoch."""
-        done = len(losses)
-        if done >= self.max_epochs:
-            return "stop"
-        if self.max_epochs == self.epochs or done < 2:
-            return "continue" if done < self.epochs else "stop"
-        best = min(losses[:-1])
-        if losses[-1] > best:
-            return "backoff"
-        return "continue" if done < self.epochs or losses[-1] < (1 - self.extend_tol) * best else "stop"
-
-
-def epoch_schedule(options: dict) -> EpochSchedule:
-    epochs = option(options, "epochs", PUBLISHED["epochs"])
-    return EpochSchedule(epochs, option(options, "max_epochs", epochs), option(options, "extend_tol", 0.05))
-
-
 class ApiQBlockwise(Initializer):
     name = "apiq-bw"
     needs_data = True
@@ -125,7 +92,8 @@ class ApiQBlockwise(Initializer):
 
     @classmethod
     def check_options(cls, options: dict) -> None:
-        epoch_schedule(options)
+        if options.get("warm_start", "none") not in WARM_STARTS:
+            raise LowbitError(f"warm_start={options['warm_start']!r} is not known: use {', '.join(WARM_STARTS)}")
 
     def init_block(self, block: nn.Module, ctx: BlockContext) -> dict[str, float]:
         batch = option(ctx, "batch", PUBLISHED["batch"])
@@ -155,9 +123,8 @@ class ApiQBlockwise(Initializer):
             lora_params = [p for f in fakes.values() for p in f.lora_parameters()]
         opt = optimizer(ctx, clip_params, lora_params)
         n = ctx.xq.shape[0]
-        schedule = epoch_schedule(ctx.options)
         epoch_losses = []
-        for epoch in range(schedule.max_epochs):
+        for epoch in range(option(ctx, "epochs", PUBLISHED["epochs"])):
             order = torch.randperm(n, generator=ctx.generator)
             total = 0.0
             for s in range(0, n, batch):
@@ -170,12 +137,6 @@ class ApiQBlockwise(Initializer):
                 total += loss.item() * len(order[s : s + batch])
             epoch_losses.append(total / n)
             ctx.report({"epoch": epoch + 1, "loss": total / n})
-            step = schedule.after(epoch_losses)
-            if step == "stop":
-                break
-            if step == "backoff":
-                for group in opt.param_groups:
-                    group["lr"] /= 2
         for name, fake in fakes.items():
             set_module(block, name, fake.to_quant())
         # The final block-output MSE is not recomputed here: the engine measures it (``mse``) on the same
