@@ -1,4 +1,4 @@
-"""How many epochs does ApiQ-bw need from the wsvd start? Block losses on the first blocks of the default model.
+"""How many epochs does ApiQ-bw need from a warm start (wsvd, gptq)? Block losses on the first blocks of the model.
 
 A cheap proxy for the full P1 run: the default model truncated to its first ``--blocks`` decoder blocks is
 quantized in memory (W2g64, r8, 32 PTB-train windows of 512 tokens, seed 0, as P1) with each recipe, and the
@@ -6,7 +6,7 @@ final block-output MSE of every block is printed. The ``published`` recipe run i
 the block losses and the time to beat (its full-model losses are also in ``bench/results/p1.json``, row
 ``apiq-bw-w2``), so a recipe whose losses match it at a third of its time is a candidate for a full P1 row.
 
-    python bench/warm_epochs.py --recipes published,warm4,warm5
+    python bench/warm_epochs.py --recipes published,warm4,gptq0,gptq2
 """
 
 from __future__ import annotations
