@@ -297,7 +297,7 @@ def test_layer_groups_follow_shared_inputs() -> None:
 
 def test_gptq_warm_start_keeps_the_gptq_codes_and_trains_only_the_lora() -> None:
     def run(init: str, **options) -> tuple[dict, dict, list[float]]:
-        model = tiny_model("llama")
+        model = tiny_model("llama", layers=1)  # one block: every run sees the same inputs, so the codes must match
         config = lowbit.QuantConfig(bits=2, group_size=32, init=init, rank=4, options=options)
         lowbit.quantize(model, config, calib=CALIB, progress=False)
         layers = quant_layers(model)
@@ -308,8 +308,12 @@ def test_gptq_warm_start_keeps_the_gptq_codes_and_trains_only_the_lora() -> None
     gptq, _, _ = run("gptq")
     start, start_lora, start_mse = run("apiq-bw", epochs=0, warm_start="gptq")
     trained, trained_lora, trained_mse = run("apiq-bw", epochs=3, warm_start="gptq")
-    for name, w in gptq.items():
-        assert torch.equal(start[name], w) and torch.equal(trained[name], w)  # codes and grids stay GPTQ's
+    first_group = [n for n in gptq if n.endswith(("q_proj", "k_proj", "v_proj"))]
+    assert len(first_group) == 3
+    for name in first_group:  # same inputs as the gptq init (later layers see the LoRA of the earlier ones)
+        assert torch.equal(start[name], gptq[name])
+    for name in gptq:
+        assert torch.equal(trained[name], start[name])  # training moves the LoRA only: codes and grids stay
         assert start_lora[name].abs().max() > 0  # the wsvd start, not B = 0
         assert not torch.equal(trained_lora[name], start_lora[name])
     assert all(t < s for t, s in zip(trained_mse, start_mse, strict=True))

@@ -77,6 +77,16 @@ def to_fake(
     return fakes
 
 
+def gptq_start(block: nn.Module, ctx: BlockContext) -> list[nn.Parameter]:
+    """Replace each layer, in forward order, by its GPTQ codes with the wsvd LoRA; return the LoRA factors."""
+    for name, module, w, gqq, gqx in layer_grams(block, ctx):
+        q = gptq_codes(w, gqq, gqx, ctx)
+        layer = QuantLinear.from_linear(module, ctx.spec, q)
+        layer.set_lora(*wsvd_factors(w, q, gqq, gqx, ctx), ctx.lora.alpha, ctx.lora.dropout)
+        set_module(block, name, layer)
+    return [p for m in quant_layers(block).values() for p in (m.lora_A, m.lora_B)]
+
+
 def block_loss(block: nn.Module, ctx: BlockContext, idx: torch.Tensor, second: bool, yq: torch.Tensor | None):
     out = ctx.forward(block, ctx.window(ctx.xq, idx))
     loss = F.mse_loss(out, ctx.window(ctx.y, idx))
@@ -103,19 +113,12 @@ class ApiQBlockwise(Initializer):
         if second:  # the full-precision block's outputs on the quantized inputs, before any layer is replaced
             with torch.no_grad():
                 yq = torch.cat([ctx.forward(block, ctx.window(ctx.xq, i)) for i in range(ctx.xq.shape[0])])
-        originals = block_linears(block)
-        clips = None
         warm = ctx.options.get("warm_start", "none")
         if warm == "gptq":  # fixed GPTQ codes with the wsvd LoRA; only the LoRA factors are trained
-            for name, module, w, gqq, gqx in layer_grams(block, ctx):
-                q = gptq_codes(w, gqq, gqx, ctx)
-                layer = QuantLinear.from_linear(module, ctx.spec, q)
-                layer.set_lora(*wsvd_factors(w, q, gqq, gqx, ctx), ctx.lora.alpha, ctx.lora.dropout)
-                set_module(block, name, layer)
-            fakes = {}
-            clip_params = []
-            lora_params = [p for m in quant_layers(block).values() for p in (m.lora_A, m.lora_B)]
+            fakes, clip_params, lora_params = {}, [], gptq_start(block, ctx)
         else:
+            originals = block_linears(block)
+            clips = None
             if warm == "wsvd":
                 clips = WSVD().fit(block, ctx, clip_max=float(clip_factors(torch.tensor(clip_init))))
             fakes = to_fake(block, ctx, clip_init, originals, clips)
