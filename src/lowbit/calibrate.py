@@ -214,7 +214,7 @@ def calibrate(
     run.run(load_block, finish_block, start=start, streams=streams)
     _finalize(model, config, state, work, out, tokenizer, overwrite)
     blocks = state["blocks"]
-    worst = max(blocks, key=lambda b: b.get("rel_error", b.get("loss", 0.0)), default=None)
+    worst = max(blocks, key=lambda b: b.get("rel_error", 0.0), default=None)
     return {"blocks": blocks, "resumed_from": start, "worst_block": worst}
 
 

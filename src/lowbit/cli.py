@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from lowbit.errors import LowbitError
+from lowbit.init.apiq_bw import WARM_STARTS
 
 EXIT_USER_ERROR = 2
 
@@ -410,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--batch", type=int, help="ApiQ-bw windows per step (1)")
     m.add_argument(
         "--warm-start",
-        choices=["none", "wsvd", "gptq"],
+        choices=WARM_STARTS,
         help="ApiQ-bw start: none (B = 0), wsvd, or gptq (fixed GPTQ codes + wsvd LoRA; LoRA trained)",
     )
     m.add_argument("--second-loss", action="store_true", help="ApiQ-bw: add MSE(block_fp(Xq), block_q(Xq))")
@@ -498,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in ("clip_lr", "lora_lr", "weight_decay", "clip_init"):
         a.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=float, default=None, help=argparse.SUPPRESS)
     a.add_argument("--loftq-iters", dest="loftq_iters", type=int, default=None, help="LoftQ iterations")
-    a.add_argument("--warm-start", dest="warm_start", choices=["none", "wsvd", "gptq"], default=None)
+    a.add_argument("--warm-start", dest="warm_start", choices=WARM_STARTS, default=None)
     a.add_argument("--second-loss", dest="second_loss", action="store_true", help=argparse.SUPPRESS)
     a.add_argument("--mono", help="target-language .txt (default: the P3 Spanish Bible verses)")
     a.add_argument("--pairs", help="training pairs .tsv/.jsonl (default: the P3 Bible pairs)")

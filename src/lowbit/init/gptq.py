@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from lowbit.init.base import BlockContext, Initializer
+from lowbit.init.lowrank import damped
 from lowbit.init.wsvd import clip_candidates, layer_grams
 from lowbit.layers import QuantLinear, set_module
 from lowbit.quant import QuantizedWeight, quantize_weight, search_clip
@@ -30,8 +31,7 @@ from lowbit.quant.gptq import gptq_quantize
 
 def drift_corrected(w: torch.Tensor, gqq: torch.Tensor, gqx: torch.Tensor, damp: float) -> torch.Tensor:
     """``T`` with ``T^T = W^T + Gq^{-1} (C - Gq) W^T``: the full-precision outputs as a map of the quantized inputs."""
-    g = gqq + damp * gqq.diagonal().mean().clamp(min=1e-12) * torch.eye(gqq.shape[0], dtype=gqq.dtype)
-    correction = torch.linalg.solve(g, (gqx - gqq) @ w.double().t()).t()
+    correction = torch.linalg.solve(damped(gqq, damp), (gqx - gqq) @ w.double().t()).t()
     return (w.double() + correction).float()
 
 

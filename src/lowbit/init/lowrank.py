@@ -10,6 +10,13 @@ from __future__ import annotations
 import torch
 
 
+def damped(gram: torch.Tensor, damp: float) -> torch.Tensor:
+    """``gram`` plus ``damp`` times its mean diagonal on the diagonal: a ridge, so that directions the
+    calibration data never excites stay well-conditioned when the Gram matrix is solved or factored."""
+    ridge = damp * gram.diagonal().mean().clamp(min=1e-12)
+    return gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+
+
 def split_factors(
     u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,11 +38,9 @@ def whitened_best_rank(
     """LoRA factors minimizing ``||X (target - scaling B A)^T||_F`` where ``gram = X^T X``.
 
     With ``gram = L L^T`` (Cholesky), ``||X M^T||_F = ||M L||_F``, so the best rank-r delta is
-    ``SVD_r(target L) L^{-1}``. ``damp`` adds a fraction of the mean diagonal to ``gram`` so that directions the
-    calibration data never excites stay well-conditioned.
+    ``SVD_r(target L) L^{-1}``; ``gram`` is :func:`damped` by ``damp`` first.
     """
-    g = gram.double()
-    g = g + damp * g.diagonal().mean().clamp(min=1e-12) * torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+    g = damped(gram.double(), damp)
     chol = torch.linalg.cholesky(g)
     u, s, vh = torch.linalg.svd(target.double() @ chol, full_matrices=False)
     # vh L^{-1}: solve L^T z^T = vh^T  ->  z = vh L^{-1}

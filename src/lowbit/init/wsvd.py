@@ -26,7 +26,7 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.init.base import BlockContext, Initializer
 from lowbit.init.layerwise import capture, walk
-from lowbit.init.lowrank import whitened_best_rank
+from lowbit.init.lowrank import damped, whitened_best_rank
 from lowbit.layers import QuantLinear, linear_weight, set_module
 from lowbit.quant import QuantizedWeight, dequantize_weight, quantize_weight, search_clip
 
@@ -73,7 +73,7 @@ def wsvd_factors(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """LoRA ``(A, B)`` minimizing the layer's output error given codes ``q`` and the Gram matrices."""
     damp = float(ctx.options.get("wsvd_damp", 0.01))
-    g = gqq + damp * gqq.diagonal().mean().clamp(min=1e-12) * torch.eye(gqq.shape[0], dtype=gqq.dtype)
+    g = damped(gqq, damp)
     # D* = W C^T G^{-1} - Q  with C = Xq^T X  (G symmetric, so W C^T G^{-1} = (G^{-1} C W^T)^T)
     target = torch.linalg.solve(g, gqx @ w.double().t()).t() - dequantize_weight(q, ctx.spec).double()
     return whitened_best_rank(target, g, ctx.lora.rank, ctx.lora.scaling, damp=0.0)
