@@ -2,15 +2,21 @@
 
 Every row runs in its own subprocess, exactly as ``lowbit quantize`` does it: the default model streams block by
 block from its safetensors folder into a real checkpoint (timed; peak RSS of that step), then the checkpoint is
-loaded and its PTB-test perplexity measured over the first 64 windows of 512 tokens. Calibration: 32 windows of
-512 tokens from PTB train, seed 0. LoRA r8/alpha16 on every block linear.
+loaded and its perplexity measured on two domains: PTB test (the first 64 windows of 512 tokens) and English Bible
+text (the English WEB side of the P3 test and validation verses, concatenated, windows of 512). Calibration: 32
+windows of 512 tokens from PTB train, seed 0, plus 4 held-out windows of the same draw on which the per-block error
+is measured (they change no result: the method trains on the same 32); rows named ``...-calib-bible`` calibrate
+on the English side of the P3 mono and train verses instead (disjoint from the Bible eval text), so a method that
+only learns its calibration text shows it. LoRA r8/alpha16 on every block linear. The Bible text needs pysword
+and the Debian SWORD module (``apt-get install sword-text-web``).
 
     python bench/p1.py                                  # all rows
-    python bench/p1.py --rows fp32,rtn4,rtn3,rtn2,nf4   # what `make demo` runs
+    python bench/p1.py --rows fp32,rtn4,rtn3,rtn2,nf4 --results runs/demo/p1.json   # what `make demo` runs
     python bench/p1.py --rows wsvd-w2 --windows 8       # quick look (not the protocol: marked, not saved)
 
-Results go to bench/results/p1.json (rows merged by name, so partial reruns update the file) and a markdown table
-on stdout.
+Results go to ``--results`` (default bench/results/p1.json, the published numbers; `make demo` writes to the
+git-ignored runs/demo/p1.json instead), rows merged by name and saved after each row, so partial reruns update the
+file; the markdown table fills in on stdout row by row while each row's progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -22,14 +28,22 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import benchlib
+
+if TYPE_CHECKING:
+    import torch
 
 RESULTS = benchlib.ROOT / "bench" / "results" / "p1.json"
 SEQLEN = 512
 EVAL_WINDOWS = 64
 CALIB_WINDOWS = 32
 CALIB_SEED = 0
+HOLDOUT_WINDOWS = 4
+BIBLE_EVAL_SPLITS = ("test", "valid")  # P3 verses whose English side is the Bible eval text
+BIBLE_CALIB_SPLITS = ("mono", "train")  # the other P3 verses: Bible calibration text, disjoint from the eval text
+CROSS_DOMAIN = ("gptq", "apiq-bw-gptq2", "blockap", "blockap-gptq")  # W2 rows also calibrated on the Bible
 PUBLISHED = {"epochs": 20, "clip_lr": 5e-3, "lora_lr": 5e-4, "weight_decay": 0.1, "batch": 1, "clip_init": 4.0}
 WARM_EPOCHS = 2
 
@@ -60,10 +74,27 @@ def _rows() -> dict[str, tuple[str, dict | None]]:
             options = {**warm, "epochs": epochs, "warm_start": "gptq"}
             rows[f"apiq-bw-gptq{epochs}-w{b}"] = (f"ApiQ-bw GPTQ+wsvd start, {epochs} LoRA epochs {w} (lowbit)",
                                                   dict(bits=b, init="apiq-bw", options=options))  # fmt: skip
+        rows[f"blockap-w{b}"] = (f"Block-AP (EfficientQAT) min-max start, wsvd LoRA {w}", dict(bits=b, init="blockap"))
+        rows[f"blockap-gptq-w{b}"] = (f"Block-AP (EfficientQAT) GPTQ start, wsvd LoRA {w}",
+                                      dict(bits=b, init="blockap", options={"warm_start": "gptq"}))  # fmt: skip
+    for name in CROSS_DOMAIN:
+        label, kwargs = rows[f"{name}-w2"]
+        rows[f"{name}-w2-calib-bible"] = (f"{label}, calibrated on Bible text", {**kwargs, "calib": "bible"})
     return rows
 
 
 ROWS = _rows()
+
+
+def bible_windows(tokenizer, splits: tuple[str, ...], limit: int | None = None) -> torch.Tensor:
+    """Windows of 512 tokens of the English WEB text of the P3 verses in ``splits``, concatenated in split order."""
+    from lowbit.data import bos_id, tokenize, windows
+    from lowbit.parallel import MODULES, p3_split, verse
+
+    split = p3_split()
+    text = "\n".join(verse(MODULES["en"], ref) for s in splits for ref in split[s])
+    wins = windows(tokenize(text, tokenizer), SEQLEN, bos_id(tokenizer))
+    return wins[:limit] if limit else wins
 
 
 def run_row(name: str, windows: int, keep: Path | None = None) -> dict:
@@ -81,9 +112,12 @@ def run_row(name: str, windows: int, keep: Path | None = None) -> dict:
     quiet_transformers()
     torch.manual_seed(0)
     label, kwargs = ROWS[name]
+    kwargs = None if kwargs is None else dict(kwargs)
+    calib_source = "ptb" if kwargs is None else kwargs.pop("calib", "ptb")
     folder = resolve_model_path(None)
     tokenizer = load_tokenizer(folder)
     row: dict = {"row": name, "label": label}
+    bible = bible_windows(tokenizer, BIBLE_EVAL_SPLITS, limit=windows)  # first: fails at once without the Bible
     with tempfile.TemporaryDirectory() as tmp:
         if kwargs is None:
             model, _ = lowbit.load_model(folder)
@@ -98,8 +132,14 @@ def run_row(name: str, windows: int, keep: Path | None = None) -> dict:
             config = lowbit.QuantConfig(group_size=64, rank=8, alpha=16.0, seed=CALIB_SEED, **kwargs)
             calib = None
             if INITIALIZERS[config.init].needs_data:
-                train = text_windows("ptb", tokenizer, SEQLEN, split="train")
-                calib = sample_windows(train, CALIB_WINDOWS, CALIB_SEED)
+                if calib_source == "bible":
+                    train = bible_windows(tokenizer, BIBLE_CALIB_SPLITS)
+                else:
+                    train = text_windows("ptb", tokenizer, SEQLEN, split="train")
+                # one draw: its first CALIB_WINDOWS are the windows P1 always trained on, the rest held out
+                calib = sample_windows(train, CALIB_WINDOWS + HOLDOUT_WINDOWS, CALIB_SEED)
+                config.options.update(calib=calib_source, holdout_windows=HOLDOUT_WINDOWS)
+            row["calib"] = calib_source if calib is not None else None
             start = time.perf_counter()
             ckpt = keep / name if keep else Path(tmp) / "ckpt"
             summary = calibrate(folder, config, ckpt, calib, tokenizer, overwrite=True,
@@ -112,9 +152,11 @@ def run_row(name: str, windows: int, keep: Path | None = None) -> dict:
             model, _ = lowbit.load(ckpt)
         wins = text_windows("ptb", tokenizer, SEQLEN, split="test", limit=windows)
         start = time.perf_counter()
-        result = perplexity(model, wins, progress=False)
-    row.update(ppl=round(result.ppl, 3), eval_tokens=result.tokens, eval_windows=int(wins.shape[0]),
-               eval_seconds=round(time.perf_counter() - start, 1))  # fmt: skip
+        result = perplexity(model, wins)  # progress (with the running perplexity) on stderr
+        row.update(ppl=round(result.ppl, 3), eval_tokens=result.tokens, eval_windows=int(wins.shape[0]),
+                   eval_seconds=round(time.perf_counter() - start, 1))  # fmt: skip
+        result = perplexity(model, bible)
+    row.update(bible_ppl=round(result.ppl, 3), bible_eval_tokens=result.tokens, bible_eval_windows=int(bible.shape[0]))
     return row
 
 
@@ -154,32 +196,70 @@ def _cell(value, fmt: str) -> str:
     return "—" if value is None else format(value, fmt)
 
 
+HEADER = ("| method | calib | PTB-test ppl | Bible ppl | quantize s | peak RSS MiB | bits/weight |\n"
+          "|---|---|---:|---:|---:|---:|---:|")  # fmt: skip
+
+
+CALIB_NAMES = {"ptb": "PTB", "bible": "Bible", None: "—"}
+
+
+def table_row(r: dict) -> str:
+    """One row; rows measured before the Bible column (all calibrated on PTB) show a dash for its perplexity."""
+    from lowbit.init import INITIALIZERS
+
+    calib = r.get("calib", "ptb" if r.get("config") and INITIALIZERS[r["config"]["init"]].needs_data else None)
+    return (f"| {r['label']} | {CALIB_NAMES[calib]} | {r['ppl']:.2f} | {_cell(r.get('bible_ppl'), '.2f')} | "
+            f"{_cell(r['seconds'], '.1f')} | {_cell(r['peak_rss_mb'], '.0f')} | "
+            f"{r['bits_per_weight']:.3f} |")  # fmt: skip
+
+
 def table(rows: list[dict]) -> str:
-    lines = [
-        "| method | PTB-test ppl | quantize s | peak RSS MiB | bits/weight |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(f"| {r['label']} | {r['ppl']:.2f} | {_cell(r['seconds'], '.1f')} | "
-                     f"{_cell(r['peak_rss_mb'], '.0f')} | {r['bits_per_weight']:.3f} |")  # fmt: skip
-    return "\n".join(lines)
+    return "\n".join([HEADER, *map(table_row, rows)])
 
 
-def main() -> None:
+def measure(name: str, windows: int, keep: Path | None) -> dict:
+    """Run one row in a fresh process (its own peak RSS and timing); its progress goes straight to stderr."""
+    cmd = [sys.executable, __file__, "--worker", name, "--windows", str(windows)]
+    cmd += ["--keep", str(keep)] if keep else []
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
+    if proc.returncode:
+        sys.exit(f"p1.py: error: row {name} failed (exit {proc.returncode}); see the messages above")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def save(results: Path, rows: list[dict], env: dict) -> None:
+    """Merge ``rows`` into ``results`` by name (atomic rewrite)."""
+    previous = json.loads(results.read_text()) if results.is_file() else {"rows": {}}
+    previous["rows"].update({r["row"]: {**r, "env": env} for r in rows})
+    previous["protocol"] = "P1"
+    results.parent.mkdir(parents=True, exist_ok=True)
+    tmp = results.with_suffix(".tmp")
+    tmp.write_text(json.dumps(previous, indent=2) + "\n")
+    tmp.replace(results)
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
     parser.add_argument("--windows", type=int, default=EVAL_WINDOWS, help="PTB-test windows (P1: 64)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--table", action="store_true", help="print the stored results as one table and exit")
     parser.add_argument("--keep", type=Path, help="keep each row's checkpoint in KEEP/ROW (P2 starts from them)")
-    parser.add_argument("--no-save", action="store_true", help="do not update bench/results/p1.json")
-    args = parser.parse_args()
+    parser.add_argument("--no-save", action="store_true", help="do not update the --results file")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="JSON file the rows are merged into "
+                        "(default: the published bench/results/p1.json)")  # fmt: skip
+    args = parser.parse_args(argv)
 
     if args.table:
-        print(benchlib.stored_table(RESULTS, list(ROWS), table))
+        print(benchlib.stored_table(args.results, list(ROWS), table))
         return
     if args.worker:
-        print(json.dumps(run_row(args.worker, args.windows, args.keep)))
+        from lowbit.errors import LowbitError
+
+        try:
+            print(json.dumps(run_row(args.worker, args.windows, args.keep)))
+        except LowbitError as exc:  # e.g. no pysword / SWORD module for the Bible text: one line, not a traceback
+            sys.exit(f"p1.py: error: row {args.worker}: {exc}")
         return
     names = [n.strip() for n in args.rows.split(",") if n.strip()]
     unknown = [n for n in names if n not in ROWS]
@@ -187,35 +267,22 @@ def main() -> None:
         sys.exit(f"p1.py: error: unknown rows {unknown}: choose from {', '.join(ROWS)}")
 
     env = benchlib.environment()
-    rows = []
+    save_rows = not args.no_save and args.windows == EVAL_WINDOWS
+    protocol = "P1" if args.windows == EVAL_WINDOWS else f"P1 with {args.windows} eval windows (not the protocol)"
+    print(f"{protocol}: SmolLM2-135M-Instruct, float32 on CPU, PTB test and P3 Bible test+valid (English), first "
+          f"{args.windows} x {SEQLEN} tokens each, "
+          f"LoRA r8/a16 on all block linears; {len(names)} rows, each in its own process\n\n{HEADER}",
+          flush=True)  # fmt: skip
     for name in names:
         print(f"[p1] {name}: {ROWS[name][0]} ...", file=sys.stderr, flush=True)
-        cmd = [sys.executable, __file__, "--worker", name, "--windows", str(args.windows)]
-        cmd += ["--keep", str(args.keep)] if args.keep else []
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
-        if proc.returncode:
-            sys.exit(f"p1.py: error: row {name} failed (exit {proc.returncode}); see the messages above")
-        row = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"[p1] {name}: ppl {row['ppl']:.2f}, {_cell(row['seconds'], '.1f')} s, "
-              f"{_cell(row['peak_rss_mb'], '.0f')} MiB", file=sys.stderr, flush=True)  # fmt: skip
-        rows.append(row)
-
-    protocol = "P1" if args.windows == EVAL_WINDOWS else f"P1 with {args.windows} eval windows (not the protocol)"
-    print(f"\n{protocol}: SmolLM2-135M-Instruct, float32 on CPU, PTB test first {args.windows} x {SEQLEN} tokens, "
-          f"LoRA r8/a16 on all block linears\n")  # fmt: skip
-    print(table(rows))
+        row = measure(name, args.windows, args.keep)
+        print(table_row(row), flush=True)
+        if save_rows:  # after every row: an interrupted run keeps the rows it finished
+            save(args.results, [row], env)
     print(f"\n{env['date']}, commit {env['commit']}, {env['machine']['cpu']} ({env['machine']['cores']} cores), "
           f"torch {env['versions']['torch']}, transformers {env['versions']['transformers']}")  # fmt: skip
-    if args.no_save or args.windows != EVAL_WINDOWS:
-        return
-    previous = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"rows": {}}
-    previous["rows"].update({r["row"]: {**r, "env": env} for r in rows})
-    previous["protocol"] = "P1"
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".tmp")
-    tmp.write_text(json.dumps(previous, indent=2) + "\n")
-    tmp.replace(RESULTS)
-    print(f"wrote {RESULTS.relative_to(benchlib.ROOT)}", file=sys.stderr)
+    if save_rows:
+        print(f"wrote {args.results}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,12 @@ Rows (each in its own subprocess, so peak RSS is the row's own):
 
 - ``fp-lora``: PEFT LoRA on the full-precision model (the quality ceiling);
 - ``bnb-qlora``: PEFT LoRA on bitsandbytes NF4 ``Linear4bit`` (blocksize 64, double quantization): the peer;
-- ``lowbit-{qlora,loftq,apiq}-w{4,3,2}``: ``lowbit.finetune`` on the packed checkpoint from P1's start of that
-  name (``rtnB``, ``loftq1-wB`` -- PEFT's default of one LoftQ iteration -- and ``apiq-bw-warm-wB``). Starts are
-  made once with ``bench/p1.py --keep`` into ``bench/.starts`` and reused. The trained checkpoint is kept in
-  ``bench/.p2/ROW``;
+- ``lowbit-{qlora,loftq,apiq,gptq}-w{4,3,2}``: ``lowbit.finetune`` on the packed checkpoint from P1's start of
+  that name (``rtnB``, ``loftq1-wB`` -- PEFT's default of one LoftQ iteration -- ``apiq-bw-warm-wB`` and
+  ``gptq-wB``). ``gptq`` is GPTQ-LoRA, the strongest simple start: P1's adapter-free GPTQ codes, to which
+  ``lowbit.finetune`` adds the QLoRA adapter start (A Kaiming-uniform, B = 0), so "the start matters after
+  fine-tuning" is tested against better codes and not only against RTN and LoftQ. Starts are made once with
+  ``bench/p1.py --keep`` into ``bench/.starts`` and reused. The trained checkpoint is kept in ``bench/.p2/ROW``;
 - ``lowbit-...-requant``: that trained row merged and re-quantized to the same format with no adapter
   (``lowbit export --requantize``: GPTQ on 32 PTB-train windows), perplexity only.
 
@@ -43,8 +45,9 @@ RESULTS = benchlib.ROOT / "bench" / "results" / "p2.json"
 STARTS = benchlib.ROOT / "bench" / ".starts"
 TRAINED = benchlib.ROOT / "bench" / ".p2"  # trained lowbit rows, kept for their -requant rows
 EVAL_WINDOWS = 64
+P2_SAMPLES = 128  # training windows drawn (the protocol's; `lowbit finetune` takes all the data by default)
 EVAL_SEQLEN = 512
-START_ROWS = {"qlora": "rtn{b}", "loftq": "loftq1-w{b}", "apiq": "apiq-bw-warm-w{b}"}
+START_ROWS = {"qlora": "rtn{b}", "loftq": "loftq1-w{b}", "apiq": "apiq-bw-warm-w{b}", "gptq": "gptq-w{b}"}
 
 
 def _rows() -> dict[str, str]:
@@ -140,7 +143,7 @@ def run_row(name: str, eval_windows: int, micro_batch: int = 1) -> dict:
 
     quiet_transformers()
     torch.manual_seed(0)
-    config = TrainConfig(micro_batch=micro_batch)
+    config = TrainConfig(samples=P2_SAMPLES, micro_batch=micro_batch)
     row: dict = {"row": name, "label": ROWS[name], "train_config": config.__dict__}
     with tempfile.TemporaryDirectory() as tmp:
         if name.endswith("-requant"):

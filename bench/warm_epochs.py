@@ -7,6 +7,10 @@ the block losses and the time to beat (its full-model losses are also in ``bench
 ``apiq-bw-w2``), so a recipe whose losses match it at a third of its time is a candidate for a full P1 row.
 
     python bench/warm_epochs.py --recipes published,warm4,gptq0,gptq2
+    python bench/warm_epochs.py --recipes gptq,gptq2,blockap-gptq --holdout 4   # train vs held-out block error
+
+With ``--holdout N`` the calibration draw has N more windows (its first 32 are the same), which the method never
+sees; each block then reports its relative error on the training windows and on the held-out ones.
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ RECIPES = {
     "gptq0": {"warm_start": "gptq", "epochs": 0},
     "gptq2": {"warm_start": "gptq", "epochs": 2},
     "gptq4": {"warm_start": "gptq", "epochs": 4},
+    "gptq": {"init": "gptq"},  # GPTQ codes alone, no adapter
+    "blockap": {"init": "blockap"},
+    "blockap-gptq": {"init": "blockap", "warm_start": "gptq"},
 }
 
 
@@ -39,6 +46,7 @@ def main() -> None:
     parser.add_argument("--recipes", default=",".join(RECIPES), help=f"subset of {', '.join(RECIPES)}")
     parser.add_argument("--blocks", type=int, default=4)
     parser.add_argument("--epoch-losses", action="store_true", help="also print each block's mean loss per epoch")
+    parser.add_argument("--holdout", type=int, default=0, help="held-out calibration windows (block error on them)")
     args = parser.parse_args()
 
     import lowbit
@@ -55,9 +63,11 @@ def main() -> None:
         _, blocks = find_blocks(model)
         del blocks[args.blocks :]
         model.config.num_hidden_layers = args.blocks
-        calib = sample_windows(text_windows("ptb", tokenizer, 512, split="train"), 32, 0)
-        config = lowbit.QuantConfig(bits=2, group_size=64, init="apiq-bw", rank=8, alpha=16.0, seed=0,
-                                    options=RECIPES[name])  # fmt: skip
+        calib = sample_windows(text_windows("ptb", tokenizer, 512, split="train"), 32 + args.holdout, 0)
+        options = {**RECIPES[name], "holdout_windows": args.holdout}
+        init = options.pop("init", "apiq-bw")
+        config = lowbit.QuantConfig(bits=2, group_size=64, init=init, rank=8, alpha=16.0, seed=0,
+                                    options=options)  # fmt: skip
         start = time.perf_counter()
         lowbit.quantize(model, config, calib=calib, progress=False)
         losses = [round(b["stats"]["mse"], 3) for b in model.lowbit_stats]
@@ -66,7 +76,11 @@ def main() -> None:
             published_seconds = seconds
         ratio = f" ({seconds / published_seconds:.2f} x published)" if published_seconds else ""
         print(f"{name}: {seconds:.1f} s{ratio}, block losses {losses}", flush=True)
-        if args.epoch_losses:
+        if args.holdout:
+            for key in ("train_rel_error", "rel_error"):
+                errors = [round(b["stats"][key], 4) for b in model.lowbit_stats]
+                print(f"  relative error on {'training' if key.startswith('train') else 'held-out'} windows: {errors}")
+        if args.epoch_losses and init != "gptq":  # gptq trains nothing
             for b in model.lowbit_stats:
                 print(f"  block {b['index']}: epochs", [round(v, 3) for v in b["stats"]["epoch_losses"]], flush=True)
     env = benchlib.environment()

@@ -108,6 +108,17 @@ def tiny_folder(tmp_path: Path) -> Path:
     return save_tiny(tmp_path / "tiny-llama")
 
 
+@pytest.fixture
+def ckpt(tiny_folder: Path, tmp_path: Path, capsys) -> Path:
+    """A W3 g32 lowbit checkpoint of the tiny Llama, made by the command line (``tmp_path / "q3"``)."""
+    from lowbit.cli import main
+
+    code = main(["quantize", str(tiny_folder), "--bits", "3", "--group-size", "32", "--out", str(tmp_path / "q3")])
+    assert code == 0, capsys.readouterr().err
+    capsys.readouterr()
+    return tmp_path / "q3"
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory):
     """Keep GGUF conversions of the tests out of the user's cache unless a shared one is configured."""

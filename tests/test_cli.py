@@ -25,13 +25,6 @@ def _leftovers(parent: Path) -> list[str]:
     return [p.name for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
 
 
-@pytest.fixture
-def ckpt(tiny_folder: Path, tmp_path: Path, capsys) -> Path:
-    code, _, err = run(capsys, "quantize", tiny_folder, "--bits", "3", "--group-size", "32", "--out", tmp_path / "q3")
-    assert code == 0, err
-    return tmp_path / "q3"
-
-
 def test_quantize_info_eval_generate_json(tiny_folder: Path, tmp_path: Path, capsys) -> None:
     before = _digest(tiny_folder)
     out_dir = tmp_path / "q"
@@ -136,10 +129,12 @@ def test_output_inside_input_refused(tiny_folder: Path, capsys) -> None:
     assert _digest(tiny_folder) == before
 
 
-def test_truncated_checkpoint(ckpt: Path, tmp_path: Path, capsys) -> None:
+def test_truncated_checkpoint(ckpt: Path, tmp_path: Path, capsys, monkeypatch) -> None:
     weights = ckpt / "model-block-00001.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    _expect_error(capsys, ["eval", ckpt, "--ppl", "ptb"], "truncated or corrupt.*re-create")
+    _expect_error(capsys, ["eval", ckpt, "--ppl", "ptb"], "does not match its recorded SHA-256.*re-create")
+    monkeypatch.setenv("LOWBIT_VERIFY", "1")  # restored after the test: --no-verify sets it for the process
+    _expect_error(capsys, ["eval", ckpt, "--ppl", "ptb", "--no-verify"], "truncated or corrupt.*re-create")
     _expect_error(capsys, ["info", ckpt], "truncated or corrupt")
 
 

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from lowbit.api import QuantConfig, quantize
+from lowbit.api import QuantConfig, load, quantize
 from lowbit.checkpoint import checkpoint_info as info
-from lowbit.checkpoint import load_checkpoint as load
 from lowbit.checkpoint import save_checkpoint as save
 from lowbit.errors import LowbitError
 from lowbit.layers import QuantLinear, to_dense

@@ -26,7 +26,7 @@ import torch
 
 from lowbit.api import QuantConfig
 from lowbit.errors import LowbitError
-from lowbit.fsutil import write_json, write_text
+from lowbit.fsutil import with_output_lock, write_json, write_text
 from lowbit.parallel import Pair, bible_pairs, p3_split, read_monolingual, read_pairs, write_pairs
 from lowbit.translate import score, sft_record, translate
 
@@ -102,6 +102,7 @@ def evaluate_mt(
             "translate_seconds": round(seconds, 1), "hypotheses": hyps}  # fmt: skip
 
 
+@with_output_lock
 def adapt(
     model: str | None,
     out: Path,
@@ -109,11 +110,14 @@ def adapt(
     progress: bool = True,
     log: Callable[[str], None] = print,
     save_every: int = 20,
+    device: str | torch.device | None = "auto",
 ) -> dict:
     """Run the stages that are not finished yet; returns ``eval.json``'s content.
 
     ``save_every`` (optimizer steps between fine-tuning checkpoints) only decides how much a crash can cost: a
     resumed stage ends exactly where an uninterrupted one would, so it is not part of the recorded settings.
+    ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``) is where every stage computes; like ``save_every`` it is
+    not recorded, so a run can move between machines.
     """
     from lowbit.calibrate import calibrate
     from lowbit.data import sample_windows, text_windows
@@ -143,22 +147,22 @@ def adapt(
             calib = sample_windows(wins, min(config.calib_windows, wins.shape[0]), q.seed)
         log(f"[adapt] quantize ({q.spec.name}, init {q.init}) on {config.tgt} text -> {quantized}")
         torch.manual_seed(q.seed)
-        calibrate(source, q, quantized, calib, tokenizer, engine=EngineOptions(progress=progress))
+        calibrate(source, q, quantized, calib, tokenizer, engine=EngineOptions(progress=progress, device=device))
     common = dict(lr=config.lr, batch_size=config.batch_size, micro_batch=config.micro_batch, seed=config.seed,
                   samples=0, save_every=save_every)  # fmt: skip
     if not (cpt / "config.json").is_file():
         log(f"[adapt] continued pre-training on {data / 'mono.txt'} -> {cpt}")
         finetune(quantized, cpt, TrainConfig(data=str(data / "mono.txt"), task="clm", epochs=config.cpt_epochs,
-                                             **common), progress=progress)  # fmt: skip
+                                             **common), progress=progress, device=device)  # fmt: skip
     if not (sft / "config.json").is_file():
         log(f"[adapt] translation fine-tuning on {data / 'train.jsonl'} -> {sft}")
         finetune(cpt, sft, TrainConfig(data=str(data / "train.jsonl"), task="sft", epochs=config.sft_epochs,
-                                       **common), progress=progress)  # fmt: skip
+                                       **common), progress=progress, device=device)  # fmt: skip
     result_path = out / "eval.json"
     if result_path.is_file():
         return json.loads(result_path.read_text())
     log(f"[adapt] evaluating {sft} on {data / 'test.tsv'}")
-    m, tokenizer = load_model(sft)
+    m, tokenizer = load_model(sft, device=device)
     test = read_pairs(data / "test.tsv")
     if config.test_limit:
         test = test[: config.test_limit]

@@ -8,11 +8,14 @@ embeddings, norms and the LM head stay in full precision. ``init`` chooses how c
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from lowbit.device import place_model
 from lowbit.engine import Engine, EngineOptions
 from lowbit.errors import LowbitError
 from lowbit.init import INITIALIZERS, LoraSpec, get_initializer
@@ -83,21 +86,41 @@ def check_shapes(model: nn.Module, config: QuantConfig) -> dict[str, nn.Module]:
     return layers
 
 
+def load(
+    folder: str | Path, device: str | torch.device | None = None, verify: bool | None = None
+) -> tuple[nn.Module, object | None]:
+    """``lowbit.load``: a lowbit checkpoint (eval mode) and its tokenizer, on ``device`` (``auto``, ``cpu``,
+    ``cuda``, ``cuda:N``; None: the CPU). ``verify``: see :func:`lowbit.checkpoint.load_checkpoint`."""
+    from lowbit.checkpoint import load_checkpoint
+
+    model, tokenizer = load_checkpoint(folder, verify=verify)
+    return place_model(model, device), tokenizer
+
+
 def quantize(
     model: nn.Module,
     config: QuantConfig | None = None,
     calib: torch.Tensor | None = None,
     progress: bool = True,
     engine: EngineOptions | None = None,
+    device: str | torch.device | None = None,
 ) -> nn.Module:
     """Quantize every linear layer in the decoder blocks of ``model`` in place and return it.
 
-    ``calib`` holds calibration token windows ``[n, seq]`` for the data-driven initializers. Blocks are done one
+    ``calib`` holds calibration token windows ``[n, seq]`` for the data-driven initializers; with
+    ``config.options["holdout_windows"] = k`` its last ``k`` windows are held out from the method, and the
+    per-block error in ``model.lowbit_stats`` is measured on them (``train_*``: on the others). Blocks are done one
     at a time, so the full-precision weights of each block are freed as soon as it is packed.
+
+    ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``; it overrides ``engine.device``) is where each block is
+    initialized: a block elsewhere is moved there for its turn and back afterwards, so a CPU model can be
+    calibrated on a GPU one block at a time. None: where the blocks are (a model on CUDA is calibrated there).
     """
     config = config or QuantConfig()
     check_shapes(model, config)
     engine = engine or EngineOptions(progress=progress)
+    if device is not None:
+        engine = dataclasses.replace(engine, device=device)
     init = get_initializer(config.init)
     run = Engine(model, init, config.spec, config.lora, config.seed, config.options, calib, engine)
     model.lowbit_stats = [r.__dict__ for r in run.run()]

@@ -33,13 +33,27 @@ from lowbit.checkpoint import (
     INDEX,
     LORA_KEYS,
     PEFT_PREFIX,
+    STORAGE_DTYPES,
     adapter_fields,
+    checkpoint_config,
     module_shape,
     qconfig_dict,
+    read_weight_map,
+    write_checksums,
 )
 from lowbit.engine import Activations, BlockResult, Engine, EngineOptions
 from lowbit.errors import LowbitError
-from lowbit.fsutil import check_output_dir, replace_dir, work_dir, write_json
+from lowbit.fsutil import (
+    WORK_MARKER,
+    check_output_dir,
+    claim_work_dir,
+    content_fingerprint,
+    remove_work_dir,
+    replace_dir,
+    with_output_lock,
+    work_dir,
+    write_json,
+)
 from lowbit.init import get_initializer
 from lowbit.layers import quant_layers
 from lowbit.models import find_blocks
@@ -52,10 +66,10 @@ class SafetensorsSource:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        index = folder / "model.safetensors.index.json"
+        index = folder / INDEX
         try:
             if index.is_file():
-                weight_map = json.loads(index.read_text())["weight_map"]
+                weight_map = read_weight_map(index)
             elif (folder / "model.safetensors").is_file():
                 with safe_open(folder / "model.safetensors", "pt") as f:
                     weight_map = dict.fromkeys(f.keys(), "model.safetensors")
@@ -66,9 +80,21 @@ class SafetensorsSource:
             raise LowbitError(msg) from exc
         self.weight_map: dict[str, str] = weight_map
 
+    def dtypes(self) -> dict[str, torch.dtype]:
+        """The stored dtype of every float tensor, from the file headers: the checkpoint keeps its untouched
+        tensors (embeddings, norms, head, biases) in it instead of the float32 they are computed in."""
+        out = {}
+        for file in sorted(set(self.weight_map.values())):
+            with safe_open(self.folder / file, "pt") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    dtype = _DTYPES.get(f.get_slice(name).get_dtype())
+                    if dtype is not None:
+                        out[name] = dtype
+        return out
+
     def identity(self) -> list:
-        files = sorted(set(self.weight_map.values()))
-        return [str(self.folder.resolve())] + [[f, (self.folder / f).stat().st_size] for f in files]
+        """What a resumed run checks the source against: the content of its weight files, not their path or size."""
+        return content_fingerprint([self.folder / f for f in set(self.weight_map.values())])
 
     def load(self, names: list[str]) -> dict[str, torch.Tensor]:
         by_file: dict[str, list[str]] = {}
@@ -136,6 +162,7 @@ def fingerprint(config: QuantConfig, source: SafetensorsSource, calib: torch.Ten
     return h.hexdigest()
 
 
+@with_output_lock
 def calibrate(
     folder: Path,
     config: QuantConfig,
@@ -152,8 +179,13 @@ def calibrate(
     Returns a summary: per-block statistics, seconds per block, the resumed-from block and the worst block.
     """
     out, folder = Path(out), Path(folder)
+    check_output_dir(out, overwrite, (folder,))  # also when resuming: a non-empty --out is refused before any block
     engine = engine or EngineOptions()
     source = SafetensorsSource(folder)
+    model, prefix = skeleton(folder, source)
+    check_shapes(model, config)  # shapes are known on the meta device: fail before any work or work folder
+    storage = source.dtypes()
+    setattr(model, STORAGE_DTYPES, storage)  # _write_base stores the untouched tensors in the source's dtype
     work = work_dir(out)
     key = fingerprint(config, source, calib, engine.act_dtype)
     state = {"fingerprint": key, "next_block": 0, "blocks": [], "modules": {}, "source": str(folder.resolve())}
@@ -162,21 +194,18 @@ def calibrate(
         if saved.get("fingerprint") == key:
             state = saved
         elif overwrite:
-            shutil.rmtree(work)
+            remove_work_dir(work)
         else:
             raise LowbitError(
                 f"{work} holds an interrupted run with different settings, model or calibration data: rerun that "
                 "command to resume it, or pass --overwrite to discard it"
             )
     if state["next_block"] == 0:
-        check_output_dir(out, overwrite, (folder,))
-        shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True, exist_ok=True)
+        remove_work_dir(work)
+    claim_work_dir(work)
     if spill:
         engine = dataclasses.replace(engine, spill_dir=work / "spill")
 
-    model, prefix = skeleton(folder, source)
-    check_shapes(model, config)  # shapes are known on the meta device: fail before any work
     init = get_initializer(config.init)
     run = Engine(model, init, config.spec, config.lora, config.seed, config.options, calib, engine)
     start = state["next_block"]
@@ -193,14 +222,14 @@ def calibrate(
         block.load_state_dict({k[len(f"{prefix}.{i}.") :]: v for k, v in tensors.items()}, assign=True)
 
     def finish_block(i: int, block: nn.Module, result: BlockResult, x, xq) -> None:
-        tensors = {f"{prefix}.{i}.{k}": v.contiguous() for k, v in block.state_dict().items()}
-        base = {k: v for k, v in tensors.items() if k.rsplit(".", 1)[-1] not in LORA_KEYS}
+        tensors = {f"{prefix}.{i}.{k}": v.cpu().contiguous() for k, v in block.state_dict().items()}
+        base = {k: v.to(storage.get(k, v.dtype)) for k, v in tensors.items() if k.rsplit(".", 1)[-1] not in LORA_KEYS}
         lora = {k: v for k, v in tensors.items() if k.rsplit(".", 1)[-1] in LORA_KEYS}
         _save(base, work / f"model-block-{i:05d}.safetensors")
         if lora:
             _save(lora, work / f"lora-{i:05d}.safetensors")
         if x is not None:
-            _save({"x": x.data, "xq": xq.data}, work / f"acts-{i:05d}.safetensors")
+            _save({"x": x.data.cpu(), "xq": xq.data.cpu()}, work / f"acts-{i:05d}.safetensors")
         for name, m in quant_layers(block).items():
             state["modules"][f"{prefix}.{i}.{name}"] = module_shape(m)
         state["blocks"].append({"index": i, "seconds": round(result.seconds, 2), **result.stats})
@@ -238,7 +267,8 @@ def _write_base(model: nn.Module, prefix: str, work: Path) -> None:
 
 
 def _finalize(model, config: QuantConfig, state: dict, work: Path, out: Path, tokenizer, overwrite: bool) -> None:
-    """Turn the work folder into the checkpoint: index, adapter, config, tokenizer; then one rename."""
+    """Turn the work folder into the checkpoint: index, adapter, config, tokenizer, digests; then one rename."""
+    check_output_dir(out, overwrite)  # before the resumable state is deleted: a refusal keeps it for the rerun
     weight_map = {}
     for shard in sorted(work.glob("model-*.safetensors")):
         with safe_open(shard, "pt") as f:
@@ -252,8 +282,7 @@ def _finalize(model, config: QuantConfig, state: dict, work: Path, out: Path, to
         _save(lora, work / ADAPTER_WEIGHTS)
         fan_in_fan_out = any(m[3] for m in state["modules"].values())
         write_json(work / ADAPTER_CONFIG, adapter_fields(sorted(state["modules"]), config.lora, fan_in_fan_out))
-    hf = model.config.to_dict()
-    hf["quantization_config"] = qconfig_dict(config, state["modules"])
+    hf = checkpoint_config(model.config.to_dict(), qconfig_dict(config, state["modules"]))
     hf["quantization_config"]["calibration"] = {"blocks": state["blocks"]}
     hf["quantization_config"]["source"] = state["source"]
     write_json(work / "config.json", hf)
@@ -264,5 +293,6 @@ def _finalize(model, config: QuantConfig, state: dict, work: Path, out: Path, to
     for p in [*work.glob("lora-*.safetensors"), *work.glob("acts-*.safetensors"), work / STATE]:
         p.unlink(missing_ok=True)
     shutil.rmtree(work / "spill", ignore_errors=True)
-    check_output_dir(out, overwrite)
+    write_checksums(work)
+    (work / WORK_MARKER).unlink()
     replace_dir(work, out)

@@ -3,12 +3,15 @@
 A checkpoint folder holds
 
 - ``config.json``: the model's own config plus ``quantization_config`` (``quant_method: lowbit``, the method,
-  bits, group size, symmetry, format, the quantized modules and their shapes, and the lowbit, torch and
-  transformers versions that wrote it);
+  bits, group size, symmetry, format, the quantized modules and their shapes, the ``packing_version`` of the
+  packed codes (:mod:`lowbit.quant.packing`; absent in older checkpoints, which use version 1), and the lowbit,
+  torch and transformers versions that wrote it);
 - ``model.safetensors``: packed codes, fp16 scales, packed zero points and every non-quantized parameter;
 - ``adapter_config.json`` + ``adapter_model.safetensors``: the LoRA adapter in PEFT's format (absent for
   ``init=none``), which PEFT loads onto the dense base of :func:`lowbit.layers.to_dense`;
-- the tokenizer files, when the model had a tokenizer.
+- the tokenizer files, when the model had a tokenizer;
+- ``checksums.sha256``: the SHA-256 of every weight file, the index and the adapter config (``sha256sum -c``
+  format), checked on load so that a damaged or swapped file is an error, not a silently different model.
 
 The whole folder is written to a temporary sibling and renamed, so it appears complete or not at all. Loading
 builds the architecture without allocating its full-precision weights and gives back exactly the saved tensors,
@@ -19,6 +22,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -28,10 +34,11 @@ from torch import nn
 
 from lowbit.api import QuantConfig
 from lowbit.errors import LowbitError
-from lowbit.fsutil import atomic_dir, write_json
+from lowbit.fsutil import atomic_dir, sha256_files, write_json, write_text
 from lowbit.init import LoraSpec
 from lowbit.layers import QuantLinear, quant_layers, set_module
 from lowbit.quant import QuantSpec
+from lowbit.quant.packing import PACKING_VERSION
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"  # sharded checkpoints (written by streaming calibration)
@@ -39,6 +46,11 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 LORA_KEYS = ("lora_A", "lora_B")
+PACKED_KEYS = ("qweight", "scales", "qzeros")
+STORAGE_DTYPES = "lowbit_storage_dtypes"  # model attribute: tensor name -> dtype it is stored in (the source's)
+CHECKSUMS = "checksums.sha256"
+VERIFY_ENV = "LOWBIT_VERIFY"  # "0": load checkpoints without checking their digests (the CLI's --no-verify)
+LOWBIT_MODEL_TYPE = "lowbit"  # config.json's model_type: plain transformers refuses it (see checkpoint_config)
 
 
 def _versions() -> dict[str, str]:
@@ -71,8 +83,24 @@ def qconfig_dict(config: QuantConfig, modules: dict[str, list[int]]) -> dict:
         "options": config.options,
         "seed": config.seed,
         "modules": modules,
+        "packing_version": PACKING_VERSION,
         **_versions(),
     }
+
+
+def checkpoint_config(model_config: dict, qconfig: dict) -> dict:
+    """``config.json`` of a checkpoint: the model's config, its ``quantization_config``, and ``model_type: lowbit``.
+
+    transformers skips a ``quant_method`` it does not know with a warning and then loads the model with every
+    quantized layer reported missing and randomly initialized -- a model that "works" and outputs noise. An
+    unknown ``model_type`` instead stops ``from_pretrained`` with an error naming ``lowbit`` (as it does every
+    other reader of the config, such as vLLM); the real type is kept in ``quantization_config.model_type`` for
+    :func:`load_checkpoint`. Serving formats come from ``lowbit export --gguf/--gptq/--merged``.
+    """
+    config = {k: v for k, v in model_config.items() if k != "quantization_config"}
+    config["quantization_config"] = {**qconfig, "model_type": config.get("model_type")}
+    config["model_type"] = LOWBIT_MODEL_TYPE
+    return config
 
 
 def quantization_config(model: nn.Module) -> dict:
@@ -87,11 +115,14 @@ def quantization_config(model: nn.Module) -> dict:
 def base_tensors(model: nn.Module, skip_prefix: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Non-LoRA tensors to store, with tied (same-storage) duplicates replaced by an alias to the first name.
 
-    ``skip_prefix`` leaves out the tensors under it (the blocks, which streaming calibration writes itself).
+    ``skip_prefix`` leaves out the tensors under it (the blocks, which streaming calibration writes itself). A
+    tensor named in the model's ``lowbit_storage_dtypes`` is stored in that dtype (the source's, e.g. bf16), not in
+    the float32 lowbit computes in, so a checkpoint is not larger than its 16-bit source.
     """
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
+    storage: dict[str, torch.dtype] = getattr(model, STORAGE_DTYPES, {})
     for name, tensor in model.state_dict().items():
         if name.rsplit(".", 1)[-1] in LORA_KEYS or (skip_prefix and name.startswith(skip_prefix)):
             continue
@@ -105,7 +136,7 @@ def base_tensors(model: nn.Module, skip_prefix: str | None = None) -> tuple[dict
             aliases[name] = seen[key]
             continue
         seen[key] = name
-        tensors[name] = tensor.detach().contiguous().cpu()
+        tensors[name] = tensor.detach().contiguous().cpu().to(storage.get(name, tensor.dtype))
     return tensors, aliases
 
 
@@ -154,7 +185,8 @@ def save_checkpoint(
 ) -> Path:
     """Save a lowbit-quantized model (and tokenizer) as a checkpoint folder, atomically; returns the folder.
 
-    ``extra`` maps file names to JSON-serializable records written alongside (e.g. ``training.json``).
+    ``extra`` maps file names to JSON-serializable records written alongside (e.g. ``training.json``), or to
+    files copied in as they are (a ``Path``: the training metrics log).
     """
     out = Path(out)
     qconfig = quantization_config(model)
@@ -163,17 +195,47 @@ def save_checkpoint(
         meta = {"format": "pt", "lowbit_aliases": json.dumps(aliases), "lowbit_version": qconfig["lowbit_version"]}
         save_file(tensors, tmp / WEIGHTS, metadata=meta)
         save_adapter(model, tmp)
-        config = model.config.to_dict()
-        config["quantization_config"] = qconfig
-        write_json(tmp / "config.json", config)
+        write_json(tmp / "config.json", checkpoint_config(model.config.to_dict(), qconfig))
         generation_config = getattr(model, "generation_config", None)
         if generation_config is not None:
             generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, record in (extra or {}).items():
-            write_json(tmp / name, record)
+            if isinstance(record, Path):
+                shutil.copyfile(record, tmp / name)
+            else:
+                write_json(tmp / name, record)
+        write_checksums(tmp)
     return out
+
+
+def write_checksums(folder: Path) -> None:
+    """Record the SHA-256 of the files that hold or map the weights (the last file a checkpoint gets)."""
+    digested = [p for p in folder.iterdir() if p.suffix == ".safetensors" or p.name in (INDEX, ADAPTER_CONFIG)]
+    write_text(folder / CHECKSUMS, "".join(f"{d}  {name}\n" for name, d in sha256_files(digested).items()))
+
+
+def verify_checksums(folder: Path) -> None:
+    """Check the recorded digests; a checkpoint written before lowbit recorded them loads unchecked, with a note."""
+    path = folder / CHECKSUMS
+    if not path.is_file():
+        print(f"lowbit: note: {folder} has no {CHECKSUMS} (written by an older lowbit): its files are not verified",
+              file=sys.stderr)  # fmt: skip
+        return
+    recorded = {}
+    for line in path.read_text().splitlines():
+        digest, _, name = line.partition("  ")
+        recorded[_plain_name(name, path)] = digest
+    missing = [name for name in recorded if not (folder / name).is_file()]
+    if missing:
+        raise LowbitError(f"checkpoint file {folder / missing[0]} is missing: re-create the checkpoint")
+    actual = sha256_files([folder / name for name in recorded])
+    for name, digest in recorded.items():
+        if actual[name] != digest:
+            raise LowbitError(f"checkpoint file {folder / name} does not match its recorded SHA-256 (damaged or "
+                              "changed since it was written): re-create the checkpoint, or load it unchecked with "
+                              "--no-verify")  # fmt: skip
 
 
 def read_config(folder: Path) -> dict:
@@ -194,16 +256,35 @@ def read_config(folder: Path) -> dict:
     return config
 
 
+def read_weight_map(index: Path) -> dict[str, str]:
+    """The tensor -> shard map of a sharded folder's index, whose shards must be plain file names in that folder.
+
+    A crafted or damaged index must not make lowbit read outside the folder (``../../x``, an absolute path) or mix
+    in another checkpoint's shard.
+    """
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = set(weight_map.values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise LowbitError(f"{index} is damaged ({exc}); re-create it") from exc
+    for name in shards:
+        _plain_name(name, index)
+    return weight_map
+
+
+def _plain_name(name: object, source: Path) -> str:
+    if not isinstance(name, str) or name in ("", "..") or Path(name).name != name or "\\" in name:
+        raise LowbitError(f"{source} names the file {name!r}, which is not a plain file name inside {source.parent}: "
+                          "the file is damaged or crafted; re-create it")  # fmt: skip
+    return name
+
+
 def weight_files(folder: Path) -> list[Path]:
     """The checkpoint's weight files: the shards named by the index, or the single ``model.safetensors``."""
     index = folder / INDEX
     if not index.is_file():
         return [folder / WEIGHTS]
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise LowbitError(f"{index} is damaged ({exc}); re-create the checkpoint") from exc
-    return [folder / name for name in sorted(set(weight_map.values()))]
+    return [folder / name for name in sorted(set(read_weight_map(index).values()))]
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -215,6 +296,15 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         return load_file(path), metadata
     except (SafetensorError, OSError, ValueError) as exc:
         raise LowbitError(f"checkpoint file {path} is truncated or corrupt ({exc}); re-create the checkpoint") from exc
+
+
+def _check_packing(qc: dict, folder: Path) -> None:
+    """Refuse codes packed in a layout this version cannot read (no ``packing_version``: written before it was
+    recorded, in layout 1)."""
+    version = qc.get("packing_version", 1)
+    if version != PACKING_VERSION:
+        raise LowbitError(f"{folder} packs its codes in layout version {version!r}, but this lowbit reads version "
+                          f"{PACKING_VERSION}; upgrade lowbit or re-create the checkpoint")  # fmt: skip
 
 
 def _quant_config(qc: dict, adapter: dict | None) -> QuantConfig:
@@ -232,16 +322,46 @@ def _quant_config(qc: dict, adapter: dict | None) -> QuantConfig:
     )
 
 
-def load_checkpoint(folder: str | Path) -> tuple[nn.Module, object | None]:
-    """Load a lowbit checkpoint into a ready model (eval mode) and its tokenizer (None if it has none)."""
+def _compute_in_float32(tensors: dict[str, torch.Tensor], modules: dict) -> dict[str, torch.dtype]:
+    """Upcast the 16-bit untouched tensors (embeddings, norms, head, biases) to float32 in place; return their
+    stored dtypes, so a later save writes them back as they were (the values round-trip exactly).
+
+    The checkpoint keeps them in the source model's dtype (a bf16 model's embeddings stay bf16 on disk), but lowbit
+    computes in float32 like the model it was calibrated from; the packed codes and fp16 scales stay as stored.
+    """
+    storage = {}
+    for name, tensor in tensors.items():
+        module, _, leaf = name.rpartition(".")
+        if module in modules and leaf in PACKED_KEYS:
+            continue
+        if tensor.dtype in (torch.float16, torch.bfloat16):
+            storage[name] = tensor.dtype
+            tensors[name] = tensor.float()
+    return storage
+
+
+def load_checkpoint(folder: str | Path, verify: bool | None = None) -> tuple[nn.Module, object | None]:
+    """Load a lowbit checkpoint into a ready model (eval mode) and its tokenizer (None if it has none).
+
+    ``verify`` checks every weight file against the digests recorded when it was saved (about 2 s per GB); the
+    default is on unless the environment sets ``LOWBIT_VERIFY=0`` (what the CLI's ``--no-verify`` does).
+    """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lowbit.models import load_tokenizer
+    from lowbit.models import _first_line, load_tokenizer
 
     folder = Path(folder)
     config_dict = read_config(folder)
     qc = config_dict.pop("quantization_config")
+    _check_packing(qc, folder)
+    if (folder / ADAPTER_WEIGHTS).is_file() and not (folder / ADAPTER_CONFIG).is_file():
+        raise LowbitError(f"{folder} has adapter weights ({ADAPTER_WEIGHTS}) but no {ADAPTER_CONFIG}: the checkpoint "
+                          "is incomplete; restore that file or re-create the checkpoint")  # fmt: skip
+    if verify is None:
+        verify = os.environ.get(VERIFY_ENV) != "0"
+    if verify:
+        verify_checksums(folder)
     adapter = None
     if (folder / ADAPTER_CONFIG).is_file():
         adapter = json.loads((folder / ADAPTER_CONFIG).read_text())
@@ -254,15 +374,20 @@ def load_checkpoint(folder: str | Path) -> tuple[nn.Module, object | None]:
         part, metadata = _read_safetensors(path)
         tensors.update(part)
         aliases.update(json.loads(metadata.get("lowbit_aliases", "{}")))
+    storage = _compute_in_float32(tensors, qc["modules"])
     for alias, name in aliases.items():
         tensors[alias] = tensors[name]
+        if name in storage:
+            storage[alias] = storage[name]
     if adapter is not None:
         lora, _ = _read_safetensors(folder / ADAPTER_WEIGHTS)
         for key, value in lora.items():
             name = key.removeprefix(PEFT_PREFIX).removesuffix(".weight")  # "<module>.lora_A"
             tensors[name] = value
 
-    model_type = config_dict.pop("model_type", None)
+    model_type = config_dict.pop("model_type", None)  # the real type in checkpoints older than the marker
+    if model_type == LOWBIT_MODEL_TYPE:
+        model_type = qc["model_type"]
     hf_config = AutoConfig.for_model(model_type, **config_dict)
     # Parameters go on the meta device (no memory); buffers such as rotary tables are built for real.
     with init_empty_weights(include_buffers=False):
@@ -272,7 +397,13 @@ def load_checkpoint(folder: str | Path) -> tuple[nn.Module, object | None]:
         if adapter is not None:
             layer.add_lora(config.rank, config.alpha, config.dropout)
         set_module(model, name, layer)
-    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    try:
+        missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    except RuntimeError as exc:  # size mismatches: the config's bits, group size or shapes were edited
+        first = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), _first_line(exc))
+        msg = (f"checkpoint {folder} does not match its config ({first}); it was written by another version or "
+               "config.json was edited: restore config.json or re-create the checkpoint")  # fmt: skip
+        raise LowbitError(msg) from exc
     if missing or unexpected:
         raise LowbitError(
             f"checkpoint {folder} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]}); "
@@ -281,6 +412,7 @@ def load_checkpoint(folder: str | Path) -> tuple[nn.Module, object | None]:
     for name, p in model.named_parameters():
         p.requires_grad_(name.rsplit(".", 1)[-1] in LORA_KEYS)
     model.lowbit_config = config
+    setattr(model, STORAGE_DTYPES, storage)
     model.eval()
     return model, load_tokenizer(folder)
 
@@ -296,7 +428,7 @@ def checkpoint_info(folder: str | Path) -> dict:
             with safe_open(path, framework="pt") as f:
                 for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                     module, _, leaf = key.rpartition(".")
-                    if module in qc["modules"] and leaf in ("qweight", "scales", "qzeros"):
+                    if module in qc["modules"] and leaf in PACKED_KEYS:
                         s = f.get_slice(key)
                         quant_bytes += math.prod(s.get_shape()) * _dtype_bytes(s.get_dtype())
     except (SafetensorError, OSError) as exc:

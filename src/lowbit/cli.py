@@ -1,8 +1,8 @@
-"""The ``lowbit`` command line: quantize, finetune, export, eval, info, report, generate, translate, adapt.
+"""The ``lowbit`` command line: quantize, finetune, export, eval, info, report, generate, translate, adapt, cache.
 
-Every command accepts ``--json`` and then prints exactly one JSON object on stdout (progress bars and logs go to
-stderr). A user mistake prints one line, ``lowbit: error: <what is wrong and how to fix it>``, and exits with
-status 2; nothing is half-written.
+Every command accepts ``--json`` and then prints exactly one JSON object on stdout (progress bars and logs still go
+to stderr, with or without ``--json``). A user mistake prints one line, ``lowbit: error: <what is wrong and how to
+fix it>``, and exits with status 2; nothing is half-written.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from lowbit.device import DEVICE_CHOICES, parse_budget, resolve_device
 from lowbit.errors import LowbitError
 from lowbit.init.apiq_bw import WARM_STARTS
 
@@ -44,9 +45,18 @@ def _format(args: argparse.Namespace) -> tuple[str, int]:
     return fmt, bits
 
 
+def _at_least_one(args: argparse.Namespace, *names: str) -> None:
+    """Refuse counts below 1 before any model is loaded (they would fail minutes later inside transformers)."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise LowbitError(f"--{name.replace('_', '-')} must be at least 1, got {value}: give a positive count")
+
+
 def _options(args: argparse.Namespace) -> dict:
     """Method options from the flags that were given (recorded in the checkpoint)."""
-    names = ("epochs", "clip_lr", "lora_lr", "weight_decay", "clip_init", "loftq_iters", "warm_start", "batch")
+    names = ("epochs", "clip_lr", "lora_lr", "weight_decay", "clip_init", "loftq_iters", "warm_start", "batch",
+             "weight_lr", "qparam_lr")  # fmt: skip
     options = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     if args.second_loss:
         options["second_loss"] = 1
@@ -60,7 +70,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from lowbit.calibrate import calibrate
     from lowbit.data import sample_windows, text_windows
     from lowbit.engine import EngineOptions
-    from lowbit.fsutil import check_output_dir, work_dir
+    from lowbit.fsutil import check_output_dir
     from lowbit.init import INITIALIZERS
     from lowbit.models import is_lowbit_checkpoint, load_tokenizer, resolve_model_path
 
@@ -78,8 +88,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     )
     out = Path(args.out)
     protected = (Path(args.model),) if args.model else ()
-    if not work_dir(out).is_dir():
-        check_output_dir(out, args.overwrite, protected)
+    check_output_dir(out, args.overwrite, protected)  # the whole output path, before any loading
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     source = resolve_model_path(args.model)
@@ -89,10 +98,14 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     calib = None
     if INITIALIZERS[config.init].needs_data:
         wins = text_windows(args.calib, tokenizer, args.calib_seqlen, split="train")
-        calib = sample_windows(wins, args.calib_windows, args.calib_seed)
+        if args.holdout_windows < 0:
+            raise LowbitError(f"--holdout-windows must be at least 0, got {args.holdout_windows}")
+        # one draw of calib + holdout windows: its first --calib-windows are the ones drawn without holdout
+        calib = sample_windows(wins, args.calib_windows + args.holdout_windows, args.calib_seed)
         config.options.update(calib=args.calib, calib_windows=args.calib_windows, calib_seqlen=args.calib_seqlen,
-                              calib_seed=args.calib_seed)  # fmt: skip
-    engine = EngineOptions(act_dtype=getattr(torch, args.act_dtype), progress=not args.json)
+                              calib_seed=args.calib_seed, holdout_windows=args.holdout_windows)  # fmt: skip
+    engine = EngineOptions(act_dtype=getattr(torch, args.act_dtype), progress=True, device=args.device,
+                           act_budget=parse_budget(args.act_budget))  # fmt: skip
     summary = calibrate(source, config, out, calib, tokenizer, args.overwrite, engine, spill=args.spill)
     seconds = time.perf_counter() - start
     result = {
@@ -111,8 +124,9 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     worst = summary["worst_block"]
     if worst and "rel_error" in worst:
         last = summary["blocks"][-1]
-        lines.append(f"relative output error of the quantized stream: last block {last['rel_error']:.4f}, "
-                     f"worst block {worst['index']} ({worst['rel_error']:.4f})")  # fmt: skip
+        where = f"{args.holdout_windows} held-out" if args.holdout_windows else "the calibration"
+        lines.append(f"relative output error of the quantized stream on {where} windows: last block "
+                     f"{last['rel_error']:.4f}, worst block {worst['index']} ({worst['rel_error']:.4f})")  # fmt: skip
     _emit(args, result, lines)
 
 
@@ -121,9 +135,9 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
     names = ("data", "task", "seqlen", "samples", "epochs", "batch_size", "micro_batch", "lr", "weight_decay",
              "warmup", "max_grad_norm", "seed", "eval_data", "eval_every", "eval_windows", "save_every",
-             "grad_checkpointing", "precision", "rank", "alpha")  # fmt: skip
+             "grad_checkpointing", "precision", "lora_dtype", "rank", "alpha")  # fmt: skip
     config = TrainConfig(**{n: getattr(args, n) for n in names})
-    result = finetune(args.dir, args.out, config, overwrite=args.overwrite, progress=not args.json)
+    result = finetune(args.dir, args.out, config, overwrite=args.overwrite, progress=True, device=args.device)
     result["peak_rss_mb"] = round(_peak_rss_mb(), 1)
     lines = [
         f"wrote {result['out']}: {result['steps']} steps on {result['examples']} examples, final loss "
@@ -138,19 +152,46 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     _emit(args, {k: v for k, v in result.items() if k != "losses"}, lines)
 
 
+def _export_calib(args: argparse.Namespace):
+    """Calibration windows for an export that re-quantizes (from the checkpoint's tokenizer and the calib flags)."""
+    from lowbit.data import sample_windows, text_windows
+    from lowbit.models import load_tokenizer
+
+    wins = text_windows(args.calib, load_tokenizer(Path(args.dir)), args.calib_seqlen, split="train")
+    return sample_windows(wins, args.calib_windows, args.calib_seed)
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     from lowbit.api import QuantConfig
     from lowbit.checkpoint import read_config
-    from lowbit.data import sample_windows, text_windows
-    from lowbit.export import export_merged, export_requantized
-    from lowbit.models import load_tokenizer
+    from lowbit.engine import EngineOptions
+    from lowbit.export import export_merged, export_requantized, merged_dtype
 
-    if (args.merged is None) == (args.requantize is None):
-        raise LowbitError("give exactly one of --merged OUT (full precision) or --requantize OUT (low-bit, no adapter)")
+    targets = {"merged": args.merged, "requantize": args.requantize, "gguf": args.gguf, "gptq": args.gptq}
+    if sum(v is not None for v in targets.values()) != 1:
+        raise LowbitError("give exactly one of --merged OUT (full precision), --requantize OUT (low-bit, no "
+                          "adapter), --gguf OUT.gguf (llama.cpp) or --gptq OUT (transformers, vLLM)")  # fmt: skip
+    if args.dtype is not None and args.merged is None:
+        raise LowbitError("--dtype applies to --merged only: drop it, or export with --merged")
     start = time.perf_counter()
+    options = {"calib": args.calib, "calib_windows": args.calib_windows}
+    engine = EngineOptions(progress=True, device=args.device, act_budget=parse_budget(args.act_budget))
     if args.merged:
-        out = export_merged(args.dir, args.merged, args.overwrite)
-        result = {"out": str(out), "kind": "merged"}
+        dtype = merged_dtype(args.dir, args.dtype)
+        out = export_merged(args.dir, args.merged, args.overwrite, dtype)
+        result = {"out": str(out), "kind": "merged", "dtype": dtype}
+    elif args.gguf:
+        from lowbit.export_gguf import export_gguf, plan_gguf
+
+        calib = _export_calib(args) if plan_gguf(Path(args.dir), args.gguf_type)[1] else None
+        result = export_gguf(args.dir, args.gguf, args.gguf_type, args.embeddings, calib, args.overwrite,
+                             options=options, engine=engine)  # fmt: skip
+    elif args.gptq:
+        from lowbit.export_gptq import export_gptq, plan_gptq
+
+        calib = _export_calib(args) if plan_gptq(Path(args.dir), args.bits)[1] else None
+        result = export_gptq(args.dir, args.gptq, args.bits, calib, args.overwrite, options=options,
+                             engine=engine)  # fmt: skip
     else:
         qc = read_config(Path(args.dir))["quantization_config"]
         bits = args.bits or qc["bits"]
@@ -159,19 +200,17 @@ def cmd_export(args: argparse.Namespace) -> None:
             group_size=args.group_size or qc["group_size"],
             init=args.init,
             seed=args.seed,
-            options={"calib": args.calib, "calib_windows": args.calib_windows},
+            options=options,
         )
-        calib = None
-        if args.init == "gptq":
-            tokenizer = load_tokenizer(Path(args.dir))
-            wins = text_windows(args.calib, tokenizer, args.calib_seqlen, split="train")
-            calib = sample_windows(wins, args.calib_windows, args.calib_seed)
-        summary = export_requantized(args.dir, args.requantize, config, calib, args.overwrite, progress=not args.json)
+        calib = _export_calib(args) if args.init == "gptq" else None
+        summary = export_requantized(args.dir, args.requantize, config, calib, args.overwrite, engine=engine)
         out = Path(args.requantize)
         result = {"out": str(out), "kind": "requantized", "bits": bits, "init": args.init,
                   "worst_block": summary["worst_block"]}  # fmt: skip
     result["seconds"] = round(time.perf_counter() - start, 2)
-    _emit(args, result, [f"wrote {result['out']} ({result['kind']}) in {result['seconds']:.1f} s"])
+    what = result.get("dtype") or result.get("type") or f"W{result['bits']}"
+    again = ", merged and re-quantized activation-aware" if result.get("requantized") else ""
+    _emit(args, result, [f"wrote {result['out']} ({result['kind']} {what}{again}) in {result['seconds']:.1f} s"])
 
 
 def _shots(args: argparse.Namespace) -> list:
@@ -189,21 +228,24 @@ def cmd_translate(args: argparse.Namespace) -> None:
     from lowbit.models import load_model
     from lowbit.translate import translate
 
+    _at_least_one(args, "max_new_tokens", "batch_size", "beams")
     if args.input == "-":
         lines = sys.stdin.read().splitlines()
     else:
         path = Path(args.input)
         if not path.is_file():
             raise LowbitError(f"input file {path} does not exist: give a text file (one segment per line) or -")
-        lines = path.read_text(encoding="utf-8").splitlines()
+        from lowbit.data import read_utf8
+
+        lines = read_utf8(path).read().splitlines()
     sources = [line.strip() for line in lines if line.strip()]
     if not sources:
         raise LowbitError(f"{args.input} has no text to translate")
     shots = _shots(args)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, device=args.device)
     start = time.perf_counter()
     hyps = translate(model, tokenizer, sources, args.src, args.tgt, shots, batch_size=args.batch_size,
-                     beams=args.beams, max_new_tokens=args.max_new_tokens, progress=not args.json)  # fmt: skip
+                     beams=args.beams, max_new_tokens=args.max_new_tokens, progress=True)  # fmt: skip
     seconds = time.perf_counter() - start
     if args.output:
         from lowbit.fsutil import write_text
@@ -213,17 +255,27 @@ def cmd_translate(args: argparse.Namespace) -> None:
     _emit(args, result, [f"wrote {len(hyps)} translations to {args.output}"] if args.output else hyps)
 
 
+def _scored_windows(args: argparse.Namespace, source: str, tokenizer):
+    """The first ``--windows`` windows of ``source``, with a note on stderr when the text has fewer."""
+    from lowbit.data import text_windows
+
+    wins = text_windows(source, tokenizer, args.seqlen, split=args.split, limit=args.windows)
+    if args.windows and wins.shape[0] < args.windows:
+        print(f"lowbit: note: {source} has only {wins.shape[0]} windows of {args.seqlen} tokens, fewer than "
+              f"--windows {args.windows}: scoring those {wins.shape[0]}", file=sys.stderr)  # fmt: skip
+    return wins
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     if args.mt:
         return _eval_mt(args)
-    from lowbit.data import text_windows
     from lowbit.evaluate import perplexity
     from lowbit.models import load_model
 
-    model, tokenizer = load_model(args.model)
-    wins = text_windows(args.ppl, tokenizer, args.seqlen, split=args.split, limit=args.windows)
+    model, tokenizer = load_model(args.model, device=args.device)
+    wins = _scored_windows(args, args.ppl, tokenizer)
     start = time.perf_counter()
-    result = perplexity(model, wins, batch_size=args.batch_size, progress=not args.json)
+    result = perplexity(model, wins, batch_size=args.batch_size, progress=True)
     seconds = time.perf_counter() - start
     out = {
         "ppl": result.ppl,
@@ -250,15 +302,16 @@ def _eval_mt(args: argparse.Namespace) -> None:
     from lowbit.models import load_model
     from lowbit.parallel import read_pairs
 
+    _at_least_one(args, "max_new_tokens", "batch_size")
     test = read_pairs(args.mt)
     if args.windows:
         test = test[: args.windows]
     shots = _shots(args)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, device=args.device)
     config = AdaptConfig(
         src=args.src, tgt=args.tgt, max_new_tokens=args.max_new_tokens, translate_batch=args.batch_size
     )
-    result = evaluate_mt(model, tokenizer, test, config, shots, progress=not args.json)
+    result = evaluate_mt(model, tokenizer, test, config, shots, progress=True)
     result.update(data=args.mt, model=str(args.model) if args.model else "default", shots=len(shots))
     if args.output:
         from lowbit.fsutil import write_text
@@ -283,7 +336,8 @@ def cmd_adapt(args: argparse.Namespace) -> None:
              "lr", "batch_size", "micro_batch", "max_new_tokens", "test_limit")  # fmt: skip
     config = AdaptConfig(quant=quant, **{n: getattr(args, n) for n in names})
     log = (lambda line: print(line, file=sys.stderr)) if args.json else print
-    result = adapt(args.model, Path(args.out), config, progress=not args.json, log=log, save_every=args.save_every)
+    result = adapt(args.model, Path(args.out), config, progress=True, log=log, save_every=args.save_every,
+                   device=args.device)  # fmt: skip
     summary = {k: v for k, v in result.items() if k != "hypotheses"}
     _emit(args, {**summary, "out": args.out},
           [f"chrF {result['chrf']:.2f}  BLEU {result['bleu']:.2f}  {config.tgt} perplexity {result['ppl']:.2f} "
@@ -305,12 +359,32 @@ def cmd_info(args: argparse.Namespace) -> None:
     _emit(args, info, lines)
 
 
+def cmd_cache(args: argparse.Namespace) -> None:
+    from lowbit.models import cache_dir, cache_entries, clear_cache
+
+    if args.action == "clear":
+        entries = cache_entries()
+        removed = clear_cache()
+        freed = sum(e["bytes"] for e in entries)
+        _emit(args, {"removed": removed, "bytes": freed, "cache": str(cache_dir())},
+              [f"removed {removed} converted models ({freed / 2**20:.0f} MiB) from {cache_dir()}"])  # fmt: skip
+        return
+    entries = cache_entries()
+    lines = [f"{e['bytes'] / 2**20:8.0f} MiB  {e['path']}  (from {', '.join(e['sources']) or 'unknown'})"
+             for e in entries]  # fmt: skip
+    total = sum(e["bytes"] for e in entries)
+    lines.append(f"{len(entries)} converted models, {total / 2**20:.0f} MiB in {cache_dir()}; `lowbit cache clear` "
+                 "deletes them (they convert again when loaded)")  # fmt: skip
+    _emit(args, {"cache": str(cache_dir()), "entries": entries, "bytes": total}, lines)
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     import torch
 
     from lowbit.models import load_model
 
-    model, tokenizer = load_model(args.model)
+    _at_least_one(args, "max_new_tokens")
+    model, tokenizer = load_model(args.model, device=args.device)
     if tokenizer is None:
         raise LowbitError(f"{args.model} has no tokenizer files: copy the tokenizer into the model folder")
     if args.chat:
@@ -321,7 +395,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         )
     else:
         text = args.prompt
-    inputs = tokenizer(text, return_tensors="pt")
+    inputs = tokenizer(text, return_tensors="pt").to(model.device)
     torch.manual_seed(args.seed)
     with torch.no_grad():
         out = model.generate(
@@ -334,7 +408,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_report(args: argparse.Namespace) -> None:
     from lowbit.checkpoint import read_config
-    from lowbit.data import text_windows
     from lowbit.fsutil import write_json
     from lowbit.models import load_model
     from lowbit.quant import QuantSpec
@@ -347,19 +420,21 @@ def cmd_report(args: argparse.Namespace) -> None:
         if len(sources) != 1 or None in sources:
             raise LowbitError("the checkpoints do not name one common source model: pass --base MODEL")
         base_path = sources.pop()
-    base, tokenizer = load_model(base_path)
+    base, tokenizer = load_model(base_path, device=args.device)
     models = {}
     for d, qc in configs.items():
         label = f"{Path(d).name} ({qc.get('init')} {QuantSpec(qc['bits'], qc['group_size'], qc['format']).name})"
-        models[label] = load_model(d)[0]
-    wins = text_windows(args.data, tokenizer, args.seqlen, split=args.split, limit=args.windows)
-    result = activation_error(base, models, wins, progress=not args.json)
-    report = {"base": str(base_path), "data": args.data, "split": args.split, "windows": int(wins.shape[0]),
+        models[label] = load_model(d, device=args.device)[0]
+    wins = _scored_windows(args, args.data, tokenizer)
+    result = activation_error(base, models, wins, progress=True)
+    split = args.split if args.data == "ptb" else None  # --split only chooses among PTB's splits
+    report = {"base": str(base_path), "data": args.data, "split": split, "windows": int(wins.shape[0]),
               "seqlen": args.seqlen, "checkpoints": result}  # fmt: skip
     if args.out:
         write_json(Path(args.out), report)
     if args.plot:
-        plot(result, Path(args.plot), f"activation error on {args.data} {args.split}, {wins.shape[0]} x {args.seqlen}")
+        where = f"{args.data} {split}" if split else args.data
+        plot(result, Path(args.plot), f"activation error on {where}, {wins.shape[0]} x {args.seqlen}")
     lines = []
     for label, data in result.items():
         blocks = data["blocks"]
@@ -373,6 +448,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from lowbit import __version__
     from lowbit.api import INITS
+    from lowbit.init import INITIALIZERS
 
     parser = argparse.ArgumentParser(prog="lowbit", description="Quantize, fine-tune and evaluate 2/3/4-bit LLMs.")
     parser.add_argument("--version", action="version", version=f"lowbit {__version__}")
@@ -395,13 +471,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--rank", type=int, default=8, help="LoRA rank")
     q.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scaling = alpha / rank)")
     q.add_argument("--seed", type=int, default=0)
-    c = q.add_argument_group("calibration (wsvd, apiq-lw, apiq-bw)")
+    c = q.add_argument_group(f"calibration ({', '.join(n for n, i in INITIALIZERS.items() if i.needs_data)})")
     c.add_argument("--calib", default="ptb", help="ptb (train split), a .txt or a .jsonl file")
     c.add_argument("--calib-windows", type=int, default=32, help="number of calibration windows")
     c.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window")
     c.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration window choice")
-    c.add_argument("--act-dtype", default="float32", choices=["float32", "float16"], help="activation storage")
-    c.add_argument("--spill", action="store_true", help="keep activations in memory-mapped files, not RAM")
+    c.add_argument("--holdout-windows", type=int, default=4, help="extra windows of --calib the method never sees; "
+                   "the per-block error is measured on them (0: on the calibration windows)")  # fmt: skip
+    c.add_argument("--act-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="activation storage")  # fmt: skip
+    c.add_argument("--spill", action="store_true",
+                   help="activations that do not fit --act-budget go to memory-mapped files, not RAM")  # fmt: skip
     m = q.add_argument_group("method options (defaults: the published recipes)")
     m.add_argument("--epochs", type=int, help="ApiQ epochs per block/layer (published: 20)")
     m.add_argument("--clip-lr", type=float, help="ApiQ clipping learning rate (5e-3)")
@@ -412,8 +492,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--warm-start",
         choices=WARM_STARTS,
-        help="ApiQ-bw start: none (B = 0), wsvd, or gptq (fixed GPTQ codes + wsvd LoRA; LoRA trained)",
+        help="ApiQ-bw start: none (B = 0), wsvd, or gptq (fixed GPTQ codes + wsvd LoRA; LoRA trained); "
+        "blockap: none (min-max grid) or gptq (weights and grid from GPTQ codes)",
     )
+    m.add_argument("--weight-lr", type=float, help="blockap weight learning rate (1e-4)")
+    m.add_argument("--qparam-lr", type=float, help="blockap scale/zero-point learning rate (5e-4)")
     m.add_argument("--second-loss", action="store_true", help="ApiQ-bw: add MSE(block_fp(Xq), block_q(Xq))")
     m.add_argument("--loftq-iters", type=int, help="LoftQ iterations (5)")
     q.add_argument("--out", required=True, help="output checkpoint folder")
@@ -429,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", required=True, help="output checkpoint folder (base + trained adapter)")
     f.add_argument("--overwrite", action="store_true", help="replace a non-empty --out or a stale interrupted run")
     f.add_argument("--seqlen", type=int, default=256, help="clm window / longest sft sequence")
-    f.add_argument("--samples", type=int, default=128, help="examples drawn with --seed (0: all)")
+    f.add_argument("--samples", type=int, default=0, help="examples drawn with --seed (default 0: all the data)")
     f.add_argument("--epochs", type=int, default=1)
     f.add_argument("--batch-size", type=int, default=4, help="effective batch over all processes")
     f.add_argument("--micro-batch", type=int, default=1, help="examples per forward (the rest is accumulation)")
@@ -444,15 +527,25 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--save-every", type=int, default=0, help="steps between resumable checkpoints (0: none)")
     f.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
     f.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on CUDA")
+    f.add_argument("--lora-dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="storage of the trained LoRA factors (and AdamW state): bf16 halves it")  # fmt: skip
     f.add_argument("--rank", type=int, default=8, help="LoRA rank when the checkpoint has no adapter")
     f.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha when the checkpoint has no adapter")
     f.set_defaults(func=cmd_finetune)
 
-    x = add("export", "merge the adapter: a plain full-precision HF model, or a re-quantized low-bit one")
+    x = add("export", "serve the model: GGUF (llama.cpp), GPTQ (transformers, vLLM), merged or re-quantized")
     x.add_argument("dir", help="lowbit checkpoint")
     x.add_argument("--merged", metavar="OUT", help="write W = dequant(Q) + s*BA as a plain transformers model")
     x.add_argument("--requantize", metavar="OUT", help="merge, then quantize again (no adapter needed)")
-    x.add_argument("--bits", type=int, help="bits of the re-quantized model (default: the checkpoint's)")
+    x.add_argument("--gguf", metavar="OUT.gguf", help="one GGUF file for llama.cpp (adapter merged)")
+    x.add_argument("--gptq", metavar="OUT", help="a GPTQ (gptq_v2) folder for transformers/GPTQModel/vLLM")
+    x.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="--merged: weight dtype "
+                   "(default: the source model's, else float32)")  # fmt: skip
+    x.add_argument("--gguf-type", choices=["q4_1", "q4_0", "q8_0"], help="--gguf: type of the block layers "
+                   "(default: the checkpoint's grid, else q4_1)")  # fmt: skip
+    x.add_argument("--embeddings", default="auto", choices=["auto", "f16", "q8_0"],
+                   help="--gguf: embeddings/head type (auto: q8_0 when lossless, else f16)")  # fmt: skip
+    x.add_argument("--bits", type=int, help="bits of a --requantize/--gptq model (default: the checkpoint's)")
     x.add_argument("--group-size", type=int, help="group size (default: the checkpoint's)")
     x.add_argument("--init", default="gptq", choices=["gptq", "none"], help="gptq: activation-aware; none: rounding")
     x.add_argument("--calib", default="ptb", help="calibration text: ptb (train split), .txt or .jsonl")
@@ -522,6 +615,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("dir")
     i.set_defaults(func=cmd_info)
 
+    k = add("cache", "list or clear the converted GGUF models (in $LOWBIT_CACHE or ~/.cache/lowbit)")
+    k.add_argument("action", choices=["list", "clear"])
+    k.set_defaults(func=cmd_cache)
+
     r = add("report", "per-block and per-layer activation error of checkpoints against the full-precision model")
     r.add_argument("dirs", nargs="+", help="lowbit checkpoints to compare")
     r.add_argument("--base", help="full-precision model (default: the source recorded in the checkpoints)")
@@ -540,6 +637,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=cmd_generate)
+    for p in (q, f, x, e, t, a, r, g):  # every command that computes
+        p.add_argument("--device", default="auto", help=f"{DEVICE_CHOICES} (auto: CUDA when available)")
+    for p in (q, x):  # the commands that calibrate
+        p.add_argument("--act-budget", type=float, metavar="GIB",
+                       help="device memory for calibration's activation streams; beyond it they stay in "
+                            "(pinned) host RAM or --spill files (default: half the free GPU memory)")  # fmt: skip
+    for p in (f, x, e, t, r, g):  # the commands that load lowbit checkpoints
+        p.add_argument("--no-verify", action="store_true", help="skip checking the checkpoint's SHA-256 digests")
     return parser
 
 
@@ -551,6 +656,19 @@ def _translation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
 
 
+def _interrupted(args: argparse.Namespace) -> str:
+    """What an interrupted command left: resumable work in ``.OUT.partial``, or nothing at all."""
+    from lowbit.fsutil import work_dir
+
+    if args.command == "adapt":
+        return f"the finished stages are kept in {args.out}: run the same command again to resume"
+    for out in (getattr(args, name, None) for name in ("out", "requantize", "merged")):
+        if out and work_dir(Path(out)).is_dir():
+            return (f"{out} was not written; the finished work is kept in {work_dir(Path(out))}: run the same "
+                    "command again to resume (or pass --overwrite to start over)")  # fmt: skip
+    return "nothing was written"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -559,16 +677,22 @@ def main(argv: list[str] | None = None) -> int:
         if args.bits is None:
             args.bits = 4 if args.command == "quantize" else 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if getattr(args, "no_verify", False):
+        from lowbit.checkpoint import VERIFY_ENV
+
+        os.environ[VERIFY_ENV] = "0"  # every checkpoint this command loads, however deep (and its worker processes)
     from lowbit.models import quiet_transformers
 
     quiet_transformers()
     try:
+        if hasattr(args, "device"):  # a machine without the asked-for device fails here, before any loading
+            args.device = resolve_device(args.device)
         args.func(args)
     except LowbitError as exc:
         print(f"lowbit: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("lowbit: interrupted; nothing was written", file=sys.stderr)
+        print(f"lowbit: interrupted; {_interrupted(args)}", file=sys.stderr)
         return 130
     return 0
 

@@ -9,6 +9,7 @@ without replacement, so the same seed always picks the same windows.
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,21 +34,29 @@ def load_text(source: str, split: str = "test", text_field: str = "text") -> str
     path = Path(source)
     if not path.is_file():
         raise LowbitError(f"data file {path} does not exist: give `ptb`, a .txt file or a .jsonl file")
-    if path.suffix == ".jsonl":
-        text = "\n\n".join(_jsonl_texts(path, text_field))
-    else:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise LowbitError(f"data file {path} is not UTF-8 text ({exc}); convert it to UTF-8") from exc
+    text = "\n\n".join(_jsonl_texts(path, text_field)) if path.suffix == ".jsonl" else read_utf8(path).read()
     if not text.strip():
         raise LowbitError(f"data file {path} is empty: give a file with text in it")
     return text
 
 
+def read_utf8(path: Path) -> io.StringIO:
+    """The whole file decoded as UTF-8 (universal newlines, as ``open`` reads text), as a stream of lines; a file
+    in another encoding is a user error.
+
+    Decoding it all up front (data files are read whole anyway) turns a ``UnicodeDecodeError`` deep in a loop into
+    one line that names the file and the fix.
+    """
+    try:
+        return io.StringIO(path.read_bytes().decode("utf-8"), newline=None)
+    except UnicodeDecodeError as exc:
+        raise LowbitError(f"data file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); convert it to "
+                          "UTF-8, e.g. `iconv -f latin1 -t utf-8`") from exc  # fmt: skip
+
+
 def _jsonl_texts(path: Path, field: str) -> list[str]:
     texts = []
-    with path.open(encoding="utf-8") as f:
+    with read_utf8(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -100,7 +109,11 @@ def text_windows(source: str, tokenizer, seqlen: int, split: str = "test", limit
 
 
 def sample_windows(all_windows: torch.Tensor, n: int, seed: int) -> torch.Tensor:
-    """``n`` windows drawn uniformly without replacement with ``seed`` (deterministic calibration choice)."""
+    """``n`` windows drawn uniformly without replacement with ``seed`` (deterministic calibration choice).
+
+    The draw is a prefix of one seeded permutation, so drawing ``n + k`` windows gives the same first ``n``:
+    held-out windows (``--holdout-windows``) are added without changing the windows a method trains on.
+    """
     if n > all_windows.shape[0]:
         raise LowbitError(f"asked for {n} windows but the data has only {all_windows.shape[0]}: use fewer or more data")
     g = torch.Generator().manual_seed(seed)
@@ -140,7 +153,7 @@ def sft_examples(path: str | Path, tokenizer, seqlen: int) -> tuple[list[Example
                           "give a JSONL file with prompt/response or messages on each line")  # fmt: skip
     examples, truncated = [], 0
     bos = bos_id(tokenizer)
-    with path.open(encoding="utf-8") as f:
+    with read_utf8(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue

@@ -26,7 +26,8 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, pro
     device = next(model.parameters()).device
     total, count = 0.0, 0
     model.eval()
-    for start in tqdm(range(0, windows.shape[0], batch_size), desc="perplexity", disable=not progress, leave=False):
+    bar = tqdm(range(0, windows.shape[0], batch_size), desc="perplexity", disable=not progress, leave=False)
+    for start in bar:
         batch = windows[start : start + batch_size].to(device)
         logits = model(batch).logits[:, :-1].float()
         if not torch.isfinite(logits).all():
@@ -34,5 +35,6 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, pro
         targets = batch[:, 1:]
         total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
         count += targets.numel()
+        bar.set_postfix(ppl=f"{math.exp(total / count):.2f}", refresh=False)  # the running value: a first answer
     nll = total / count
     return Perplexity(math.exp(nll), nll, count)

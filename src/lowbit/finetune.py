@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -36,22 +35,35 @@ from tqdm.auto import tqdm
 
 from lowbit.checkpoint import LORA_KEYS, load_checkpoint, save_checkpoint
 from lowbit.data import IGNORE, Example, clm_examples, collate, sample_windows, sft_examples, text_windows
+from lowbit.device import resolve_device
 from lowbit.errors import LowbitError
-from lowbit.fsutil import atomic_dir, check_output_dir, work_dir
+from lowbit.fsutil import (
+    atomic_dir,
+    check_output_dir,
+    claim_work_dir,
+    content_fingerprint,
+    remove_work_dir,
+    with_output_lock,
+    work_dir,
+    write_text,
+)
 from lowbit.layers import quant_layers
 
 STATE = "state"
+METRICS_LOG = "metrics.jsonl"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TASKS = ("clm", "sft")
 
 
 @dataclass
 class TrainConfig:
-    """One fine-tuning run. Defaults are protocol P2 (../shared/BENCHMARK.md)."""
+    """One fine-tuning run. Defaults are protocol P2's (../shared/BENCHMARK.md) except ``samples``: a user's run
+    takes all of its data, where the benchmark draws 128 windows (bench/p2.py asks for them)."""
 
     data: str = "ptb"  # clm: ptb (train split), .txt or .jsonl text; sft: .jsonl with prompt/response or messages
     task: str = "clm"
     seqlen: int = 256  # clm: window length; sft: longest sequence kept
-    samples: int = 128  # examples drawn (seeded, without replacement); 0 = all
+    samples: int = 0  # examples drawn (seeded, without replacement); 0 = all
     epochs: int = 1
     batch_size: int = 4  # effective batch: examples per optimizer step over all processes
     micro_batch: int = 1  # examples per forward pass on one process
@@ -66,6 +78,7 @@ class TrainConfig:
     save_every: int = 0  # 0: no intermediate checkpoints
     grad_checkpointing: bool = False
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; fp32; bf16
+    lora_dtype: str = "fp32"  # storage of the trained LoRA factors (and so of AdamW's state): fp32 or bf16
     rank: int = 8  # LoRA added when the checkpoint has no adapter (init none)
     alpha: float = 16.0
 
@@ -74,6 +87,8 @@ class TrainConfig:
             raise LowbitError(f"unknown task {self.task!r}: choose clm (plain text) or sft (prompt/response JSONL)")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise LowbitError(f"unknown precision {self.precision!r}: choose auto, fp32 or bf16")
+        if self.lora_dtype not in DTYPES:
+            raise LowbitError(f"unknown --lora-dtype {self.lora_dtype!r}: choose {' or '.join(DTYPES)}")
         for name in ("epochs", "batch_size", "micro_batch", "seqlen"):
             if getattr(self, name) < 1:
                 raise LowbitError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -144,6 +159,22 @@ def ensure_adapter(model: nn.Module, config: TrainConfig) -> None:
     model.lowbit_config.rank, model.lowbit_config.alpha = config.rank, config.alpha
 
 
+def frozen_to(model: nn.Module, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    """Put the frozen float32 parameters (embeddings, head, norms, biases) on ``device`` in ``dtype``; return the
+    float32 originals, which stay in host memory for the saved checkpoint.
+
+    Under bf16 autocast every matmul reads them in bf16 anyway, so a float32 copy on the GPU costs memory (and a
+    cast per step) and buys nothing -- PEFT + bitsandbytes keeps them in the model's bf16 too. Trained LoRA
+    factors keep their dtype; buffers (rotary tables) stay float32.
+    """
+    originals = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad and p.dtype == torch.float32:
+            originals[name] = p.data
+            p.data = p.data.to(device, dtype)
+    return originals
+
+
 def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {
         k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] in LORA_KEYS
@@ -153,8 +184,7 @@ def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def _fingerprint(config: TrainConfig, checkpoint: Path, examples: list[Example]) -> str:
     from lowbit import __version__
 
-    files = sorted([p.name, p.stat().st_size] for p in checkpoint.iterdir() if p.is_file())
-    ident = [str(checkpoint.resolve()), *files]
+    ident = content_fingerprint([p for p in checkpoint.iterdir() if p.is_file()])
     h = hashlib.sha256(json.dumps([asdict(config), ident, __version__]).encode())
     for e in examples:
         h.update(e.ids.numpy().tobytes())
@@ -162,14 +192,42 @@ def _fingerprint(config: TrainConfig, checkpoint: Path, examples: list[Example])
     return h.hexdigest()
 
 
-def _mixed_precision(precision: str) -> str:
+class MetricsLog:
+    """Per-step training metrics as JSON lines in the work folder, appended as the run goes (``tail -f`` or plot it
+    during training; ``training.json`` only comes at the end) and kept in the finished checkpoint.
+
+    A resumed run first drops the lines of the steps it will redo (and a line cut short by a kill), so the log
+    reads like one uninterrupted run. ``path`` None (a rank other than the main one) writes nothing.
+    """
+
+    def __init__(self, path: Path | None, resumed_at: int) -> None:
+        self.path = path
+        if path is None:
+            return
+        kept = []
+        for line in path.read_text().splitlines() if resumed_at and path.is_file() else []:
+            try:
+                if json.loads(line)["step"] <= resumed_at:
+                    kept.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+        write_text(path, "".join(f"{line}\n" for line in kept))
+
+    def write(self, **record: object) -> None:
+        if self.path is not None:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def _mixed_precision(precision: str, device: torch.device) -> str:
     if precision == "bf16":
         return "bf16"
-    if precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+    if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
         return "bf16"
     return "no"
 
 
+@with_output_lock
 def finetune(
     checkpoint: str | Path,
     out: str | Path,
@@ -177,20 +235,25 @@ def finetune(
     overwrite: bool = False,
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
+    device: str | torch.device | None = "auto",
 ) -> dict:
     """Fine-tune the LoRA adapter of the lowbit ``checkpoint`` into the checkpoint ``out``; returns the metrics.
 
     ``on_step(step)`` is called after each optimizer step (and its save), for callers that watch progress.
+    ``device``: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N`` (a multi-process launch gives each
+    process its own GPU instead). It is not part of the resume fingerprint, so a run can continue elsewhere.
+    On CUDA with bf16 precision the frozen full-precision weights are kept in bf16 there (see :func:`frozen_to`).
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, gather_object
     from transformers import get_cosine_schedule_with_warmup
 
     config = config or TrainConfig()
+    target = resolve_device(device)
     checkpoint, out = Path(checkpoint), Path(out)
     work = work_dir(out)
-    if not work.is_dir():  # fail on a bad output before any loading
-        check_output_dir(out, overwrite, (checkpoint,))
+    # Before any loading, and also when resuming: a non-empty --out is never replaced without --overwrite.
+    check_output_dir(out, overwrite, (checkpoint,))
     model, tokenizer = load_checkpoint(checkpoint)
     if tokenizer is None:
         raise LowbitError(f"{checkpoint} has no tokenizer files: copy the tokenizer into the checkpoint folder")
@@ -208,9 +271,11 @@ def finetune(
         eval_examples = clm_examples(wins)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
+    if target.type == "cuda":
+        torch.cuda.set_device(target)  # Accelerate's one-process device is the current GPU (ranks get their own)
     accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),
-        mixed_precision=_mixed_precision(config.precision),
+        cpu=target.type == "cpu",
+        mixed_precision=_mixed_precision(config.precision, target),
         # The packed codes never change and are identical on every rank: do not re-broadcast them every forward.
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
     )
@@ -231,10 +296,8 @@ def finetune(
                                   "or settings: rerun that command to resume it, or pass --overwrite to discard "
                                   "it")  # fmt: skip
             saved = None
-    if saved is None:
-        check_output_dir(out, overwrite, (checkpoint,))
-        if accelerator.is_main_process:
-            shutil.rmtree(work, ignore_errors=True)
+    if saved is None and accelerator.is_main_process:
+        remove_work_dir(work)
     accelerator.wait_for_everyone()
 
     if saved is not None:
@@ -246,6 +309,13 @@ def finetune(
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
+    lora_dtype = DTYPES[config.lora_dtype]
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.to(lora_dtype)
+    originals = {}
+    if accelerator.mixed_precision == "bf16" and accelerator.device.type == "cuda":
+        originals = frozen_to(model, torch.bfloat16, accelerator.device)
     ddp = accelerator.prepare(model)  # device placement, DDP wrapping under a multi-process launch
     device = accelerator.device
     params = [p for p in model.parameters() if p.requires_grad]
@@ -262,11 +332,12 @@ def finetune(
         if len(extra["rng"]) == world:
             torch.set_rng_state(extra["rng"][rank])
         metrics, start_step = saved["metrics"], saved["step"]
+    log = MetricsLog(claim_work_dir(work) / METRICS_LOG if accelerator.is_main_process else None, start_step)
 
     def save_state(step: int) -> None:
         rng = gather_object([torch.get_rng_state()]) if world > 1 else [torch.get_rng_state()]
         if accelerator.is_main_process:
-            (work / STATE).parent.mkdir(parents=True, exist_ok=True)
+            claim_work_dir(work)
             with atomic_dir(work / STATE, overwrite=True) as tmp:
                 save_file(lora_state(accelerator.unwrap_model(ddp)), tmp / "adapter.safetensors")
                 torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
@@ -278,6 +349,7 @@ def finetune(
         if eval_examples and accelerator.is_main_process:
             ppl = eval_perplexity(accelerator.unwrap_model(ddp), eval_examples, pad_id, device)
             metrics["eval"].append({"step": step, "ppl": ppl})
+            log.write(step=step, eval_ppl=ppl)
         accelerator.wait_for_everyone()
 
     bar = tqdm(
@@ -314,12 +386,15 @@ def finetune(
         metrics["tokens"] += sum(int(e.ids.numel()) for e in batch)
         metrics["seconds"] += time.perf_counter() - t0
         done = step + 1
+        tokens_per_s = metrics["tokens"] / max(metrics["seconds"], 1e-9)
+        log.write(step=done, epoch=epoch, loss=loss, lr=scheduler.get_last_lr()[0], tokens=metrics["tokens"],
+                  tokens_per_s=tokens_per_s, seconds=metrics["seconds"])  # fmt: skip
         if config.eval_every and done % config.eval_every == 0 and done < total_steps:
             evaluate(done)
         if config.save_every and done % config.save_every == 0 and done < total_steps:
             save_state(done)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{metrics['tokens'] / max(metrics['seconds'], 1e-9):.0f}")
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:.0f}")
         if on_step is not None:
             on_step(done)
     bar.close()
@@ -351,7 +426,11 @@ def finetune(
     if accelerator.is_main_process:
         if config.grad_checkpointing:
             (getattr(final, "activation_checkpointing_disable", None) or final.gradient_checkpointing_disable)()
-        save_checkpoint(final.eval(), out, tokenizer, overwrite=True, extra={"training.json": result})
-        shutil.rmtree(work, ignore_errors=True)
+        for name, p in final.named_parameters():  # the frozen weights as loaded, not their bf16 copies
+            if name in originals:
+                p.data = originals[name]
+        extra = {"training.json": result, METRICS_LOG: work / METRICS_LOG}
+        save_checkpoint(final.eval(), out, tokenizer, overwrite=overwrite, extra=extra)
+        remove_work_dir(work)
     accelerator.wait_for_everyone()
     return result

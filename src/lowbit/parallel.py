@@ -20,6 +20,7 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 
+from lowbit.data import read_utf8
 from lowbit.errors import LowbitError
 
 SWORD_DIR = Path("/usr/share/sword")
@@ -155,7 +156,7 @@ def read_pairs(path: str | Path) -> list[Pair]:
     if path.suffix not in (".tsv", ".jsonl"):
         raise LowbitError(f"{path}: pair files are .tsv (source<TAB>target) or .jsonl (source/target fields)")
     pairs = []
-    with path.open(encoding="utf-8") as f:
+    with read_utf8(path) as f:
         for n, line in enumerate(f, 1):
             where = f"{path}:{n}"
             if not line.strip():
@@ -194,7 +195,7 @@ def read_monolingual(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise LowbitError(f"text file {path} does not exist")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    lines = [line.strip() for line in read_utf8(path).read().splitlines()]
     lines = [line for line in lines if line]
     if not lines:
         raise LowbitError(f"{path} has no text")

@@ -54,16 +54,16 @@ def activation_error(base: nn.Module, models: dict[str, nn.Module], windows: tor
         ids = windows[w : w + 1]
         ref: dict[str, torch.Tensor] = {}
         with _recording(base, layers, ref):
-            base(input_ids=ids, use_cache=False)
+            base(input_ids=ids.to(base.device), use_cache=False)
         for label, model in models.items():
             got: dict[str, torch.Tensor] = {}
             with _recording(model, layers, got):
-                model(input_ids=ids, use_cache=False)
+                model(input_ids=ids.to(model.device), use_cache=False)
             for name, y in ref.items():
                 if name not in got:
                     continue
                 acc = sums[label].setdefault(name, [0.0, 0.0])
-                acc[0] += float((got[name].float() - y.float()).pow(2).sum())
+                acc[0] += float((got[name].float() - y.to(got[name].device).float()).pow(2).sum())
                 acc[1] += float(y.float().pow(2).sum())
     result = {}
     for label, per in sums.items():

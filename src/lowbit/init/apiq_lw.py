@@ -14,15 +14,13 @@ from torch import nn
 from lowbit.init.apiq_bw import PUBLISHED, optimizer, option
 from lowbit.init.base import BlockContext, Initializer
 from lowbit.init.fakequant import FakeQuantLinear
-from lowbit.init.layerwise import capture, walk
+from lowbit.init.layerwise import layer_input, walk
 from lowbit.layers import set_module
 
 
 def stacked_inputs(block: nn.Module, name: str, stream: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
     """The input of layer ``name`` for every window of ``stream``: ``[n_windows, tokens, in]``."""
-    parts: list[torch.Tensor] = []
-    capture(block, name, stream, ctx, lambda _i, inp: parts.append(inp))
-    return torch.stack(parts)
+    return torch.stack([layer_input(block, name, ctx.window(stream, i), ctx) for i in range(stream.shape[0])])
 
 
 class ApiQLayerwise(Initializer):

@@ -38,7 +38,12 @@ class BlockContext:
 
     ``forward(block, h)`` runs a block on hidden states ``h`` ``[batch, seq, hidden]`` with the keyword arguments
     the model passes to this block (rotary tables, masks), captured once by the engine. ``x``, ``xq`` and ``y``
-    are ``[n_windows, seq, hidden]`` (None for data-free methods), possibly float16 or memory-mapped.
+    are ``[n_windows, seq, hidden]`` (None for data-free methods), possibly float16 or bfloat16, and possibly in
+    host memory or memory-mapped files rather than on ``device``: read them through :meth:`window`.
+
+    ``device`` is where the block is and where every tensor an initializer makes must be (a CUDA GPU or the CPU).
+    ``generator`` is a seeded CPU generator: draw random numbers on the CPU with it and move the result, so a seed
+    gives the same start on every device.
     """
 
     index: int
@@ -51,11 +56,14 @@ class BlockContext:
     xq: torch.Tensor | None = None
     y: torch.Tensor | None = None
     report: Callable[[dict], None] = field(default=lambda stats: None)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     def window(self, t: torch.Tensor, i: int | torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Window(s) ``i`` of an activation stream as a float batch."""
-        w = t[i]
-        return (w.unsqueeze(0) if w.dim() == 2 else w).to(dtype)
+        """Window(s) ``i`` of an activation stream as a float batch on ``device``: streams kept off the device
+        cross the bus one window (or one batch of windows, for a tensor ``i``) at a time, in their stored dtype."""
+        w = t[i.to(t.device) if isinstance(i, torch.Tensor) else i]
+        w = w.unsqueeze(0) if w.dim() == 2 else w
+        return w.to(self.device, non_blocking=True).to(dtype)
 
 
 class Initializer(ABC):

@@ -36,15 +36,16 @@ class FakeQuantLinear(nn.Module):
         self.register_buffer("weight", weight)
         self.register_buffer("bias", None if module.bias is None else module.bias.detach().float().clone())
         groups = spec.groups(self.in_features)
-        self.clip_hi = nn.Parameter(torch.full((self.out_features, groups), float(clip_logit)))
+        self.clip_hi = nn.Parameter(torch.full((self.out_features, groups), float(clip_logit), device=weight.device))
         # The lower bound has its own factor only for asymmetric integers (NF and symmetric grids use absmax).
         self.clip_lo = nn.Parameter(torch.full_like(self.clip_hi, float(clip_logit))) if spec.has_zeros else None
         self.lora_A = self.lora_B = None
         if lora is not None:
             bound = 1.0 / math.sqrt(self.in_features)
+            # drawn on the CPU with the (CPU) generator, so the start is the same on every device
             a = torch.empty(lora.rank, self.in_features).uniform_(-bound, bound, generator=generator)
-            self.lora_A = nn.Parameter(a)
-            self.lora_B = nn.Parameter(torch.zeros(self.out_features, lora.rank))
+            self.lora_A = nn.Parameter(a.to(weight.device))
+            self.lora_B = nn.Parameter(torch.zeros(self.out_features, lora.rank, device=weight.device))
 
     def clips(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         lo = clip_factors(self.clip_lo) if self.clip_lo is not None else None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -52,23 +52,22 @@ def forward_groups(block: nn.Module, ctx: BlockContext) -> list[list[str]]:
 
 
 @torch.no_grad()
-def capture(block: nn.Module, name: str, stream: torch.Tensor, ctx: BlockContext, visit: Callable) -> None:
-    """Run ``block`` over every window of ``stream`` and call ``visit(i, layer_input)`` for layer ``name``."""
-    module = block.get_submodule(name)
-    state = {"i": 0}
+def layer_input(block: nn.Module, name: str, h: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
+    """What layer ``name`` receives when ``block`` runs on hidden states ``h``, as float ``[tokens, in]``; the
+    block's forward stops there."""
+    got: list[torch.Tensor] = []
 
     def hook(_m, args):
-        visit(state["i"], args[0].reshape(-1, args[0].shape[-1]).float())
+        got.append(args[0].reshape(-1, args[0].shape[-1]).float())
         raise _Stop
 
-    handle = module.register_forward_pre_hook(hook)
+    handle = block.get_submodule(name).register_forward_pre_hook(hook)
     try:
-        for i in range(stream.shape[0]):
-            state["i"] = i
-            with contextlib.suppress(_Stop):
-                ctx.forward(block, ctx.window(stream, i))
+        with contextlib.suppress(_Stop):
+            ctx.forward(block, h)
     finally:
         handle.remove()
+    return got[0]
 
 
 def walk(block: nn.Module, ctx: BlockContext) -> Iterator[tuple[list[str], nn.Module]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lowbit.errors import LowbitError
 from lowbit.init.base import BlockContext, Initializer
 from lowbit.init.lowrank import best_rank
 from lowbit.layers import QuantLinear, linear_weight, set_module
@@ -32,10 +33,14 @@ class LoftQ(Initializer):
     name = "loftq"
     needs_lora = True
 
+    @classmethod
+    def check_options(cls, options: dict) -> None:
+        iters = options.get("loftq_iters", 5)
+        if not isinstance(iters, int) or iters < 1:
+            raise LowbitError(f"--loftq-iters must be at least 1, got {iters!r}: LoftQ needs one rounding at least")
+
     def init_block(self, block: nn.Module, ctx: BlockContext) -> dict[str, float]:
         iters = int(ctx.options.get("loftq_iters", 5))
-        if iters < 1:
-            raise ValueError(f"loftq_iters must be at least 1, got {iters}")
         errors = []
         for name, module in block_linears(block).items():
             w, _ = linear_weight(module)

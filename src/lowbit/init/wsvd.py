@@ -25,30 +25,27 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.init.base import BlockContext, Initializer
-from lowbit.init.layerwise import capture, walk
+from lowbit.init.layerwise import layer_input, walk
 from lowbit.init.lowrank import damped, whitened_best_rank
 from lowbit.layers import QuantLinear, linear_weight, set_module
 from lowbit.quant import QuantizedWeight, dequantize_weight, quantize_weight, search_clip
 
 
 def grams(block: nn.Module, fp_block: nn.Module, name: str, ctx: BlockContext) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(Xq^T Xq, Xq^T X)`` for the input of layer ``name`` over all calibration tokens (float64)."""
-    xs: dict[int, torch.Tensor] = {}
+    """``(Xq^T Xq, Xq^T X)`` for the input of layer ``name`` over all calibration tokens (float64, on the device).
+
+    Window by window, so only one window's inputs of each path exist at a time (all of them would be gigabytes
+    at 7B scale: 128 windows of 2048 tokens into an 11008-wide layer are 11.5 GB in float32).
+    """
     width = linear_weight(block.get_submodule(name))[0].shape[1]
-    gqq = torch.zeros(width, width, dtype=torch.float64)
+    gqq = torch.zeros(width, width, dtype=torch.float64, device=ctx.device)
     gqx = torch.zeros_like(gqq)
-
-    def keep_fp(i: int, inp: torch.Tensor) -> None:
-        xs[i] = inp
-
-    capture(fp_block, name, ctx.x, ctx, keep_fp)
-
-    def accumulate(i: int, inp: torch.Tensor) -> None:
+    for i in range(ctx.xq.shape[0]):
+        fp = layer_input(fp_block, name, ctx.window(ctx.x, i), ctx)
+        inp = layer_input(block, name, ctx.window(ctx.xq, i), ctx)
         # float32 products per window (several times faster than float64 on CPU), summed in float64
         gqq.add_((inp.t() @ inp).double())
-        gqx.add_((inp.t() @ xs.pop(i)).double())
-
-    capture(block, name, ctx.xq, ctx, accumulate)
+        gqx.add_((inp.t() @ fp).double())
     return gqq, gqx
 
 

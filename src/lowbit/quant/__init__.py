@@ -105,10 +105,10 @@ def search_clip(w: torch.Tensor, spec: QuantSpec, importance: torch.Tensor, cand
     """
     rows, groups = w.shape[0], spec.groups(w.shape[1])
     weight = importance.to(w.dtype).expand_as(w)
-    best = torch.full((rows, groups), float(candidates[0]))
-    best_err = torch.full((rows, groups), float("inf"))
+    best = torch.full((rows, groups), float(candidates[0]), device=w.device)
+    best_err = torch.full((rows, groups), float("inf"), device=w.device)
     for c in candidates:
-        factors = torch.full((rows, groups), float(c))
+        factors = torch.full((rows, groups), float(c), device=w.device)
         q = fake_quantize_weight(w, spec, factors, factors if spec.has_zeros else None)
         err = ((q - w).square() * weight).view(rows, groups, -1).sum(-1)
         better = err < best_err

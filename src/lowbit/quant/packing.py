@@ -4,6 +4,13 @@ Eight codes of ``bits`` bits each fill exactly ``bits`` bytes, for every width f
 eight codes, so 3-bit codes take 3 bits each on disk and in memory (not 4, as a nibble layout would give), and the
 same two functions serve every width. Codes are laid out little-endian inside each run: code ``i`` of a run
 occupies bits ``bits*i .. bits*i + bits - 1`` of the run's ``bits``-byte little-endian integer.
+
+Equivalently, code ``i`` of the whole flat stream starts at bit ``i * bits`` of the little-endian bytes. That is
+what the fused kernels (:mod:`lowbit.kernels`) read in place: a layer's ``[out, in]`` codes are packed flat, so row
+``n`` starts at bit ``n * in * bits`` -- on a byte boundary when ``in % 8 == 0`` and on a 4-byte word when
+``in % 32 == 0`` -- and the zero points (1/64 of the codes at g64) are read the same way from their own flat
+stream. Keeping one layout for disk, memory and kernels means no repacking at load time and no second copy.
+Checkpoints record it as ``packing_version`` (:data:`PACKING_VERSION`); a future layout gets a new number.
 """
 
 from __future__ import annotations
@@ -11,6 +18,8 @@ from __future__ import annotations
 import torch
 
 SUPPORTED_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
+# The layout above. Checkpoints written before the version was recorded use it too.
+PACKING_VERSION = 1
 
 
 def packed_numel(numel: int, bits: int) -> int:

@@ -44,7 +44,7 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
-def _to_storage_precision(scale: torch.Tensor) -> torch.Tensor:
+def storage_precision(scale: torch.Tensor) -> torch.Tensor:
     """Round scales to float16 (how they are stored), passing gradients straight through."""
     stored = scale.clamp(min=MIN_SCALE).to(torch.float16).to(scale.dtype)
     return scale + (stored - scale).detach()
@@ -64,7 +64,7 @@ def _scale_zero(
         if clip_hi is not None:
             amax = amax * clip_hi.unsqueeze(-1)
         half = 1 << (bits - 1)
-        scale = _to_storage_precision(amax / max(half - 1, 1))
+        scale = storage_precision(amax / max(half - 1, 1))
         zero = torch.full_like(scale, float(half))
         return scale, zero
     xmax = groups.amax(dim=-1, keepdim=True)
@@ -73,7 +73,7 @@ def _scale_zero(
         xmax = xmax * clip_hi.unsqueeze(-1)
     if clip_lo is not None:
         xmin = xmin * clip_lo.unsqueeze(-1)
-    scale = _to_storage_precision((xmax - xmin) / qmax)
+    scale = storage_precision((xmax - xmin) / qmax)
     zero = torch.clamp(round_ste(-xmin / scale), 0, qmax)
     return scale, zero
 

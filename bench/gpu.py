@@ -1,0 +1,476 @@
+"""Protocol P4 (../shared/BENCHMARK.md): lowbit's kernels on one GPU, against dense bf16 and bitsandbytes NF4.
+
+Everything runs in one process on random-init weights (speed and memory depend on shapes, not values), with bf16
+activations under autocast. Rows:
+
+- ``layer-<in>x<out>-<method>``: one linear layer of Llama-2-7B shape (4096->4096, 4096->11008, 11008->4096);
+  median ms of forward at M = 1 and 16 tokens and of forward + backward (grad_x and the LoRA grads) at M = 2048.
+  Methods: ``dense-bf16`` (``nn.Linear``), ``bnb-nf4`` (``Linear4bit``, blocksize 64, double quantization, bf16
+  compute), ``lowbit-w4/w3/w2`` (g64 asymmetric, r16 LoRA, the kernels :func:`lowbit.kernels.select` picks),
+  ``lowbit-w4-base`` (no LoRA: the kernel alone), ``lowbit-w4-gemm`` / ``lowbit-w4-dequant`` (every size on that
+  one kernel: where does each win?) and ``lowbit-w4-reference`` (pinned to the reference kernel: lowbit before the
+  fused kernels). lowbit rows also record the kernel used at each size and its largest error against the
+  reference at full size (``max_rel_err``: relative to the output's largest magnitude).
+- ``train-<method>``: LoRA r16/alpha 32 training of a TinyLlama-1.1B-shaped Llama (all 7 linears of each block) at
+  batch 4 x 512 tokens: tokens/s over 8 AdamW steps after 2 warm-up steps, and peak allocated memory. Methods:
+  ``bf16-lora`` (PEFT on the bf16 model), ``bnb-qlora`` (PEFT + bitsandbytes NF4), ``lowbit-w4/w3/w2``.
+- ``decode-<method>[-graphs]``: greedy decoding of 64 new tokens after an 8-token prompt, batch 1, tokens/s after
+  a warm-up call; ``-graphs`` uses transformers' static cache, which compiles the forward with ``torch.compile``
+  (mode ``reduce-overhead``: CUDA graphs). Methods: ``bf16``, ``bnb-nf4``, ``lowbit-w4/w3/w2`` (with r16 LoRA);
+  by default ``-graphs`` only for ``bf16`` and ``lowbit-w4`` (compiling takes about a minute a model).
+- ``calib-*`` (``calib``: all of them): calibration speed rows. >>> HOOK: they come from ``bench/gpu_calib.py``
+  (the device engineer's), whose ``calibration_rows(args) -> list[dict]`` is imported only when a ``calib`` row
+  is asked for; it gets this script's ``args`` with ``args.rows`` set to the calib row names.
+
+    python bench/gpu.py                          # the default rows (DEFAULT_ROWS; at most 8 minutes on one H100)
+    python bench/gpu.py --rows layer,decode-lowbit-w4-graphs
+    python bench/gpu.py --dry-run                # tiny shapes on the CPU: checks the script in well under a minute
+    python bench/gpu.py --table                  # the stored results as markdown
+
+A row that fails is recorded with its error and the run goes on; results merge into bench/results/gpu.json by row
+name after every row (not in ``--dry-run``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import json
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+
+import benchlib
+
+RESULTS = benchlib.ROOT / "bench" / "results" / "gpu.json"
+SHAPES = {"4096x4096": (4096, 4096), "4096x11008": (4096, 11008), "11008x4096": (11008, 4096)}
+LAYER_METHODS = ("dense-bf16", "bnb-nf4", "lowbit-w4", "lowbit-w3", "lowbit-w2", "lowbit-w4-base",
+                 "lowbit-w4-gemm", "lowbit-w4-dequant", "lowbit-w4-reference")  # fmt: skip
+# Layer methods that run on one kernel only, with its row limit lifted (which kernel is faster at which M?).
+ONLY_KERNEL = {"lowbit-w4-gemm": "triton-gemm", "lowbit-w4-dequant": "triton-dequant"}
+TRAIN_METHODS = ("bf16-lora", "bnb-qlora", "lowbit-w4", "lowbit-w3", "lowbit-w2")
+DECODE_METHODS = ("bf16", "bnb-nf4", "lowbit-w4", "lowbit-w3", "lowbit-w2")
+GRAPH_METHODS = ("bf16", "lowbit-w4", "lowbit-w3", "lowbit-w2")
+TINYLLAMA = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                 num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)  # fmt: skip
+RANK, ALPHA, GROUP = 16, 32.0, 64
+
+
+def _rows() -> dict[str, str]:
+    rows = {f"layer-{s}-{m}": f"layer {s.replace('x', '->')}, {m}" for s in SHAPES for m in LAYER_METHODS}
+    rows.update({f"train-{m}": f"TinyLlama-1.1B LoRA training, {m}" for m in TRAIN_METHODS})
+    rows.update({f"decode-{m}": f"TinyLlama-1.1B greedy decoding, {m}, eager" for m in DECODE_METHODS})
+    rows.update({f"decode-{m}-graphs": f"TinyLlama-1.1B greedy decoding, {m}, CUDA graphs" for m in GRAPH_METHODS})
+    return rows
+
+
+ROWS = _rows()
+DEFAULT_ROWS = ",".join(["layer", "train", *(f"decode-{m}" for m in DECODE_METHODS), "decode-bf16-graphs",
+                         "decode-lowbit-w4-graphs"])  # fmt: skip
+
+
+class Setup:
+    """Sizes and device of a run: P4's, or tiny ones on the CPU for ``--dry-run``."""
+
+    def __init__(self, dry_run: bool) -> None:
+        import torch
+
+        self.dry_run = dry_run
+        self.device = torch.device("cpu" if dry_run else "cuda")
+        self.scale = 32 if dry_run else 1  # layer widths divided by this
+        self.big_m = 64 if dry_run else 2048
+        self.calls, self.warmup = (1, 1) if dry_run else (25, 3)
+        self.model = dict(TINYLLAMA, num_hidden_layers=2, vocab_size=256) if dry_run else TINYLLAMA
+        if dry_run:
+            self.model.update(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
+        self.batch, self.seqlen = (2, 32) if dry_run else (4, 512)
+        self.steps, self.warmup_steps = (1, 1) if dry_run else (8, 2)
+        self.new_tokens = 4 if dry_run else 64
+
+    def width(self, features: int) -> int:
+        """A layer width at this run's scale (a multiple of the group size)."""
+        return max(GROUP, features // self.scale // GROUP * GROUP)
+
+    def sync(self) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+def timed_ms(setup: Setup, fn: Callable[[], object]) -> float:
+    """Median wall time of ``fn`` in ms over ``setup.calls`` synchronized calls after ``setup.warmup`` calls."""
+    for _ in range(setup.warmup):
+        fn()
+    times = []
+    for _ in range(setup.calls):
+        setup.sync()
+        start = time.perf_counter()
+        fn()
+        setup.sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _free() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ----- layers ---------------------------------------------------------------------------------------------------
+def bnb_linear(linear, device):
+    """bitsandbytes ``Linear4bit`` of ``linear``: NF4, blocksize 64, double quantization, bf16 compute."""
+    import bitsandbytes as bnb
+    import torch
+
+    layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                              compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4")  # fmt: skip
+    layer.weight = bnb.nn.Params4bit(linear.weight.data.to(torch.bfloat16).cpu(), requires_grad=False,
+                                     quant_type="nf4", blocksize=GROUP, compress_statistics=True)  # fmt: skip
+    if linear.bias is not None:
+        layer.bias = linear.bias
+    return layer.to(device)  # quantizes
+
+
+def lowbit_spec(method: str):
+    from lowbit.quant import QuantSpec
+
+    return QuantSpec(bits=int(method.removeprefix("lowbit-w")[0]), group_size=GROUP)
+
+
+def make_layer(method: str, in_f: int, out_f: int, setup: Setup):
+    import torch
+    from torch import nn
+
+    from lowbit.layers import QuantLinear
+
+    torch.manual_seed(0)
+    linear = nn.Linear(in_f, out_f, bias=False, device=setup.device)
+    if method == "dense-bf16":
+        return linear.to(torch.bfloat16).requires_grad_(False)
+    if method == "bnb-nf4":
+        return bnb_linear(linear, setup.device)
+    layer = QuantLinear.from_linear(linear, lowbit_spec(method))
+    if not method.endswith("-base"):
+        layer.add_lora(RANK, ALPHA)
+        nn.init.normal_(layer.lora_B, std=0.01)  # a trained-looking adapter (B = 0 would be the same work)
+    return layer
+
+
+def layer_row(name: str, setup: Setup) -> dict:
+    import torch
+
+    from lowbit import kernels
+
+    shape, method = name.removeprefix("layer-").split("-", 1)
+    in_f, out_f = (setup.width(d) for d in SHAPES[shape])
+    layer = make_layer(method, in_f, out_f, setup)
+    gen = torch.Generator(device=setup.device).manual_seed(1)
+    xs = {m: torch.randn(m, in_f, device=setup.device, generator=gen, dtype=torch.bfloat16) for m in (1, 16)}
+    x_big = torch.randn(setup.big_m, in_f, device=setup.device, generator=gen, dtype=torch.bfloat16)
+    x_big.requires_grad_()
+    grad = torch.randn(setup.big_m, out_f, device=setup.device, generator=gen, dtype=torch.bfloat16)
+    if method.endswith("-reference"):
+        pin = kernels.pinned("reference")
+    elif method in ONLY_KERNEL:
+        pin = only_kernel(ONLY_KERNEL[method])
+    else:
+        pin = contextlib.nullcontext()
+    row: dict = {"row": name, "label": ROWS[name], "in": in_f, "out": out_f}
+    with pin, torch.autocast(setup.device.type, dtype=torch.bfloat16):
+        with torch.no_grad():
+            for m, x in xs.items():
+                row[f"fwd_m{m}_ms"] = round(timed_ms(setup, lambda x=x: layer(x)), 4)
+
+        def step() -> None:
+            layer(x_big).backward(grad)
+            x_big.grad = None
+            layer.zero_grad(set_to_none=True)
+
+        row["fwdbwd_ms"] = round(timed_ms(setup, step), 4)
+        if method.startswith("lowbit") and not method.endswith("-reference"):
+            row.update(kernel_check(layer, xs, x_big, grad, setup))
+    row["fwdbwd_m"] = setup.big_m
+    return row
+
+
+@contextlib.contextmanager
+def only_kernel(name: str) -> Iterator[None]:
+    """Run every call that kernel ``name`` supports on it, whatever the rows (the reference elsewhere; on the CPU
+    of ``--dry-run`` there are no Triton kernels and the reference runs)."""
+    from unittest import mock
+
+    from lowbit import kernels
+    from lowbit.errors import LowbitError
+
+    try:
+        lifted = {name: dataclasses.replace(kernels.kernel(name), max_m=None)}
+    except LowbitError:  # no Triton here
+        lifted = {}
+    with mock.patch.object(kernels, "_gpu_table", lifted), kernels.pinned(name):
+        yield
+
+
+def kernel_check(layer, xs: dict, x_big, grad, setup: Setup) -> dict:
+    """Which kernel ran at each size, and its largest error against the reference (relative to the output's max)."""
+    import torch
+
+    from lowbit import kernels
+
+    def run(x):
+        with torch.autocast(setup.device.type, dtype=torch.bfloat16):
+            x = x.detach().requires_grad_()
+            y = layer(x)
+            g = torch.autograd.grad(y, x, grad[: x.shape[0]])[0]
+        return y.float(), g.float()
+
+    names, errors = {}, {}
+    for m, x in {**xs, setup.big_m: x_big}.items():
+        names[f"m{m}"] = kernels.select(layer, x, training=True).name
+        y, g = run(x)
+        with kernels.pinned("reference"):
+            y_ref, g_ref = run(x)
+        errors[f"fwd_m{m}"] = (y - y_ref).abs().max().item() / y_ref.abs().max().item()
+        errors[f"grad_m{m}"] = (g - g_ref).abs().max().item() / g_ref.abs().max().item()
+    return {"kernels": names, "max_rel_err": {k: float(f"{v:.3g}") for k, v in errors.items()}}
+
+
+# ----- models -----------------------------------------------------------------------------------------------------
+def make_model(method: str, setup: Setup, lora: bool):
+    """A random-init TinyLlama-shaped model for ``method``; LoRA r16/alpha 32 on all 7 linears when ``lora``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import lowbit
+    from lowbit.layers import QuantLinear, set_module
+    from lowbit.models import target_linears
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**setup.model, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    dtype = torch.float32 if method.startswith("lowbit") else torch.bfloat16
+    with setup.device:
+        model = LlamaForCausalLM(config).to(dtype)
+    if method.startswith("lowbit"):
+        bits = int(method.removeprefix("lowbit-w"))
+        config = lowbit.QuantConfig(bits=bits, group_size=GROUP, init="qlora" if lora else "none", rank=RANK,
+                                    alpha=ALPHA)  # fmt: skip
+        lowbit.quantize(model, config, progress=False)
+        # The rest of the model in bf16 like the peers'; packed buffers, fp16 scales and the LoRA stay as they are.
+        quant = {id(t) for m in model.modules() if isinstance(m, QuantLinear) for t in m.parameters()}
+        for p in model.parameters():
+            if id(p) not in quant:
+                p.data = p.data.to(torch.bfloat16)
+        return model.eval()
+    if method.startswith("bnb"):
+        for name, linear in target_linears(model).items():
+            set_module(model, name, bnb_linear(linear, setup.device))
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        modules = sorted({n.rsplit(".", 1)[-1] for n in target_linears(model)})
+        model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=modules))
+    return model.eval()
+
+
+def train_row(name: str, setup: Setup) -> dict:
+    import torch
+
+    model = make_model(name.removeprefix("train-"), setup, lora=True)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    gen = torch.Generator(device=setup.device).manual_seed(0)
+    ids = torch.randint(3, setup.model["vocab_size"], (setup.batch, setup.seqlen), device=setup.device, generator=gen)
+
+    def step() -> torch.Tensor:
+        with torch.autocast(setup.device.type, dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    for _ in range(setup.warmup_steps):
+        step()
+    setup.sync()
+    if setup.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(setup.steps):
+        loss = step()
+    setup.sync()
+    seconds = time.perf_counter() - start
+    row = {"row": name, "label": ROWS[name], "steps": setup.steps, "batch": [setup.batch, setup.seqlen],
+           "tokens_per_s": round(setup.steps * setup.batch * setup.seqlen / seconds, 1),
+           "final_loss": round(float(loss), 4), "trainable_params": sum(p.numel() for p in params)}  # fmt: skip
+    if setup.device.type == "cuda":
+        row["peak_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return row
+
+
+def decode_row(name: str, setup: Setup) -> dict:
+    import torch
+
+    method = name.removeprefix("decode-").removesuffix("-graphs")
+    graphs = name.endswith("-graphs")
+    model = make_model(method, setup, lora=method.startswith("lowbit"))
+    gen = torch.Generator(device=setup.device).manual_seed(0)
+    prompt = torch.randint(3, setup.model["vocab_size"], (1, 8), device=setup.device, generator=gen)
+    kwargs = dict(max_new_tokens=setup.new_tokens, min_new_tokens=setup.new_tokens, do_sample=False, pad_token_id=0)
+    if graphs:
+        kwargs["cache_implementation"] = "static"  # on CUDA transformers compiles the forward (CUDA graphs)
+    row: dict = {"row": name, "label": ROWS[name], "new_tokens": setup.new_tokens}
+    with torch.no_grad(), torch.autocast(setup.device.type, dtype=torch.bfloat16):
+        start = time.perf_counter()
+        model.generate(prompt, **kwargs)  # warm-up (and compilation)
+        setup.sync()
+        row["warmup_s"] = round(time.perf_counter() - start, 2)
+        start = time.perf_counter()
+        out = model.generate(prompt, **kwargs)
+        setup.sync()
+    row["tokens_per_s"] = round((out.shape[1] - prompt.shape[1]) / (time.perf_counter() - start), 2)
+    return row
+
+
+# ----- driver -----------------------------------------------------------------------------------------------------
+def run_row(name: str, setup: Setup) -> dict | None:
+    """One row, or None where a peer library is missing (the row is left out, with a note)."""
+    needs = "bitsandbytes" if "bnb" in name else "peft" if name.startswith("train-") else None
+    if needs:
+        try:
+            __import__(needs)
+        except ImportError:
+            print(f"[gpu] {name}: skipped, {needs} is not installed", file=sys.stderr, flush=True)
+            return None
+    start = time.perf_counter()
+    try:
+        if name.startswith("layer-"):
+            row = layer_row(name, setup)
+        elif name.startswith("train-"):
+            row = train_row(name, setup)
+        else:
+            row = decode_row(name, setup)
+    except Exception as exc:  # one broken row must not cost the others (a GPU session is short)
+        traceback.print_exc()
+        row = {"row": name, "label": ROWS[name], "error": f"{type(exc).__name__}: {exc}"[:1000]}
+    row["seconds"] = round(time.perf_counter() - start, 1)
+    _free()
+    return row
+
+
+def calibration_rows(names: list[str], args: argparse.Namespace) -> list[dict]:
+    """>>> HOOK for the calibration rows: ``bench/gpu_calib.py`` (the device engineer's) provides them."""
+    try:
+        import gpu_calib
+    except ImportError:
+        sys.exit("gpu.py: error: calib-* rows need bench/gpu_calib.py (calibration_rows(args) -> list[dict])")
+    args.rows = [] if "calib" in names else names  # ``calib`` alone: every calibration row (none named)
+    return gpu_calib.calibration_rows(args)
+
+
+def select_rows(spec: str) -> list[str]:
+    """Row names from a comma list of exact names or prefixes (``layer``, ``train``, ``decode``,
+    ``layer-4096x11008``); an exact name means that row only (``decode-bf16`` is not ``decode-bf16-graphs``)."""
+    names = []
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        if item == "calib" or item.startswith("calib-"):
+            names.append(item)
+            continue
+        matched = [item] if item in ROWS else [n for n in ROWS if n.startswith(item + "-")]
+        if not matched:
+            sys.exit(f"gpu.py: error: no row matches {item!r}; rows: {', '.join(ROWS)} or calib-*")
+        names += [n for n in matched if n not in names]
+    return names
+
+
+def _ms(row: dict, key: str) -> str:
+    return f"{row[key]:.3f}" if key in row else "—"
+
+
+def table(rows: list[dict]) -> str:
+    lines = []
+    layers = [r for r in rows if r["row"].startswith("layer-")]
+    if layers:
+        lines += ["| layer | method | fwd M=1 ms | fwd M=16 ms | fwd+bwd M=2048 ms | kernels (M=1/16/2048) |",
+                  "|---|---|---:|---:|---:|---|"]  # fmt: skip
+        for r in layers:
+            shape, method = r["row"].removeprefix("layer-").split("-", 1)
+            used = "error: " + r["error"][:80] if "error" in r else "/".join(r.get("kernels", {}).values()) or "—"
+            lines.append(f"| {shape.replace('x', '->')} | {method} | {_ms(r, 'fwd_m1_ms')} | {_ms(r, 'fwd_m16_ms')} "
+                         f"| {_ms(r, 'fwdbwd_ms')} | {used} |")  # fmt: skip
+    other = [r for r in rows if not r["row"].startswith(("layer-", "calib"))]
+    if other:
+        lines += ["", "| row | tokens/s | peak allocated MiB |", "|---|---:|---:|"]
+        for r in other:
+            memory = f"{r['peak_allocated_mib']:.0f}" if "peak_allocated_mib" in r else "—"
+            speed = "error: " + r["error"][:80] if "error" in r else r.get("tokens_per_s", "—")
+            lines.append(f"| {r.get('label', r['row'])} | {speed} | {memory} |")
+    calib = [r["row"] for r in rows if r["row"].startswith("calib")]
+    if calib:
+        lines += ["", f"Calibration rows (bench/gpu_calib.py; figures in the JSON): {', '.join(calib)}"]
+    return "\n".join(lines).strip()
+
+
+def store(rows: list[dict], env: dict) -> None:
+    """Merge ``rows`` into the results file by row name (atomically: a temporary file renamed over it)."""
+    previous = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"rows": {}}
+    previous["rows"].update({r["row"]: {**r, "env": env} for r in rows})
+    previous["protocol"] = "P4"
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    tmp = RESULTS.with_suffix(".tmp")
+    tmp.write_text(json.dumps(previous, indent=2) + "\n")
+    tmp.replace(RESULTS)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default=DEFAULT_ROWS, help="comma-separated row names or prefixes "
+                        "(layer, train, decode, layer-4096x11008, ...) or calib-* rows")  # fmt: skip
+    parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU; nothing is stored")
+    parser.add_argument("--table", action="store_true", help="print the stored results as markdown and exit")
+    args = parser.parse_args()
+    if args.table:
+        stored = json.loads(RESULTS.read_text())["rows"] if RESULTS.is_file() else {}
+        print(benchlib.stored_table(RESULTS, [*ROWS, *sorted(n for n in stored if n.startswith("calib"))], table))
+        return
+    import torch
+
+    if not args.dry_run and not torch.cuda.is_available():
+        sys.exit("gpu.py: error: no CUDA device; use --dry-run to check the script on the CPU")
+    names = select_rows(args.rows)
+    setup = Setup(args.dry_run)
+    env = benchlib.environment()
+    env["versions"]["triton"] = benchlib._version("triton")
+    rows = []
+    for name in [n for n in names if not n.startswith("calib")]:
+        print(f"[gpu] {name} ...", file=sys.stderr, flush=True)
+        row = run_row(name, setup)
+        if row is not None:
+            print(f"[gpu] {name}: {json.dumps({k: v for k, v in row.items() if k != 'label'})}", file=sys.stderr)
+            rows.append(row)
+            if not args.dry_run:
+                store([row], env)
+    calib = [n for n in names if n.startswith("calib")]
+    if calib:
+        calib_rows = calibration_rows(calib, args)
+        rows += calib_rows
+        if not args.dry_run:
+            store(calib_rows, env)
+    print(f"\nP4 on {env['machine']['device']}{' (dry run: tiny shapes)' if args.dry_run else ''}\n")
+    print(table(rows))
+    print(f"\n{env['date']}, commit {env['commit']}, torch {env['versions']['torch']}, triton "
+          f"{env['versions']['triton']}, transformers {env['versions']['transformers']}, peft "
+          f"{env['versions']['peft']}, bitsandbytes {env['versions']['bitsandbytes']}")  # fmt: skip
+    if not args.dry_run:
+        print(f"\nstored in {RESULTS.relative_to(benchlib.ROOT)}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

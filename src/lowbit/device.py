@@ -1,0 +1,106 @@
+"""Where lowbit computes (``--device auto|cpu|cuda|cuda:N``) and where calibration keeps its activation streams.
+
+One helper, :func:`resolve_device`, turns what a user wrote into a ``torch.device`` (``auto``: the current CUDA
+GPU when there is one, else the CPU) and names the fix in one line when the machine cannot do what was asked, so
+every command and API function reads ``--device`` the same way.
+
+Calibration carries three activation streams (``x``, ``xq``, ``y``; ``[windows, seq, hidden]`` each) from block to
+block. :func:`stream_placement` is the pure decision of where they live: on the compute device when all three fit
+its budget, otherwise in host memory (pinned on CUDA, so the window-by-window copies run at full bus speed) or in
+memory-mapped files when spilling was asked for. :func:`default_budget` supplies the budget: on CUDA a share of
+the free memory, the rest being left for the block's working set (weights, Gram matrices, ApiQ's autograd
+activations); on the CPU device and host memory are the same RAM, so the budget is unbounded unless spilling was
+asked for, which keeps the CPU results and memory exactly what they were before devices existed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+
+from lowbit.errors import LowbitError
+
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+# Share of the free CUDA memory the activation streams may take by default; the rest is the block's working set.
+DEVICE_SHARE = 0.5
+GIB = 2**30
+
+DEVICE = "device"  # the streams live on the compute device (on the CPU: ordinary RAM)
+HOST = "host"  # in host RAM (pinned when the device is CUDA), moved to the device window by window
+SPILL = "spill"  # in memory-mapped files, moved to the device window by window
+PLACEMENTS = (DEVICE, HOST, SPILL)
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """The ``torch.device`` for a ``--device`` value; raises LowbitError when this machine cannot provide it."""
+    if isinstance(device, torch.device):
+        device = str(device)
+    name = (device or "auto").strip().lower()
+    if name == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    kind, colon, index = name.partition(":")
+    if kind != "cuda" or (colon and not index.isdigit()):
+        raise LowbitError(f"unknown device {device!r}: use --device {DEVICE_CHOICES}")
+    if not torch.cuda.is_available():
+        why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise LowbitError(f"--device {device} asks for a GPU but {why}: use --device cpu (or auto)")
+    count = torch.cuda.device_count()
+    number = int(index) if index else torch.cuda.current_device()
+    if number >= count:
+        raise LowbitError(f"--device {device}: this machine has {count} CUDA GPU(s), numbered 0 to {count - 1}: "
+                          f"use --device cuda:0 ... cuda:{count - 1} (or auto)")  # fmt: skip
+    return torch.device("cuda", number)
+
+
+def parse_budget(gib: float | None) -> int | None:
+    """Bytes for an ``--act-budget`` given in GiB (None: automatic); a negative budget is a user mistake."""
+    if gib is None:
+        return None
+    if gib < 0 or not math.isfinite(gib):
+        raise LowbitError(f"--act-budget {gib} GiB is not a memory size: give a number of GiB >= 0, or leave it out")
+    return int(gib * GIB)
+
+
+def default_budget(device: torch.device, spill: bool) -> float:
+    """Bytes of ``device`` memory the activation streams may take when the user set no budget.
+
+    CUDA: :data:`DEVICE_SHARE` of the memory free right now. CPU: unbounded (RAM is both places), or 0 with
+    ``spill``, whose point on the CPU is to keep the streams out of RAM.
+    """
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return DEVICE_SHARE * free
+    return 0.0 if spill else math.inf
+
+
+def stream_placement(stream_bytes: int, budget: float, spill: bool) -> str:
+    """Where calibration's activation streams live: ``device`` when ``stream_bytes`` (all of them together) fit
+    ``budget``, else ``spill`` (memory-mapped files) when spilling was asked for, else ``host``."""
+    if stream_bytes <= budget:
+        return DEVICE
+    return SPILL if spill else HOST
+
+
+@contextlib.contextmanager
+def exact_float32() -> Iterator[None]:
+    """float32 matrix products in full float32 (no TF32 or bf16 passes) inside, whatever the caller chose.
+
+    Calibration accumulates Gram matrices and fits block outputs: precision-critical math that a benchmark or a
+    notebook switching on TF32 for speed (``torch.set_float32_matmul_precision("high")``) must not degrade.
+    """
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def place_model(model: torch.nn.Module, device: str | torch.device | None) -> torch.nn.Module:
+    """``model`` moved (in place) to the device ``device`` names; None leaves it where it is."""
+    return model if device is None else model.to(resolve_device(device))

@@ -1,0 +1,169 @@
+"""The kernel seam: which implementation computes a QuantLinear's ``x @ dequant(Q)^T``.
+
+A kernel is a :class:`Kernel`: a function ``matmul(layer, x)`` plus one declaration of what it supports (formats,
+bits, group sizes, devices, activation dtypes, rows ``M``, whether it has a backward). :func:`select` picks, per
+call, the first kernel in :data:`PREFERENCE` whose declaration covers the call; :mod:`lowbit.kernels.reference`
+(dequantize with torch ops, then one matmul) covers everything and is the fallback, so the CPU, NormalFloat at odd
+group sizes, odd shapes and anything new always run.
+
+The Triton kernels are imported only when a CUDA tensor is seen, so CPU-only installs never import Triton:
+
+- ``triton-decode`` (M <= 16): fused dequantize + GEMV / small GEMM with split-K, for generation;
+- ``triton-gemm`` (M <= 1024): fused dequantize + GEMM forward and ``grad_x`` backward, for prefill and small
+  training batches;
+- ``triton-dequant`` (any M): one-kernel dequantization into a transient weight, then cuBLAS (forward and
+  backward), for large training batches, where the matmul is compute-bound.
+
+The M limits are first guesses, to be set from ``bench/gpu.py``'s pinned rows on a GPU. All three read the
+checkpoint's packed bytes in place (packing version 1, see :mod:`lowbit.quant.packing`): nothing is repacked or
+kept beside the packed codes.
+
+Pinning: ``with kernels.pinned("reference"):`` or ``LOWBIT_KERNEL=reference`` in the environment makes every call
+use that kernel wherever it supports the call (the reference elsewhere); the calibration engine and the tests use
+it to get the reference numerics on any device. Under ``torch.compile`` the pin is read when a function is
+traced.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.kernels import reference
+
+if TYPE_CHECKING:
+    from lowbit.layers import QuantLinear
+
+ENV_VAR = "LOWBIT_KERNEL"
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A matmul implementation and what it supports; ``None`` in a field means "any"."""
+
+    name: str
+    matmul: Callable[[QuantLinear, torch.Tensor], torch.Tensor]  # x [..., in] -> x @ dequant(Q)^T [..., out]
+    formats: tuple[str, ...] | None = None
+    bits: tuple[int, ...] | None = None
+    group_multiple: int | None = None  # group sizes: multiples of this, or -1 (one group per row)
+    devices: tuple[str, ...] | None = None
+    dtypes: tuple[torch.dtype, ...] | None = None
+    has_backward: bool = True
+    max_m: int | None = None  # rows of x (all leading dimensions together)
+
+    def supports(self, layer: QuantLinear, x: torch.Tensor, training: bool) -> bool:
+        """Whether this kernel computes ``layer(x)`` (and, when ``training``, its gradient with respect to x)."""
+        spec = layer.spec
+        m = x.numel() // max(x.shape[-1], 1)
+        return (
+            (self.formats is None or spec.format in self.formats)
+            and (self.bits is None or spec.bits in self.bits)
+            and (self.group_multiple is None or spec.group_size == -1 or spec.group_size % self.group_multiple == 0)
+            and (self.devices is None or x.device.type in self.devices)
+            and (self.dtypes is None or compute_dtype(x) in self.dtypes)
+            and (self.has_backward or not training)
+            and (self.max_m is None or m <= self.max_m)
+        )
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype ``F.linear`` computes ``x`` in: the autocast dtype inside autocast, else ``x``'s own.
+
+    Autocast leaves float64 (and non-float) inputs alone, so those keep their dtype (and get the reference).
+    """
+    if x.is_floating_point() and x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+REFERENCE = Kernel("reference", reference.matmul)
+# Fast kernels in order of preference (the first that supports a call runs it); the reference comes last.
+PREFERENCE = ("triton-decode", "triton-gemm", "triton-dequant", "reference")
+
+_pinned: str | None = None  # set by ``pinned``
+_gpu_table: dict[str, Kernel] | None = None  # filled by ``_gpu_kernels`` on first use
+
+
+def _gpu_kernels() -> dict[str, Kernel]:
+    """The Triton kernels by name, or none where Triton cannot be imported (the reference then runs).
+
+    Cached in a module global rather than ``functools.cache``, which ``torch.compile`` would trace through.
+    """
+    global _gpu_table
+    if _gpu_table is None:
+        try:
+            from lowbit.kernels import triton_decode, triton_dequant, triton_gemm
+        except ImportError:
+            _gpu_table = {}
+        else:
+            _gpu_table = {k.name: k for k in (triton_decode.KERNEL, triton_gemm.KERNEL, triton_dequant.KERNEL)}
+    return _gpu_table
+
+
+def kernel(name: str) -> Kernel:
+    """The kernel called ``name`` (one of :data:`PREFERENCE`); a clear error for unknown or unavailable ones."""
+    if name not in PREFERENCE:
+        raise LowbitError(f"unknown kernel {name!r}; choose one of {', '.join(PREFERENCE)}")
+    if name == REFERENCE.name:
+        return REFERENCE
+    found = _gpu_kernels().get(name)
+    if found is None:
+        raise LowbitError(f"kernel {name!r} needs Triton, which cannot be imported here; install triton")
+    return found
+
+
+@contextmanager
+def pinned(name: str) -> Iterator[None]:
+    """Use kernel ``name`` wherever it supports a call (the reference elsewhere) inside the ``with`` block."""
+    global _pinned
+    if name not in PREFERENCE:
+        raise LowbitError(f"unknown kernel {name!r}; choose one of {', '.join(PREFERENCE)}")
+    previous, _pinned = _pinned, name
+    try:
+        yield
+    finally:
+        _pinned = previous
+
+
+def pinned_name() -> str | None:
+    """The pinned kernel's name (``pinned`` first, then ``$LOWBIT_KERNEL``), or None."""
+    name = _pinned or os.environ.get(ENV_VAR) or None
+    if name is not None and name not in PREFERENCE:
+        raise LowbitError(f"{ENV_VAR}={name!r} names no kernel; choose one of {', '.join(PREFERENCE)}")
+    return name
+
+
+def select(layer: QuantLinear, x: torch.Tensor, training: bool) -> Kernel:
+    """The kernel that computes ``layer``'s base product for input ``x`` (``training``: x needs its gradient)."""
+    name = pinned_name()
+    fast = _fast_kernels(x.device.type)
+    for candidate in (name,) if name else PREFERENCE:
+        found = fast.get(candidate)
+        if found is not None and found.supports(layer, x, training):
+            return found
+    return REFERENCE
+
+
+def _fast_kernels(device_type: str) -> dict[str, Kernel]:
+    """The kernels other than the reference that may run on ``device_type`` (Triton is imported for CUDA only)."""
+    return _gpu_kernels() if device_type == "cuda" else {}
+
+
+__all__ = [
+    "ENV_VAR",
+    "FLOAT_DTYPES",
+    "PREFERENCE",
+    "REFERENCE",
+    "Kernel",
+    "compute_dtype",
+    "kernel",
+    "pinned",
+    "select",
+]

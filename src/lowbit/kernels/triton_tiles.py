@@ -1,0 +1,148 @@
+"""Triton building blocks shared by the fused kernels: read packed codes in place and dequantize a weight tile.
+
+The kernels read the checkpoint's bytes as they are (packing version 1, :mod:`lowbit.quant.packing`): code ``i`` of
+the flat ``[out, in]`` code matrix starts at bit ``i * bits`` of the little-endian byte stream, so element
+``(n, k)`` is at bit ``(n * in + k) * bits``, and zero point ``(n, g)`` at bit ``(n * n_groups + g) * bits`` of
+``qzeros``. That holds for every width, 3-bit included (a 3-bit code may straddle two bytes; 2-, 4- and 8-bit
+codes never do), and for any shape, so no repacked copy of the weight is ever made. Rows start on a byte boundary
+whenever ``in % 8 == 0`` and on a 4-byte word whenever ``in % 32 == 0`` (every group size the kernels accept but
+``-1`` guarantees it), though the kernels, indexing bits, need neither.
+
+Everything here is shared by :mod:`triton_decode`, :mod:`triton_gemm` and :mod:`triton_dequant`, with the launch
+helpers (a layer as kernel arguments).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import torch
+import triton
+import triton.language as tl
+
+from lowbit.quant import normalfloat
+
+if TYPE_CHECKING:
+    from lowbit.layers import QuantLinear
+
+# Where Triton runs on the CPU (tests: TRITON_INTERPRET=1) autotuning would time every config in the interpreter;
+# one small config is used instead.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# The ``mode`` argument of the ops: how codes become weights.
+INT_ASYMMETRIC, INT_SYMMETRIC, NORMALFLOAT = 0, 1, 2
+
+
+@triton.jit
+def codes_at(ptr, bit, mask, BITS: tl.constexpr):
+    """The ``BITS``-bit codes starting at bit offsets ``bit`` from ``ptr`` (a pointer or a pointer tile), as int32."""
+    byte = bit >> 3
+    shift = (bit & 7).to(tl.int32)
+    word = tl.load(ptr + byte, mask=mask, other=0).to(tl.int32)
+    if 8 % BITS != 0:  # the code may continue in the next byte (only then is that byte read: it may lie past the end)
+        nxt = tl.load(ptr + byte + 1, mask=mask & (shift > 8 - BITS), other=0).to(tl.int32)
+        word = word | (nxt << 8)
+    return (word >> shift) & ((1 << BITS) - 1)
+
+
+@triton.jit
+def packed_codes(ptr, idx, mask, BITS: tl.constexpr):
+    """The ``BITS``-bit codes at flat indices ``idx`` (any shape) of a packed uint8 buffer, as int32."""
+    return codes_at(ptr, idx * BITS, mask, BITS)
+
+
+@triton.jit
+def weight_tile(
+    qweight,
+    scales,
+    qzeros,
+    codebook,
+    n2,
+    k2,
+    k_start,
+    N,
+    K,
+    n_groups,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    SYMMETRIC: tl.constexpr,
+    NF: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
+    """The float32 weights ``dequant(Q)[n, k]`` for broadcastable index tiles ``n2`` and ``k2``.
+
+    ``n2``/``k2`` are ``offs[None, :]``/``offs[:, None]`` (a ``[BLOCK_K, BLOCK_N]`` tile for ``x @ W^T``) or the
+    transpose (``[BLOCK_N, BLOCK_K]`` for ``grad @ W``). The tile's k indices are ``k_start + arange(BLOCK_K)``;
+    when the group size is a multiple of ``BLOCK_K`` the whole tile lies in one group, so scales and zeros are read
+    once per row (a vector) instead of once per element. Out-of-range elements are 0. ``ALIGNED`` (``K % 8 == 0``:
+    every row starts on a byte) lets the 64-bit arithmetic stay per row (a row pointer) and the per-element bit
+    offsets be 32-bit; per-element 64-bit indices cost so many registers that every tile spilled on sm_90.
+    """
+    mask = (n2 < N) & (k2 < K)
+    if ALIGNED:
+        q = codes_at(qweight + n2.to(tl.int64) * ((K // 8) * BITS), k2 * BITS, mask, BITS)
+    else:
+        q = packed_codes(qweight, n2.to(tl.int64) * K + k2, mask, BITS)
+    if GROUP % BLOCK_K == 0:
+        g_idx = n2 * n_groups + k_start // GROUP
+        g_mask = n2 < N
+    else:
+        g_idx = n2 * n_groups + k2 // GROUP
+        g_mask = mask
+    s = tl.load(scales + g_idx, mask=g_mask, other=0.0).to(tl.float32)
+    if NF:
+        return tl.load(codebook + q, mask=mask, other=0.0) * s
+    if SYMMETRIC:
+        return (q - (1 << (BITS - 1))).to(tl.float32) * s
+    return (q - packed_codes(qzeros, g_idx, g_mask, BITS)).to(tl.float32) * s
+
+
+def direct(kernel):
+    """``launch`` for eager calls outside autograd and ``torch.compile``: ``direct(kernel)[grid](...)`` launches
+    at once (the ops pass ``torch.library.wrap_triton`` instead, which ``torch.compile`` can trace)."""
+    return kernel
+
+
+_CODEBOOKS: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _codebook(bits: int, device: torch.device) -> torch.Tensor:
+    """The NF codebook on ``device``, made once (a host-to-device copy per call would sync and break CUDA graphs).
+
+    Cached in a module global rather than ``functools.cache``, which ``torch.compile`` traces through (it would
+    rebuild the codebook on the CPU and copy it to the GPU inside every compiled graph, so CUDA graphs are skipped).
+    """
+    key = (bits, device)
+    found = _CODEBOOKS.get(key)
+    if found is None:
+        found = _CODEBOOKS[key] = normalfloat.codebook(bits).to(device)
+    return found
+
+
+def layer_args(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+    """``(qweight, scales, qzeros, codebook, bits, mode)``: a layer as op arguments (stand-ins for unused ones)."""
+    spec = layer.spec
+    if spec.format == "nf":
+        codebook = _codebook(spec.bits, layer.scales.device)
+        return layer.qweight, layer.scales.contiguous(), layer.qweight, codebook, spec.bits, NORMALFLOAT
+    mode = INT_ASYMMETRIC if spec.has_zeros else INT_SYMMETRIC
+    qzeros = layer.qzeros if spec.has_zeros else layer.qweight
+    scales = layer.scales.contiguous()  # the kernels index it as a row-major [out, n_groups]
+    return layer.qweight, scales, qzeros, scales, spec.bits, mode
+
+
+# Triton's interpreter multiplies bfloat16 operands of tl.dot as their raw 16-bit integers. Products of two 16-bit
+# floats are exact in float32, so upcasting first gives the value the GPU's float32-accumulating dot gives.
+_UPCAST_DOT = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def mma(a, b, acc, IEEE: tl.constexpr):
+    """``acc + a @ b``; ``IEEE`` keeps float32 inputs in float32 (the reference's numerics) instead of TF32."""
+    if _UPCAST_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)

@@ -1,0 +1,151 @@
+"""The kernel seam: the reference keeps lowbit's numerics, selection picks the right kernel, storage is versioned.
+
+The Triton kernels themselves are compared with the reference in ``tests/triton_cases.py``, which must run in a
+process where ``TRITON_INTERPRET=1`` was set before Triton was imported; the test here starts it, so the flag
+never reaches any other test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lowbit
+from conftest import tiny_model
+from lowbit import kernels
+from lowbit.errors import LowbitError
+from lowbit.kernels import reference
+from lowbit.layers import QuantLinear, quant_layers
+from lowbit.quant import QuantSpec
+
+
+@pytest.fixture
+def fast(monkeypatch: pytest.MonkeyPatch) -> tuple[kernels.Kernel, ...]:
+    """The Triton kernels' declarations, allowed on the CPU, as what :func:`kernels.select` chooses from."""
+    pytest.importorskip("triton")
+    from lowbit.kernels import triton_decode, triton_dequant, triton_gemm
+
+    found = tuple(dataclasses.replace(m.KERNEL, devices=("cpu",)) for m in (triton_decode, triton_gemm, triton_dequant))
+    monkeypatch.setattr(kernels, "_fast_kernels", lambda device: {k.name: k for k in found})
+    return found
+
+
+def _layer(bits: int, group: int, fmt: str = "int", rank: int = 0) -> QuantLinear:
+    torch.manual_seed(bits * 1000 + group)
+    layer = QuantLinear.from_linear(nn.Linear(128, 37), QuantSpec(bits=bits, group_size=group, format=fmt))
+    if rank:
+        layer.add_lora(rank, 2.0 * rank)
+        nn.init.normal_(layer.lora_B, std=0.1)
+    return layer
+
+
+# ----- the reference --------------------------------------------------------------------------------------------
+def test_reference_is_the_dense_matmul_bit_for_bit() -> None:
+    """CPU numerics are unchanged by the seam: the base product is exactly ``x @ dequant(Q)^T``."""
+    layer = _layer(3, 32, rank=4)
+    x = torch.randn(2, 5, 128)
+    assert torch.equal(reference.matmul(layer, x), F.linear(x, layer.dequantized_weight()))
+    lora = layer.scaling * F.linear(F.linear(x, layer.lora_A), layer.lora_B)
+    assert torch.equal(layer(x), F.linear(x, layer.dequantized_weight()) + layer.bias + lora)
+    assert kernels.select(layer, x, training=False) is kernels.REFERENCE
+
+
+def test_triton_kernels_match_reference_under_interpreter() -> None:
+    """Every Triton kernel equals the reference (tests/triton_cases.py, in a process of its own: see there)."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        str(Path(__file__).with_name("triton_cases.py")),
+    ]
+    proc = subprocess.run(cmd, cwd=Path(__file__).parent.parent, env=env, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
+
+
+# ----- selection --------------------------------------------------------------------------------------------------
+def test_select_cpu_is_reference_without_importing_triton_kernels() -> None:
+    layer = _layer(4, 64)
+    x = torch.randn(1, 128)
+    assert kernels.select(layer, x, training=False) is kernels.REFERENCE
+    with kernels.pinned("triton-decode"):  # pinned, but it cannot run on the CPU: the reference does
+        assert kernels.select(layer, x, training=False) is kernels.REFERENCE
+
+
+def test_select_by_rows_format_dtype_and_training(fast) -> None:
+    decode, gemm, dequant = fast
+    layer = _layer(4, 64)
+    assert kernels.select(layer, torch.randn(16, 128), training=False) is decode
+    assert kernels.select(layer, torch.randn(2, 9, 128), training=False) is gemm  # 18 rows
+    assert kernels.select(layer, torch.randn(2, 1024, 128), training=True) is dequant
+    assert kernels.select(layer, torch.randn(1, 128).double(), training=False) is kernels.REFERENCE
+    assert kernels.select(_layer(4, 16), torch.randn(1, 128), training=False) is kernels.REFERENCE  # g16
+    assert kernels.select(_layer(4, 64, fmt="nf"), torch.randn(1, 128), training=False) is decode
+    no_backward = dataclasses.replace(decode, has_backward=False)
+    kernels_now = {k.name: k for k in (no_backward, gemm)}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kernels, "_fast_kernels", lambda device: kernels_now)
+        assert kernels.select(layer, torch.randn(1, 128), training=False) is no_backward
+        assert kernels.select(layer, torch.randn(1, 128), training=True) is gemm
+
+
+def test_pinning(fast, monkeypatch: pytest.MonkeyPatch) -> None:
+    decode, gemm, _ = fast
+    layer = _layer(4, 64)
+    x = torch.randn(1, 128)
+    with kernels.pinned("reference"):
+        assert kernels.select(layer, x, training=False) is kernels.REFERENCE
+    with kernels.pinned("triton-gemm"):
+        assert kernels.select(layer, x, training=False) is gemm
+        with kernels.pinned("reference"):  # nests, and restores the outer pin
+            assert kernels.select(layer, x, training=False) is kernels.REFERENCE
+        assert kernels.select(layer, x, training=False) is gemm
+        assert kernels.select(_layer(4, 16), x, training=False) is kernels.REFERENCE  # unsupported: fallback
+    assert kernels.select(layer, x, training=False) is decode
+    monkeypatch.setenv(kernels.ENV_VAR, "reference")
+    assert kernels.select(layer, x, training=False) is kernels.REFERENCE
+    monkeypatch.setenv(kernels.ENV_VAR, "fastest")
+    with pytest.raises(LowbitError, match="LOWBIT_KERNEL='fastest' names no kernel"):
+        kernels.select(layer, x, training=False)
+    with pytest.raises(LowbitError, match="unknown kernel"), kernels.pinned("fastest"):
+        pass
+    with pytest.raises(LowbitError, match="unknown kernel 'fastest'; choose one of triton-decode"):
+        kernels.kernel("fastest")
+    assert kernels.kernel("reference") is kernels.REFERENCE
+
+
+# ----- storage ----------------------------------------------------------------------------------------------------
+def test_packing_version_recorded_and_old_checkpoints_load(tmp_path: Path) -> None:
+    model = tiny_model("llama")
+    lowbit.quantize(model, lowbit.QuantConfig(bits=3, group_size=32, init="qlora", rank=4), progress=False)
+    ids = torch.randint(3, 100, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+    lowbit.save(model, tmp_path / "ckpt")
+    config_path = tmp_path / "ckpt" / "config.json"
+    config = json.loads(config_path.read_text())
+    assert config["quantization_config"]["packing_version"] == 1
+    del config["quantization_config"]["packing_version"]  # as written before the version was recorded
+    config_path.write_text(json.dumps(config))
+    loaded, _ = lowbit.load(tmp_path / "ckpt")
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, ref)
+    assert all(m.qweight.dtype == torch.uint8 for m in quant_layers(loaded).values())
+    config["quantization_config"]["packing_version"] = 2
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(LowbitError, match="layout version 2"):
+        lowbit.load(tmp_path / "ckpt")
