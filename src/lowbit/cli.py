@@ -589,7 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, default=0, help="quantization seed")
     for flag in ("epochs", "batch"):
         a.add_argument(f"--{flag}", type=int, default=None, help=argparse.SUPPRESS)
-    for flag in ("clip_lr", "lora_lr", "weight_decay", "clip_init"):
+    for flag in ("clip_lr", "lora_lr", "weight_decay", "clip_init", "weight_lr", "qparam_lr"):
         a.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=float, default=None, help=argparse.SUPPRESS)
     a.add_argument("--loftq-iters", dest="loftq_iters", type=int, default=None, help="LoftQ iterations")
     a.add_argument("--warm-start", dest="warm_start", choices=WARM_STARTS, default=None)

@@ -21,9 +21,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from lowbit.kernels import FLOAT_DTYPES, Kernel
 from lowbit.kernels.triton_gemm import apply, backward, constexprs, setup_context
-from lowbit.kernels.triton_tiles import INTERPRET, mma, weight_tile
+from lowbit.kernels.triton_tiles import INTERPRET, mma, triton_kernel, weight_tile
 
 if TYPE_CHECKING:
     from lowbit.layers import QuantLinear
@@ -119,14 +118,4 @@ def matmul(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     return apply(qgemv, _qgemv, layer, x)
 
 
-KERNEL = Kernel(
-    name="triton-decode",
-    matmul=matmul,
-    formats=("int", "nf"),
-    bits=(2, 3, 4, 8),
-    group_multiple=32,
-    devices=("cuda",),
-    dtypes=FLOAT_DTYPES,
-    has_backward=True,
-    max_m=MAX_M,
-)
+KERNEL = triton_kernel("triton-decode", matmul, max_m=MAX_M)

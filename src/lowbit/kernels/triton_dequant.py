@@ -19,10 +19,10 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from lowbit.kernels import FLOAT_DTYPES, Kernel, compute_dtype
+from lowbit.kernels import compute_dtype
 from lowbit.kernels.reference import DequantMatmul
 from lowbit.kernels.triton_gemm import constexprs
-from lowbit.kernels.triton_tiles import INTERPRET, direct, layer_args, weight_tile
+from lowbit.kernels.triton_tiles import INTERPRET, direct, layer_args, triton_kernel, weight_tile
 
 if TYPE_CHECKING:
     from lowbit.layers import QuantLinear
@@ -88,13 +88,4 @@ def matmul(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     return DequantMatmul.apply(x.to(compute_dtype(x)), functools.partial(_weight, layer))
 
 
-KERNEL = Kernel(
-    name="triton-dequant",
-    matmul=matmul,
-    formats=("int", "nf"),
-    bits=(2, 3, 4, 8),
-    group_multiple=32,
-    devices=("cuda",),
-    dtypes=FLOAT_DTYPES,
-    has_backward=True,
-)
+KERNEL = triton_kernel("triton-dequant", matmul)

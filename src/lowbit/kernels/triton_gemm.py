@@ -19,8 +19,17 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from lowbit.kernels import FLOAT_DTYPES, Kernel, compute_dtype
-from lowbit.kernels.triton_tiles import INT_SYMMETRIC, INTERPRET, NORMALFLOAT, direct, layer_args, mma, weight_tile
+from lowbit.kernels import compute_dtype
+from lowbit.kernels.triton_tiles import (
+    INT_SYMMETRIC,
+    INTERPRET,
+    NORMALFLOAT,
+    direct,
+    layer_args,
+    mma,
+    triton_kernel,
+    weight_tile,
+)
 
 if TYPE_CHECKING:
     from lowbit.layers import QuantLinear
@@ -232,14 +241,5 @@ def matmul(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     return apply(qgemm, _qgemm, layer, x)
 
 
-KERNEL = Kernel(
-    name="triton-gemm",
-    matmul=matmul,
-    formats=("int", "nf"),
-    bits=(2, 3, 4, 8),
-    group_multiple=32,
-    devices=("cuda",),
-    dtypes=FLOAT_DTYPES,
-    has_backward=True,
-    max_m=1024,  # beyond, dequantizing once for cuBLAS (triton-dequant) should win; bench/gpu.py measures both
-)
+# Beyond 1024 rows, dequantizing once for cuBLAS (triton-dequant) should win; bench/gpu.py measures both.
+KERNEL = triton_kernel("triton-gemm", matmul, max_m=1024)

@@ -15,12 +15,14 @@ helpers (a layer as kernel arguments).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 import triton
 import triton.language as tl
 
+from lowbit.kernels import FLOAT_DTYPES, Kernel
 from lowbit.quant import normalfloat
 
 if TYPE_CHECKING:
@@ -131,6 +133,25 @@ def layer_args(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     qzeros = layer.qzeros if spec.has_zeros else layer.qweight
     scales = layer.scales.contiguous()  # the kernels index it as a row-major [out, n_groups]
     return layer.qweight, scales, qzeros, scales, spec.bits, mode
+
+
+def triton_kernel(name: str, matmul: Callable, max_m: int | None = None) -> Kernel:
+    """The :class:`Kernel` declaration of a Triton kernel here; the three support the same calls but for ``max_m``.
+
+    They all dequantize through :func:`weight_tile` (int and NF codes, 2, 3, 4 or 8 bits, groups a multiple of 32),
+    on CUDA, in the float dtypes, and all have a backward.
+    """
+    return Kernel(
+        name=name,
+        matmul=matmul,
+        formats=("int", "nf"),
+        bits=(2, 3, 4, 8),
+        group_multiple=32,
+        devices=("cuda",),
+        dtypes=FLOAT_DTYPES,
+        has_backward=True,
+        max_m=max_m,
+    )
 
 
 # Triton's interpreter multiplies bfloat16 operands of tl.dot as their raw 16-bit integers. Products of two 16-bit
