@@ -102,3 +102,15 @@ def stored_table(results: Path, order: list[str], table) -> str:
     runs = sorted({(r["env"]["date"], r["env"]["commit"], r["env"]["command"]) for r in rows})
     notes = "\n".join(f"- {date}, commit {commit}: `{command}`" for date, commit, command in runs)
     return f"{table(rows)}\n\nMeasured:\n{notes}"
+
+
+def save_rows(results: Path, rows: list[dict], env: dict, protocol: str) -> None:
+    """Merge ``rows`` into the JSON file ``results`` by row name (atomic rewrite), each with the run's ``env``; a
+    bench calls it after every row, so an interrupted run keeps the rows it finished."""
+    previous = json.loads(results.read_text()) if results.is_file() else {"rows": {}}
+    previous["rows"].update({r["row"]: {**r, "env": env} for r in rows})
+    previous["protocol"] = protocol
+    results.parent.mkdir(parents=True, exist_ok=True)
+    tmp = results.with_suffix(".tmp")
+    tmp.write_text(json.dumps(previous, indent=2) + "\n")
+    tmp.replace(results)

@@ -21,7 +21,6 @@ export at most 5% larger). Rows whose runtime is not installed record why instea
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import tempfile
@@ -219,17 +218,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join([HEADER, *map(table_row, rows)])
 
 
-def save(results: Path, rows: list[dict], env: dict) -> None:
-    """Merge ``rows`` into ``results`` by name (atomic rewrite)."""
-    previous = json.loads(results.read_text()) if results.is_file() else {"rows": {}}
-    previous["rows"].update({r["row"]: {**r, "env": env} for r in rows})
-    previous["protocol"] = "P5"
-    results.parent.mkdir(parents=True, exist_ok=True)
-    tmp = results.with_suffix(".tmp")
-    tmp.write_text(json.dumps(previous, indent=2) + "\n")
-    tmp.replace(results)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
@@ -258,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
         row = run_row(name, args.windows, args.starts, args.keep)
         print(table_row(row), flush=True)
         if save_rows:
-            save(args.results, [row], env)
+            benchlib.save_rows(args.results, [row], env, "P5")
     print(f"\n{env['date']}, commit {env['commit']}, {env['machine']['cpu']} ({env['machine']['cores']} cores)")
 
 

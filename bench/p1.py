@@ -237,17 +237,6 @@ def measure(name: str, windows: int, keep: Path | None) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def save(results: Path, rows: list[dict], env: dict) -> None:
-    """Merge ``rows`` into ``results`` by name (atomic rewrite)."""
-    previous = json.loads(results.read_text()) if results.is_file() else {"rows": {}}
-    previous["rows"].update({r["row"]: {**r, "env": env} for r in rows})
-    previous["protocol"] = "P1"
-    results.parent.mkdir(parents=True, exist_ok=True)
-    tmp = results.with_suffix(".tmp")
-    tmp.write_text(json.dumps(previous, indent=2) + "\n")
-    tmp.replace(results)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
@@ -288,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
         row = measure(name, args.windows, args.keep)
         print(table_row(row), flush=True)
         if save_rows:  # after every row: an interrupted run keeps the rows it finished
-            save(args.results, [row], env)
+            benchlib.save_rows(args.results, [row], env, "P1")
     print(f"\n{env['date']}, commit {env['commit']}, {env['machine']['cpu']} ({env['machine']['cores']} cores), "
           f"torch {env['versions']['torch']}, transformers {env['versions']['transformers']}")  # fmt: skip
     if save_rows:
