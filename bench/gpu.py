@@ -418,17 +418,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines).strip()
 
 
-def store(rows: list[dict], env: dict) -> None:
-    """Merge ``rows`` into the results file by row name (atomically: a temporary file renamed over it)."""
-    previous = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"rows": {}}
-    previous["rows"].update({r["row"]: {**r, "env": env} for r in rows})
-    previous["protocol"] = "P4"
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".tmp")
-    tmp.write_text(json.dumps(previous, indent=2) + "\n")
-    tmp.replace(RESULTS)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default=DEFAULT_ROWS, help="comma-separated row names or prefixes "
@@ -456,13 +445,13 @@ def main() -> None:
             print(f"[gpu] {name}: {json.dumps({k: v for k, v in row.items() if k != 'label'})}", file=sys.stderr)
             rows.append(row)
             if not args.dry_run:
-                store([row], env)
+                benchlib.save_rows(RESULTS, [row], env, "P4")
     calib = [n for n in names if n.startswith("calib")]
     if calib:
         calib_rows = calibration_rows(calib, args)
         rows += calib_rows
         if not args.dry_run:
-            store(calib_rows, env)
+            benchlib.save_rows(RESULTS, calib_rows, env, "P4")
     print(f"\nP4 on {env['machine']['device']}{' (dry run: tiny shapes)' if args.dry_run else ''}\n")
     print(table(rows))
     print(f"\n{env['date']}, commit {env['commit']}, torch {env['versions']['torch']}, triton "

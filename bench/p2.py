@@ -254,13 +254,7 @@ def main() -> None:
           f"peft {env['versions']['peft']}, bitsandbytes {env['versions']['bitsandbytes']}")  # fmt: skip
     if args.windows != EVAL_WINDOWS:
         return
-    previous = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"rows": {}}
-    previous["rows"].update({r["row"]: {**r, "env": env} for r in rows})
-    previous["protocol"] = "P2"
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".tmp")
-    tmp.write_text(json.dumps(previous, indent=2) + "\n")
-    tmp.replace(RESULTS)
+    benchlib.save_rows(RESULTS, rows, env, "P2")
     print(f"wrote {RESULTS.relative_to(benchlib.ROOT)}", file=sys.stderr)
 
 
