@@ -33,6 +33,9 @@ def _cpu_model() -> str:
 
 
 def _commit() -> str:
+    """The checkout's commit; ``LOWBIT_COMMIT`` names it where the tree travelled without its ``.git`` (a GPU box)."""
+    if os.environ.get("LOWBIT_COMMIT"):
+        return os.environ["LOWBIT_COMMIT"]
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True

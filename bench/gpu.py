@@ -18,9 +18,8 @@ activations under autocast. Rows:
   a warm-up call; ``-graphs`` uses transformers' static cache, which compiles the forward with ``torch.compile``
   (mode ``reduce-overhead``: CUDA graphs). Methods: ``bf16``, ``bnb-nf4``, ``lowbit-w4/w3/w2`` (with r16 LoRA);
   by default ``-graphs`` only for ``bf16`` and ``lowbit-w4`` (compiling takes about a minute a model).
-- ``calib-*`` (``calib``: all of them): calibration speed rows. >>> HOOK: they come from ``bench/gpu_calib.py``
-  (the device engineer's), whose ``calibration_rows(args) -> list[dict]`` is imported only when a ``calib`` row
-  is asked for; it gets this script's ``args`` with ``args.rows`` set to the calib row names.
+- ``calib-*`` (``calib``: all of them): calibration speed and CPU/CUDA agreement rows from ``bench/gpu_calib.py``
+  (``calibration_rows(args)``, imported only when a ``calib`` row is asked for; ``--blocks`` passes through).
 
     python bench/gpu.py                          # the default rows (DEFAULT_ROWS; at most 8 minutes on one H100)
     python bench/gpu.py --rows layer,decode-lowbit-w4-graphs
@@ -366,7 +365,7 @@ def run_row(name: str, setup: Setup) -> dict | None:
 
 
 def calibration_rows(names: list[str], args: argparse.Namespace) -> list[dict]:
-    """>>> HOOK for the calibration rows: ``bench/gpu_calib.py`` (the device engineer's) provides them."""
+    """The calibration rows, from ``bench/gpu_calib.py`` (kept there so it also runs alone)."""
     try:
         import gpu_calib
     except ImportError:
@@ -424,6 +423,7 @@ def main() -> None:
                         "(layer, train, decode, layer-4096x11008, ...) or calib-* rows")  # fmt: skip
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU; nothing is stored")
     parser.add_argument("--table", action="store_true", help="print the stored results as markdown and exit")
+    parser.add_argument("--blocks", type=int, help="calib rows: blocks built and timed (default 3)")
     args = parser.parse_args()
     if args.table:
         stored = json.loads(RESULTS.read_text())["rows"] if RESULTS.is_file() else {}
@@ -446,9 +446,12 @@ def main() -> None:
             rows.append(row)
             if not args.dry_run:
                 benchlib.save_rows(RESULTS, [row], env, "P4")
-    calib = [n for n in names if n.startswith("calib")]
-    if calib:
-        calib_rows = calibration_rows(calib, args)
+    for name in [n for n in names if n.startswith("calib")]:  # one at a time: each is stored as soon as it ends
+        try:
+            calib_rows = calibration_rows([name], args)
+        except Exception as exc:  # as in run_row: the rows after it still run
+            traceback.print_exc()
+            calib_rows = [{"row": name, "error": f"{type(exc).__name__}: {exc}"[:1000]}]
         rows += calib_rows
         if not args.dry_run:
             benchlib.save_rows(RESULTS, calib_rows, env, "P4")
