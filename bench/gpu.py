@@ -248,8 +248,8 @@ def make_model(method: str, setup: Setup, lora: bool):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import lowbit
+    from lowbit.arch import target_linears
     from lowbit.layers import QuantLinear, set_module
-    from lowbit.models import target_linears
 
     torch.manual_seed(0)
     config = LlamaConfig(**setup.model, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -284,6 +284,11 @@ def train_row(name: str, setup: Setup) -> dict:
     model = make_model(name.removeprefix("train-"), setup, lora=True)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
+    # Every method trains the same LoRA factors and nothing else (a base left trainable once made lowbit's rows
+    # train the embeddings and head too: more work and memory, and a meaningless comparison).
+    others = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
+    if others:
+        raise RuntimeError(f"{name}: {len(others)} trainable parameters outside the LoRA, e.g. {others[0]}")
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     gen = torch.Generator(device=setup.device).manual_seed(0)
     ids = torch.randint(3, setup.model["vocab_size"], (setup.batch, setup.seqlen), device=setup.device, generator=gen)

@@ -13,6 +13,9 @@ calibration at 7B scale, and CPU-versus-CUDA agreement.
 - ``calib-agree``: the same tiny random-init Llama calibrated with both methods on the CPU and on CUDA (a CPU model
   whose blocks visit the GPU one at a time); the relative difference of every block's output and of the final
   logits between the two, on held-out windows, next to the quantization error itself for scale.
+- ``calib-nudge``: how far two equally valid runs of ``gptq`` land on ``calib-agree``'s model: calibrated once as is
+  and once with every weight nudged by a relative 1e-6 (float32 rounding); runs on any device, the CPU included
+  (``--device cpu --store`` merges it into bench/results/gpu.json).
 - ``calib-devices``: every initializer (qlora, none, NF, loftq, wsvd, gptq, apiq-lw, apiq-bw with each warm start)
   on the device, with the activation streams on the device and in pinned host memory: final-logit differences
   against the CPU run. A tensor left on the wrong device fails this row.
@@ -38,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-ROWS = ("calib-gptq", "calib-apiq", "calib-agree", "calib-devices")
+ROWS = ("calib-gptq", "calib-apiq", "calib-agree", "calib-nudge", "calib-devices")
 METHODS = {
     "calib-gptq": ("gptq", {}),
     "calib-apiq": ("apiq-bw", {"warm_start": "gptq", "epochs": 2}),
@@ -162,8 +165,8 @@ def calibration_row(
     """One timed calibration of ``blocks`` blocks of ``shape`` with the method of ``row`` (``act_budget``: bytes
     for the activation streams on the device, None: the engine's default)."""
     from benchlib import peak_rss_mb
-    from lowbit.api import QuantConfig
     from lowbit.calibrate import calibrate
+    from lowbit.config import QuantConfig
     from lowbit.device import default_budget, stream_placement
     from lowbit.engine import STREAMS, EngineOptions
 
@@ -237,7 +240,7 @@ def calibration_row(
 # ----- CPU-versus-CUDA agreement ------------------------------------------------------------------------------------
 def _outputs(model, ids: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Every block's output and the logits of ``model`` (on the CPU) on ``ids``."""
-    from lowbit.models import find_blocks
+    from lowbit.arch import find_blocks
 
     _, blocks = find_blocks(model)
     outs: list[torch.Tensor] = []
@@ -287,6 +290,12 @@ def agreement_row(shape: Shape, layers: int, device: torch.device) -> dict:
             "logits_rel_diff": round(_rel(dev_logits, cpu_logits), 7),
             "quantization_block_rel_error": [round(_rel(c, f), 5) for c, f in zip(cpu_blocks, fp_blocks, strict=True)],
             "quantization_logits_rel_error": round(_rel(cpu_logits, fp_logits), 5),
+            # The same error for the device-calibrated model: equal quality is the goal, equal codes are not (GPTQ's
+            # sequential rounding turns last-bit differences into different, equally good, codes).
+            "device_quantization_block_rel_error": [
+                round(_rel(d, f), 5) for d, f in zip(dev_blocks, fp_blocks, strict=True)
+            ],
+            "device_quantization_logits_rel_error": round(_rel(dev_logits, fp_logits), 5),
             "packed_bytes_equal_fraction": round(sum(codes) / len(codes), 5),
         }
     return {
@@ -296,8 +305,57 @@ def agreement_row(shape: Shape, layers: int, device: torch.device) -> dict:
         f"{layers} blocks), float32; {shape.windows} calibration windows of {shape.seqlen}, 4 held-out windows",
         "devices": ["cpu", str(device)],
         "note": "differences of the CUDA-calibrated model against the CPU-calibrated one, both evaluated on the CPU; "
-        "the quantization error of the CPU model against full precision is given for scale",
+        "the quantization error of each against full precision is given for scale",
         "methods": methods,
+    }
+
+
+def nudge_row(shape: Shape, layers: int, device: torch.device, nudge: float = 1e-6) -> dict:
+    """How far apart two equally valid GPTQ runs land: ``calib-agree``'s model and calibration set, calibrated on
+    ``device`` as is and with every weight multiplied by ``1 + nudge * N(0, 1)`` (1e-6: float32 rounding, the size
+    of the difference between two BLAS libraries' sums). Compare its differences with ``calib-agree``'s."""
+    from transformers import AutoModelForCausalLM
+
+    import lowbit
+    from lowbit.layers import quant_layers
+
+    def build(nudged: bool):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(llama_config(shape, layers), dtype=torch.float32).eval()
+        if nudged:
+            g = torch.Generator().manual_seed(5)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.mul_(1 + nudge * torch.randn(p.shape, generator=g))
+        return model
+
+    g = torch.Generator().manual_seed(1)
+    calib = torch.randint(3, shape.vocab, (shape.windows, shape.seqlen), generator=g)
+    held_out = torch.randint(3, shape.vocab, (4, shape.seqlen), generator=g)
+    fp_blocks, fp_logits = _outputs(build(False), held_out)
+    config = lowbit.QuantConfig(bits=2, group_size=64, init="gptq")
+    runs = []
+    for nudged in (False, True):
+        model = lowbit.quantize(build(nudged), config, calib, progress=False, device=device)
+        runs.append((model, *_outputs(model, held_out)))
+    (plain, plain_blocks, plain_logits), (moved, moved_blocks, moved_logits) = runs
+    pairs = zip(quant_layers(plain).values(), quant_layers(moved).values(), strict=True)
+    codes = [(a.qweight == b.qweight).double().mean().item() for a, b in pairs]
+    return {
+        "row": "calib-nudge",
+        "protocol": "P4",
+        "model": f"as calib-agree: random-init Llama (hidden {shape.hidden}, {layers} blocks), gptq W2g64, "
+        f"{shape.windows} windows of {shape.seqlen}; weights nudged by (1 + {nudge:g} N(0,1)) in the second run",
+        "device": str(device),
+        "block_output_rel_diff": [round(_rel(m, p), 7) for m, p in zip(moved_blocks, plain_blocks, strict=True)],
+        "logits_rel_diff": round(_rel(moved_logits, plain_logits), 7),
+        "quantization_block_rel_error": [round(_rel(p, f), 5) for p, f in zip(plain_blocks, fp_blocks, strict=True)],
+        "quantization_logits_rel_error": round(_rel(plain_logits, fp_logits), 5),
+        "nudged_quantization_block_rel_error": [
+            round(_rel(m, f), 5) for m, f in zip(moved_blocks, fp_blocks, strict=True)
+        ],
+        "nudged_quantization_logits_rel_error": round(_rel(moved_logits, fp_logits), 5),
+        "packed_bytes_equal_fraction": round(sum(codes) / len(codes), 5),
     }
 
 
@@ -379,9 +437,11 @@ def calibration_rows(args) -> list[dict]:
     for row in ROWS:
         if row not in wanted:
             continue
+        tiny = Shape("tiny", 256, 512, 4, 1000, 4, 4 if dry else 16, 32 if dry else 128)
         if row == "calib-agree":
-            tiny = Shape("tiny", 256, 512, 4, 1000, 4, 4 if dry else 16, 32 if dry else 128)
             rows.append(agreement_row(tiny, 2 if dry else 4, device))
+        elif row == "calib-nudge":
+            rows.append(nudge_row(tiny, 2 if dry else 4, device))
         elif row == "calib-devices":
             rows.append(devices_row(Shape("tiny", 128, 256, 4, 512, 2, 4, 32), 2, device))
         else:
@@ -403,8 +463,11 @@ def main() -> None:
     parser.add_argument("--act-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--act-budget", type=float, help="GiB of GPU memory for the activation streams")
     parser.add_argument("--out", help="write {env, rows} as JSON here")
+    parser.add_argument("--store", action="store_true", help="merge the rows into bench/results/gpu.json")
     args = parser.parse_args()
     result = {"env": benchlib.environment(), "rows": calibration_rows(args)}
+    if args.store and not args.dry_run:
+        benchlib.save_rows(benchlib.ROOT / "bench" / "results" / "gpu.json", result["rows"], result["env"], "P4")
     if args.out:
         tmp = Path(args.out).with_suffix(".tmp")
         tmp.write_text(json.dumps(result, indent=1))

@@ -103,11 +103,11 @@ def run_row(name: str, windows: int, keep: Path | None = None) -> dict:
 
     import lowbit
     from lowbit.calibrate import calibrate
+    from lowbit.config import INITIALIZERS
     from lowbit.data import sample_windows, text_windows
     from lowbit.engine import EngineOptions
     from lowbit.errors import LowbitError
     from lowbit.evaluate import perplexity
-    from lowbit.init import INITIALIZERS
     from lowbit.models import load_tokenizer, quiet_transformers, resolve_model_path
 
     quiet_transformers()
@@ -179,8 +179,8 @@ def bnb_nf4(model) -> float:
         sys.exit("the bitsandbytes peer rows need bitsandbytes: pip install -e '.[bench]' (or leave out those rows)")
     import torch
 
+    from lowbit.arch import target_linears
     from lowbit.layers import set_module
-    from lowbit.models import target_linears
 
     stored, weights = 0, 0
     for name, linear in target_linears(model).items():
@@ -215,7 +215,7 @@ CALIB_NAMES = {"ptb": "PTB", "bible": "Bible", None: "—"}
 
 def table_row(r: dict) -> str:
     """One row; rows measured before the Bible column (all calibrated on PTB) show a dash for its perplexity."""
-    from lowbit.init import INITIALIZERS
+    from lowbit.config import INITIALIZERS
 
     calib = r.get("calib", "ptb" if r.get("config") and INITIALIZERS[r["config"]["init"]].needs_data else None)
     return (f"| {r['label']} | {CALIB_NAMES[calib]} | {r['ppl']:.2f} | {_cell(r.get('bible_ppl'), '.2f')} | "

@@ -118,7 +118,7 @@ def peft_model(name: str, folder: Path):
     from peft import LoraConfig, get_peft_model
 
     import lowbit
-    from lowbit.models import target_linears
+    from lowbit.arch import target_linears
 
     model, tokenizer = lowbit.load_model(folder)
     modules = sorted({n.rsplit(".", 1)[-1] for n in target_linears(model)})

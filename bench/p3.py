@@ -57,8 +57,9 @@ def run_row(name: str, limit: int) -> dict:
 
     import lowbit
     from lowbit.adapt import AdaptConfig, adapt, evaluate_mt, write_data
-    from lowbit.api import QuantConfig
-    from lowbit.models import load_model, quiet_transformers
+    from lowbit.api import load_model
+    from lowbit.config import QuantConfig
+    from lowbit.models import quiet_transformers
     from lowbit.parallel import read_pairs
 
     quiet_transformers()
@@ -99,8 +100,8 @@ def fp_lora(model, tokenizer, data: Path, config) -> tuple[object, dict]:
     """PEFT LoRA on the full-precision model: CPT then SFT with the lowbit rows' data, order and settings."""
     from peft import LoraConfig, get_peft_model
 
+    from lowbit.arch import target_linears
     from lowbit.finetune import TrainConfig
-    from lowbit.models import target_linears
 
     sys.path.insert(0, str(Path(__file__).parent))
     from p2 import peft_train

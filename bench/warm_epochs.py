@@ -50,8 +50,10 @@ def main() -> None:
     args = parser.parse_args()
 
     import lowbit
+    from lowbit.api import load_model
+    from lowbit.arch import find_blocks
     from lowbit.data import sample_windows, text_windows
-    from lowbit.models import find_blocks, load_model, quiet_transformers
+    from lowbit.models import quiet_transformers
 
     quiet_transformers()
     published = json.loads((benchlib.ROOT / "bench" / "results" / "p1.json").read_text())["rows"].get("apiq-bw-w2")

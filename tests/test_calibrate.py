@@ -13,7 +13,7 @@ import lowbit
 from conftest import run_until_killed, save_tiny, tiny_model, tiny_tokenizer
 from lowbit.calibrate import calibrate
 from lowbit.errors import LowbitError
-from lowbit.init.lowrank import best_rank, whitened_best_rank
+from lowbit.init.lowrank import best_rank, top_singular, whitened_best_rank
 from lowbit.layers import QuantLinear, quant_layers
 
 CALIB = torch.randint(3, 120, (8, 64), generator=torch.Generator().manual_seed(0))
@@ -57,7 +57,7 @@ def test_quality_order_on_llama() -> None:
 
 def test_wsvd_clip_search_beats_min_max() -> None:
     assert logit_error("llama", "wsvd") < logit_error("llama", "wsvd", wsvd_clip="none")
-    with pytest.raises(LowbitError, match="wsvd_clip"):
+    with pytest.raises(LowbitError, match="--wsvd-clip 'grid' is not known"):
         logit_error("llama", "wsvd", wsvd_clip="grid")
 
 
@@ -88,6 +88,23 @@ def test_whitened_rank_fit_is_optimal_in_its_metric() -> None:
         assert loss(a, b) <= loss(a + 1e-3 * torch.randn(a.shape, generator=g), b) + 1e-6
     # Frobenius metric: the weight-space fit is the truncated SVD, exactly.
     assert torch.allclose(2.0 * b_plain @ a_plain, _svd_r(target, 4), atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(24, 32), (32, 24), (16, 16)])
+def test_top_singular_matches_the_full_svd(shape) -> None:
+    """The Gram-eigendecomposition shortcut gives the truncated SVD of wide, tall and square matrices, and a
+    rank-deficient matrix gets zero (not NaN) vectors for its zero singular values."""
+    m = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    u, s, vh = top_singular(m, 5)
+    assert u.shape == (shape[0], 5) and vh.shape == (5, shape[1])
+    assert torch.allclose(s, torch.linalg.svdvals(m)[:5], atol=1e-10)
+    assert torch.allclose(u * s @ vh, _svd_r(m, 5), atol=1e-10)
+    assert torch.allclose(u.T @ u, torch.eye(5, dtype=m.dtype), atol=1e-10)
+    one = torch.zeros(shape, dtype=torch.float64)
+    one[2, 3] = 4.0
+    u, s, vh = top_singular(one, 3)
+    assert torch.isfinite(u).all() and torch.isfinite(vh).all()
+    assert s.tolist() == [4.0, 0.0, 0.0] and torch.equal(u * s @ vh, one)
 
 
 def _svd_r(m: torch.Tensor, r: int) -> torch.Tensor:
@@ -284,7 +301,7 @@ def test_layer_groups_follow_shared_inputs() -> None:
 
     model = tiny_model("llama")
     calls, h0 = _record(model.model.layers, model, CALIB[:1], 1)
-    ctx = BlockContext(0, QuantSpec(2, 32), None, torch.Generator(), {}, x=h0)
+    ctx = BlockContext(0, QuantSpec(2, 32), None, torch.Generator(), x=h0)
     ctx.forward = lambda blk, h: run_block(blk, calls[0], h)
     for _ in range(3):  # stable across allocator states
         assert forward_groups(model.model.layers[0], ctx) == [
@@ -317,5 +334,5 @@ def test_gptq_warm_start_keeps_the_gptq_codes_and_trains_only_the_lora() -> None
         assert start_lora[name].abs().max() > 0  # the wsvd start, not B = 0
         assert not torch.equal(trained_lora[name], start_lora[name])
     assert all(t < s for t, s in zip(trained_mse, start_mse, strict=True))
-    with pytest.raises(LowbitError, match="warm_start"):
+    with pytest.raises(LowbitError, match="--warm-start 'loftq' is not known"):
         lowbit.QuantConfig(bits=2, init="apiq-bw", options={"warm_start": "loftq"})

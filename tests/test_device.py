@@ -106,7 +106,7 @@ def test_to_device_moves_nested_tensors_and_keeps_the_rest() -> None:
 
 
 def test_window_reads_one_window_or_a_batch_as_float_on_the_device() -> None:
-    ctx = BlockContext(0, QuantSpec(), None, torch.Generator(), {}, device=CPU)
+    ctx = BlockContext(0, QuantSpec(), None, torch.Generator(), device=CPU)
     stream = torch.randn(5, 4, 8).to(torch.bfloat16)
     one = ctx.window(stream, 2)
     assert one.shape == (1, 4, 8) and one.dtype == torch.float32 and one.device == CPU
@@ -119,7 +119,7 @@ def test_window_reads_one_window_or_a_batch_as_float_on_the_device() -> None:
 def _run_engine(init: str, options: dict, engine: EngineOptions) -> tuple[dict, Engine]:
     model = tiny_model("llama")
     config = lowbit.QuantConfig(bits=2, group_size=32, init=init, rank=4, options=options)
-    run = Engine(model, get_initializer(init), config.spec, config.lora, config.seed, config.options, CALIB, engine)
+    run = Engine(model, get_initializer(config), config.spec, config.lora, config.seed, config.options, CALIB, engine)
     run.run()
     return {k: v.clone() for k, v in model.state_dict().items()}, run
 

@@ -195,6 +195,63 @@ def test_quantlinear_backward_under_bf16_autocast(tmp_path: Path) -> None:
     assert grads and all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
 
 
+# ----- TensorBoard ------------------------------------------------------------------------------------------------
+def board_scalars(folder: Path, tag: str) -> list[tuple[int, float]]:
+    """``(step, value)`` of a scalar as TensorBoard shows it (restarts purged, as the board does)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(folder))
+    board.Reload()
+    return [(e.step, e.value) for e in board.Scalars(tag)]
+
+
+def test_cli_tensorboard_writes_the_logged_scalars_to_dir(tmp_path: Path, capsys) -> None:
+    ckpt, data = quantized(tmp_path), text_file(tmp_path)
+    code, out, err = run_cli(["finetune", str(ckpt), "--data", str(data), "--seqlen", "32", "--samples", "12",
+                              "--eval-data", str(data), "--eval-windows", "2", "--out", str(tmp_path / "ft"),
+                              "--tensorboard", str(tmp_path / "tb"), "--json"], capsys)  # fmt: skip
+    assert code == 0, err
+    result = json.loads(out)
+    loss = board_scalars(tmp_path / "tb", "loss")
+    assert [s for s, _ in loss] == [1, 2, 3]
+    assert loss[-1][1] == pytest.approx(result["final_loss"], rel=1e-6)
+    assert board_scalars(tmp_path / "tb", "eval_ppl")[0][1] == pytest.approx(result["eval_ppl"], rel=1e-6)
+    assert not (tmp_path / "ft" / "tensorboard").exists()  # a folder of the user's own stays where they put it
+
+
+def test_tensorboard_events_are_kept_in_out_and_read_like_one_run_after_resume(tmp_path: Path) -> None:
+    ckpt = quantized(tmp_path)
+    config = small(text_file(tmp_path), samples=16, save_every=2)
+    with pytest.raises(Crash):  # logged step 3, saved the state at step 2: the rerun redoes step 3
+        finetune(ckpt, tmp_path / "ft", config, progress=False, on_step=crash_at(3), tensorboard=True)
+    assert [s for s, _ in board_scalars(tmp_path / ".ft.partial" / "tensorboard", "loss")] == [1, 2, 3]
+    result = finetune(ckpt, tmp_path / "ft", config, progress=False, tensorboard=True)
+    assert result["resumed_from_step"] == 2
+    loss = board_scalars(tmp_path / "ft" / "tensorboard", "loss")
+    assert [s for s, _ in loss] == [1, 2, 3, 4]
+    assert [v for _, v in loss] == pytest.approx(result["losses"], rel=1e-6)
+
+
+def test_tensorboard_without_the_package_is_a_one_line_error(tmp_path: Path, capsys, monkeypatch) -> None:
+    ckpt, data = quantized(tmp_path), text_file(tmp_path)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # what an environment without it raises
+    capsys.readouterr()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    args = ["finetune", str(ckpt), "--data", str(data), "--out", str(tmp_path / "ft"), "--tensorboard"]
+    code, _, err = run_cli(args, capsys)
+    assert code == 2 and "pip install tensorboard" in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize(("where", "match"), [("ft/tb", "inside"), ("q/tb", "inside"), ("file", "is a file")])
+def test_tensorboard_dir_inside_out_or_the_input_or_a_file_is_refused(tmp_path: Path, where: str, match: str):
+    ckpt = quantized(tmp_path)
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(LowbitError, match=match):
+        finetune(ckpt, tmp_path / "ft", small(text_file(tmp_path)), progress=False, tensorboard=tmp_path / where)
+    assert not (tmp_path / "ft").exists() and not (tmp_path / ".ft.partial").exists()
+
+
 # ----- SFT data ---------------------------------------------------------------------------------------------------
 def write_jsonl(path: Path, records: list) -> Path:
     path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in records) + "\n")

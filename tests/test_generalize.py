@@ -124,9 +124,9 @@ def test_blockap_frozen_codes_are_what_training_saw(symmetric: bool) -> None:
 
 
 def test_blockap_options_are_checked_up_front() -> None:
-    with pytest.raises(LowbitError, match="warm_start='wsvd' is not known for blockap"):
+    with pytest.raises(LowbitError, match="init blockap: --warm-start 'wsvd' is not known: choose none, gptq"):
         lowbit.QuantConfig(bits=2, init="blockap", options={"warm_start": "wsvd"})
-    with pytest.raises(LowbitError, match="weight_lr"):
+    with pytest.raises(LowbitError, match="--weight-lr must be at least 0"):
         lowbit.QuantConfig(bits=2, init="blockap", options={"weight_lr": -1})
     nf = lowbit.QuantConfig(bits=4, group_size=32, format="nf", init="blockap", rank=4)
     with pytest.raises(LowbitError, match="--format int"):

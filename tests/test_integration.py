@@ -7,9 +7,10 @@ import torch
 
 import lowbit
 from conftest import requires_default_model
+from lowbit.arch import find_blocks, target_linears
 from lowbit.data import text_windows
 from lowbit.evaluate import perplexity
-from lowbit.models import find_blocks, resolve_model_path, target_linears
+from lowbit.models import resolve_model_path
 
 pytestmark = [pytest.mark.integration, requires_default_model]
 

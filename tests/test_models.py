@@ -6,9 +6,9 @@ from torch import nn
 
 import lowbit
 from conftest import tiny_model
+from lowbit.arch import find_blocks, target_linears
 from lowbit.errors import LowbitError
 from lowbit.layers import QuantLinear
-from lowbit.models import find_blocks, target_linears
 
 EXPECTED = {
     "llama": ("model.layers", 7),

@@ -316,7 +316,7 @@ def test_readme_storage_figures_match_the_formula() -> None:
 
 
 def test_calibration_help_names_every_data_driven_init(capsys) -> None:
-    from lowbit.init import INITIALIZERS
+    from lowbit.config import INITIALIZERS
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["quantize", "--help"])

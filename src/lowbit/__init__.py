@@ -12,12 +12,12 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from lowbit.api import QuantConfig, load, quantize
+from lowbit.api import load, load_model, quantize
 from lowbit.checkpoint import checkpoint_info as info
 from lowbit.checkpoint import save_checkpoint as save
+from lowbit.config import QuantConfig
 from lowbit.errors import LowbitError
 from lowbit.layers import QuantLinear, to_dense
-from lowbit.models import load_model
 from lowbit.quant import QuantSpec
 
 __all__ = [

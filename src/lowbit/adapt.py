@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from lowbit.api import QuantConfig
+from lowbit.config import QuantConfig
 from lowbit.errors import LowbitError
 from lowbit.fsutil import with_output_lock, write_json, write_text
 from lowbit.parallel import Pair, bible_pairs, p3_split, read_monolingual, read_pairs, write_pairs
@@ -119,12 +119,13 @@ def adapt(
     ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``) is where every stage computes; like ``save_every`` it is
     not recorded, so a run can move between machines.
     """
+    from lowbit.api import load_model
     from lowbit.calibrate import calibrate
+    from lowbit.config import INITIALIZERS
     from lowbit.data import sample_windows, text_windows
     from lowbit.engine import EngineOptions
     from lowbit.finetune import TrainConfig, finetune
-    from lowbit.init import INITIALIZERS
-    from lowbit.models import load_model, load_tokenizer, resolve_model_path
+    from lowbit.models import load_tokenizer, resolve_model_path
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -4,70 +4,29 @@ Every linear layer inside the decoder blocks becomes a :class:`~lowbit.layers.Qu
 embeddings, norms and the LM head stay in full precision. ``init`` chooses how codes and LoRA start are set:
 ``none`` (no adapter), ``qlora`` (round to nearest, B = 0), ``loftq`` (data-free), ``wsvd``, ``apiq-lw`` and
 ``apiq-bw`` (these three need calibration windows). See :mod:`lowbit.init`.
+
+:func:`load_model` (any model) and :func:`load` (a lowbit checkpoint) are here too: they sit above both model
+loading (:mod:`lowbit.models`) and checkpoint reading (:mod:`lowbit.checkpoint`), so neither imports the other.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import asdict, dataclass, field
+import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from lowbit.arch import target_linears
+from lowbit.checkpoint import load_checkpoint
+from lowbit.config import QuantConfig
 from lowbit.device import place_model
 from lowbit.engine import Engine, EngineOptions
 from lowbit.errors import LowbitError
-from lowbit.init import INITIALIZERS, LoraSpec, get_initializer
+from lowbit.init import get_initializer
 from lowbit.layers import linear_weight
-from lowbit.models import target_linears
-from lowbit.quant import QuantSpec
-
-INITS = tuple(INITIALIZERS)
-
-
-@dataclass
-class QuantConfig:
-    """What to quantize to and how to start the adapter. Validated on construction."""
-
-    bits: int = 4
-    group_size: int = 64
-    format: str = "int"
-    symmetric: bool = False
-    init: str = "qlora"
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    seed: int = 0
-    # Extra per-method options, recorded in the checkpoint (initializers added later read theirs from here).
-    options: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        try:
-            _ = self.spec  # QuantSpec validates bits, format and group size
-        except ValueError as exc:
-            raise LowbitError(f"{exc}: choose --bits 2, 3, 4 or 8 (nf: 2, 3, 4) and a positive --group-size") from exc
-        if self.init not in INITS:
-            raise LowbitError(f"unknown init {self.init!r}: choose one of {', '.join(INITS)}")
-        if INITIALIZERS[self.init].adapter and self.rank <= 0:
-            raise LowbitError(f"LoRA rank must be positive for init {self.init!r}, got {self.rank}")
-        INITIALIZERS[self.init].check_options(self.options)
-
-    @property
-    def spec(self) -> QuantSpec:
-        return QuantSpec(self.bits, self.group_size, self.format, self.symmetric)
-
-    @property
-    def method(self) -> str:
-        """Name of the weight rounding: ``rtn`` (integer round-to-nearest) or ``nf`` (NormalFloat)."""
-        return "nf" if self.format == "nf" else "rtn"
-
-    @property
-    def lora(self) -> LoraSpec | None:
-        return LoraSpec(self.rank, self.alpha, self.dropout) if INITIALIZERS[self.init].adapter else None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from lowbit.models import is_lowbit_checkpoint, load_pretrained, resolve_model_path
 
 
 def check_shapes(model: nn.Module, config: QuantConfig) -> dict[str, nn.Module]:
@@ -91,9 +50,24 @@ def load(
 ) -> tuple[nn.Module, object | None]:
     """``lowbit.load``: a lowbit checkpoint (eval mode) and its tokenizer, on ``device`` (``auto``, ``cpu``,
     ``cuda``, ``cuda:N``; None: the CPU). ``verify``: see :func:`lowbit.checkpoint.load_checkpoint`."""
-    from lowbit.checkpoint import load_checkpoint
-
     model, tokenizer = load_checkpoint(folder, verify=verify)
+    return place_model(model, device), tokenizer
+
+
+def load_model(
+    path: str | os.PathLike | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+) -> tuple[nn.Module, object | None]:
+    """``lowbit.load_model``: any supported model -- full precision (in ``dtype``) or a lowbit checkpoint -- with
+    its tokenizer, on ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``; None: the CPU, where it is loaded).
+
+    ``path``: a Hugging Face folder, a ``.gguf`` file or a lowbit checkpoint; None: the default model."""
+    folder = resolve_model_path(path)
+    if is_lowbit_checkpoint(folder):
+        model, tokenizer = load_checkpoint(folder)
+    else:
+        model, tokenizer = load_pretrained(folder, dtype)
     return place_model(model, device), tokenizer
 
 
@@ -121,7 +95,7 @@ def quantize(
     engine = engine or EngineOptions(progress=progress)
     if device is not None:
         engine = dataclasses.replace(engine, device=device)
-    init = get_initializer(config.init)
+    init = get_initializer(config)
     run = Engine(model, init, config.spec, config.lora, config.seed, config.options, calib, engine)
     model.lowbit_stats = [r.__dict__ for r in run.run()]
     model.lowbit_config = config

@@ -14,7 +14,6 @@ success the folder becomes the checkpoint (sharded weights with an index, PEFT a
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import shutil
 import struct
@@ -26,7 +25,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lowbit.api import QuantConfig, check_shapes
+from lowbit.api import check_shapes
+from lowbit.arch import find_blocks
 from lowbit.checkpoint import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -41,22 +41,22 @@ from lowbit.checkpoint import (
     read_weight_map,
     write_checksums,
 )
+from lowbit.config import QuantConfig
 from lowbit.engine import Activations, BlockResult, Engine, EngineOptions
 from lowbit.errors import LowbitError
 from lowbit.fsutil import (
     WORK_MARKER,
     check_output_dir,
-    claim_work_dir,
     content_fingerprint,
-    remove_work_dir,
     replace_dir,
+    resume_work_dir,
+    run_fingerprint,
     with_output_lock,
     work_dir,
     write_json,
 )
 from lowbit.init import get_initializer
 from lowbit.layers import quant_layers
-from lowbit.models import find_blocks
 
 STATE = "state.json"
 
@@ -153,15 +153,6 @@ def skeleton(folder: Path, source: SafetensorsSource) -> tuple[nn.Module, str]:
     return model.eval(), prefix
 
 
-def fingerprint(config: QuantConfig, source: SafetensorsSource, calib: torch.Tensor | None, act_dtype) -> str:
-    from lowbit import __version__
-
-    h = hashlib.sha256(json.dumps([config.to_dict(), source.identity(), str(act_dtype), __version__]).encode())
-    if calib is not None:
-        h.update(calib.numpy().tobytes())
-    return h.hexdigest()
-
-
 @with_output_lock
 def calibrate(
     folder: Path,
@@ -187,26 +178,16 @@ def calibrate(
     storage = source.dtypes()
     setattr(model, STORAGE_DTYPES, storage)  # _write_base stores the untouched tensors in the source's dtype
     work = work_dir(out)
-    key = fingerprint(config, source, calib, engine.act_dtype)
-    state = {"fingerprint": key, "next_block": 0, "blocks": [], "modules": {}, "source": str(folder.resolve())}
-    if (work / STATE).is_file():
-        saved = json.loads((work / STATE).read_text())
-        if saved.get("fingerprint") == key:
-            state = saved
-        elif overwrite:
-            remove_work_dir(work)
-        else:
-            raise LowbitError(
-                f"{work} holds an interrupted run with different settings, model or calibration data: rerun that "
-                "command to resume it, or pass --overwrite to discard it"
-            )
-    if state["next_block"] == 0:
-        remove_work_dir(work)
-    claim_work_dir(work)
+    settings = [config.to_dict(), source.identity(), str(engine.act_dtype)]
+    key = run_fingerprint(settings, [] if calib is None else [calib.numpy().tobytes()])
+    what = "run with different settings, model or calibration data"
+    state = resume_work_dir(work, STATE, key, overwrite, what) or {
+        "fingerprint": key, "next_block": 0, "blocks": [], "modules": {}, "source": str(folder.resolve())
+    }  # fmt: skip
     if spill:
         engine = dataclasses.replace(engine, spill_dir=work / "spill")
 
-    init = get_initializer(config.init)
+    init = get_initializer(config)
     run = Engine(model, init, config.spec, config.lora, config.seed, config.options, calib, engine)
     start = state["next_block"]
     if start == 0:

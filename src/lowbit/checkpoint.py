@@ -32,11 +32,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lowbit.api import QuantConfig
+from lowbit.config import LoraSpec, QuantConfig
 from lowbit.errors import LowbitError
 from lowbit.fsutil import atomic_dir, sha256_files, write_json, write_text
-from lowbit.init import LoraSpec
 from lowbit.layers import QuantLinear, quant_layers, set_module
+from lowbit.models import _first_line, load_tokenizer
 from lowbit.quant import QuantSpec
 from lowbit.quant.packing import PACKING_VERSION
 
@@ -186,7 +186,7 @@ def save_checkpoint(
     """Save a lowbit-quantized model (and tokenizer) as a checkpoint folder, atomically; returns the folder.
 
     ``extra`` maps file names to JSON-serializable records written alongside (e.g. ``training.json``), or to
-    files copied in as they are (a ``Path``: the training metrics log).
+    files or folders copied in as they are (a ``Path``: the training metrics log, TensorBoard's event files).
     """
     out = Path(out)
     qconfig = quantization_config(model)
@@ -203,7 +203,7 @@ def save_checkpoint(
             tokenizer.save_pretrained(tmp)
         for name, record in (extra or {}).items():
             if isinstance(record, Path):
-                shutil.copyfile(record, tmp / name)
+                (shutil.copytree if record.is_dir() else shutil.copyfile)(record, tmp / name)
             else:
                 write_json(tmp / name, record)
         write_checksums(tmp)
@@ -348,8 +348,6 @@ def load_checkpoint(folder: str | Path, verify: bool | None = None) -> tuple[nn.
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from lowbit.models import _first_line, load_tokenizer
 
     folder = Path(folder)
     config_dict = read_config(folder)

@@ -8,16 +8,18 @@ fix it>``, and exits with status 2; nothing is half-written.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
 import sys
 import time
+import typing
 from pathlib import Path
 
+from lowbit.config import INITIALIZERS, flag
 from lowbit.device import DEVICE_CHOICES, parse_budget, resolve_device
 from lowbit.errors import LowbitError
-from lowbit.init.apiq_bw import WARM_STARTS
 
 EXIT_USER_ERROR = 2
 
@@ -53,25 +55,53 @@ def _at_least_one(args: argparse.Namespace, *names: str) -> None:
             raise LowbitError(f"--{name.replace('_', '-')} must be at least 1, got {value}: give a positive count")
 
 
+def _method_options() -> dict[str, list[tuple[str, object, dataclasses.Field]]]:
+    """Every initializer option by name: ``(method, type, field)`` for each method that declares it."""
+    found: dict[str, list[tuple[str, object, dataclasses.Field]]] = {}
+    for method in INITIALIZERS.values():
+        hints = typing.get_type_hints(method.Options)
+        for f in dataclasses.fields(method.Options):
+            found.setdefault(f.name, []).append((method.name, hints[f.name], f))
+    return found
+
+
+def _add_method_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per initializer option (``clip_lr`` -> ``--clip-lr``), made from the methods' ``Options`` fields:
+    their type, choices, default and help. A flag not given is not recorded, so each method uses its default."""
+    group = parser.add_argument_group("method options (defaults: the published recipes)")
+    for name, uses in _method_options().items():
+        kinds = {typing.get_origin(hint) or hint for _, hint, _ in uses}
+        if len(kinds) > 1:
+            raise TypeError(f"option {name} has different types in different methods: {kinds}")
+        by_text: dict[str, list[str]] = {}  # "help (default X)" -> the methods it describes
+        for method, _, f in uses:
+            default = ("on" if f.default else "off") if isinstance(f.default, bool) else f.default
+            by_text.setdefault(f"{f.metadata['help']} (default {default})", []).append(method)
+        text = "; ".join(f"{', '.join(methods)}: {line}" for line, methods in by_text.items())
+        kwargs: dict = {"dest": name, "default": None, "help": text.replace("%", "%%")}
+        hint = uses[0][1]
+        if typing.get_origin(hint) is typing.Literal:
+            kwargs["choices"] = list(dict.fromkeys(c for _, h, _ in uses for c in typing.get_args(h)))
+        elif hint is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = hint
+        group.add_argument(flag(name), **kwargs)
+
+
 def _options(args: argparse.Namespace) -> dict:
     """Method options from the flags that were given (recorded in the checkpoint)."""
-    names = ("epochs", "clip_lr", "lora_lr", "weight_decay", "clip_init", "loftq_iters", "warm_start", "batch",
-             "weight_lr", "qparam_lr")  # fmt: skip
-    options = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
-    if args.second_loss:
-        options["second_loss"] = 1
-    return options
+    return {name: getattr(args, name) for name in _method_options() if getattr(args, name) is not None}
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     import torch
 
-    from lowbit.api import QuantConfig
     from lowbit.calibrate import calibrate
+    from lowbit.config import QuantConfig
     from lowbit.data import sample_windows, text_windows
     from lowbit.engine import EngineOptions
     from lowbit.fsutil import check_output_dir
-    from lowbit.init import INITIALIZERS
     from lowbit.models import is_lowbit_checkpoint, load_tokenizer, resolve_model_path
 
     fmt, bits = _format(args)
@@ -137,7 +167,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
              "warmup", "max_grad_norm", "seed", "eval_data", "eval_every", "eval_windows", "save_every",
              "grad_checkpointing", "precision", "lora_dtype", "rank", "alpha")  # fmt: skip
     config = TrainConfig(**{n: getattr(args, n) for n in names})
-    result = finetune(args.dir, args.out, config, overwrite=args.overwrite, progress=True, device=args.device)
+    result = finetune(args.dir, args.out, config, overwrite=args.overwrite, progress=True, device=args.device,
+                      tensorboard=args.tensorboard)  # fmt: skip
     result["peak_rss_mb"] = round(_peak_rss_mb(), 1)
     lines = [
         f"wrote {result['out']}: {result['steps']} steps on {result['examples']} examples, final loss "
@@ -162,8 +193,8 @@ def _export_calib(args: argparse.Namespace):
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from lowbit.api import QuantConfig
     from lowbit.checkpoint import read_config
+    from lowbit.config import QuantConfig
     from lowbit.engine import EngineOptions
     from lowbit.export import export_merged, export_requantized, merged_dtype
 
@@ -225,7 +256,7 @@ def _shots(args: argparse.Namespace) -> list:
 
 
 def cmd_translate(args: argparse.Namespace) -> None:
-    from lowbit.models import load_model
+    from lowbit.api import load_model
     from lowbit.translate import translate
 
     _at_least_one(args, "max_new_tokens", "batch_size", "beams")
@@ -269,8 +300,8 @@ def _scored_windows(args: argparse.Namespace, source: str, tokenizer):
 def cmd_eval(args: argparse.Namespace) -> None:
     if args.mt:
         return _eval_mt(args)
+    from lowbit.api import load_model
     from lowbit.evaluate import perplexity
-    from lowbit.models import load_model
 
     model, tokenizer = load_model(args.model, device=args.device)
     wins = _scored_windows(args, args.ppl, tokenizer)
@@ -299,7 +330,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def _eval_mt(args: argparse.Namespace) -> None:
     from lowbit.adapt import AdaptConfig, evaluate_mt
-    from lowbit.models import load_model
+    from lowbit.api import load_model
     from lowbit.parallel import read_pairs
 
     _at_least_one(args, "max_new_tokens", "batch_size")
@@ -324,7 +355,7 @@ def _eval_mt(args: argparse.Namespace) -> None:
 
 def cmd_adapt(args: argparse.Namespace) -> None:
     from lowbit.adapt import WARM, AdaptConfig, adapt
-    from lowbit.api import QuantConfig
+    from lowbit.config import QuantConfig
 
     fmt, bits = _format(args)
     options = _options(args)
@@ -381,7 +412,7 @@ def cmd_cache(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     import torch
 
-    from lowbit.models import load_model
+    from lowbit.api import load_model
 
     _at_least_one(args, "max_new_tokens")
     model, tokenizer = load_model(args.model, device=args.device)
@@ -407,9 +438,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
+    from lowbit.api import load_model
     from lowbit.checkpoint import read_config
     from lowbit.fsutil import write_json
-    from lowbit.models import load_model
     from lowbit.quant import QuantSpec
     from lowbit.report import activation_error, plot
 
@@ -447,8 +478,6 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from lowbit import __version__
-    from lowbit.api import INITS
-    from lowbit.init import INITIALIZERS
 
     parser = argparse.ArgumentParser(prog="lowbit", description="Quantize, fine-tune and evaluate 2/3/4-bit LLMs.")
     parser.add_argument("--version", action="version", version=f"lowbit {__version__}")
@@ -467,7 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--format", default="int", choices=["int", "nf", "nf4", "nf3", "nf2"], help="int (uniform) or NormalFloat"
     )
     q.add_argument("--symmetric", action="store_true", help="symmetric integer grid (no zero points)")
-    q.add_argument("--init", default="qlora", choices=list(INITS), help="codes + LoRA start: " + ", ".join(INITS))
+    q.add_argument("--init", default="qlora", choices=list(INITIALIZERS),
+                   help="codes + LoRA start: " + ", ".join(INITIALIZERS))  # fmt: skip
     q.add_argument("--rank", type=int, default=8, help="LoRA rank")
     q.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scaling = alpha / rank)")
     q.add_argument("--seed", type=int, default=0)
@@ -482,23 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activation storage")  # fmt: skip
     c.add_argument("--spill", action="store_true",
                    help="activations that do not fit --act-budget go to memory-mapped files, not RAM")  # fmt: skip
-    m = q.add_argument_group("method options (defaults: the published recipes)")
-    m.add_argument("--epochs", type=int, help="ApiQ epochs per block/layer (published: 20)")
-    m.add_argument("--clip-lr", type=float, help="ApiQ clipping learning rate (5e-3)")
-    m.add_argument("--lora-lr", type=float, help="ApiQ LoRA learning rate (5e-4)")
-    m.add_argument("--weight-decay", type=float, help="ApiQ AdamW weight decay (0.1)")
-    m.add_argument("--clip-init", type=float, help="initial clipping logit (4.0)")
-    m.add_argument("--batch", type=int, help="ApiQ-bw windows per step (1)")
-    m.add_argument(
-        "--warm-start",
-        choices=WARM_STARTS,
-        help="ApiQ-bw start: none (B = 0), wsvd, or gptq (fixed GPTQ codes + wsvd LoRA; LoRA trained); "
-        "blockap: none (min-max grid) or gptq (weights and grid from GPTQ codes)",
-    )
-    m.add_argument("--weight-lr", type=float, help="blockap weight learning rate (1e-4)")
-    m.add_argument("--qparam-lr", type=float, help="blockap scale/zero-point learning rate (5e-4)")
-    m.add_argument("--second-loss", action="store_true", help="ApiQ-bw: add MSE(block_fp(Xq), block_q(Xq))")
-    m.add_argument("--loftq-iters", type=int, help="LoftQ iterations (5)")
+    _add_method_flags(q)
     q.add_argument("--out", required=True, help="output checkpoint folder")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     q.set_defaults(func=cmd_quantize)
@@ -531,6 +545,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="storage of the trained LoRA factors (and AdamW state): bf16 halves it")  # fmt: skip
     f.add_argument("--rank", type=int, default=8, help="LoRA rank when the checkpoint has no adapter")
     f.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha when the checkpoint has no adapter")
+    f.add_argument("--tensorboard", nargs="?", const=True, default=False, metavar="DIR",
+                   help="also log the per-step metrics (metrics.jsonl) as TensorBoard events, to DIR or by default "
+                   "to OUT/tensorboard (needs `pip install tensorboard`)")  # fmt: skip
     f.set_defaults(func=cmd_finetune)
 
     x = add("export", "serve the model: GGUF (llama.cpp), GPTQ (transformers, vLLM), merged or re-quantized")
@@ -583,17 +600,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--bits", type=int, default=None, help="2, 3, 4 or 8 (default 2)")
     a.add_argument("--group-size", type=int, default=64)
     a.add_argument("--format", default="int", choices=["int", "nf", "nf4", "nf3", "nf2"])
-    a.add_argument("--init", default="apiq-bw", choices=list(INITS), help="LoRA start (apiq-bw: warm, 2 epochs)")
+    a.add_argument("--init", default="apiq-bw", choices=list(INITIALIZERS), help="LoRA start (apiq-bw: warm, 2 epochs)")
     a.add_argument("--rank", type=int, default=8)
     a.add_argument("--alpha", type=float, default=16.0)
     a.add_argument("--seed", type=int, default=0, help="quantization seed")
-    for flag in ("epochs", "batch"):
-        a.add_argument(f"--{flag}", type=int, default=None, help=argparse.SUPPRESS)
-    for flag in ("clip_lr", "lora_lr", "weight_decay", "clip_init", "weight_lr", "qparam_lr"):
-        a.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=float, default=None, help=argparse.SUPPRESS)
-    a.add_argument("--loftq-iters", dest="loftq_iters", type=int, default=None, help="LoftQ iterations")
-    a.add_argument("--warm-start", dest="warm_start", choices=WARM_STARTS, default=None)
-    a.add_argument("--second-loss", dest="second_loss", action="store_true", help=argparse.SUPPRESS)
+    _add_method_flags(a)
     a.add_argument("--mono", help="target-language .txt (default: the P3 Spanish Bible verses)")
     a.add_argument("--pairs", help="training pairs .tsv/.jsonl (default: the P3 Bible pairs)")
     a.add_argument("--test", help="test pairs .tsv/.jsonl (default: the P3 Bible test verses)")

@@ -34,10 +34,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit.arch import find_blocks
+from lowbit.config import Calibration, LoraSpec
 from lowbit.device import DEVICE, HOST, SPILL, default_budget, exact_float32, resolve_device, stream_placement
 from lowbit.errors import LowbitError
-from lowbit.init import BlockContext, Initializer, LoraSpec
-from lowbit.models import find_blocks
+from lowbit.init import BlockContext, Initializer
 from lowbit.quant import QuantSpec
 
 
@@ -169,7 +170,11 @@ class BlockResult:
 
 
 class Engine:
-    """Quantize/initialize every block of ``model`` in order with ``initializer``."""
+    """Quantize/initialize every block of ``model`` in order with ``initializer`` (made with its options).
+
+    ``options`` is the config's recorded options dict, read here for the calibration record
+    (:class:`~lowbit.config.Calibration`: how many windows are held out).
+    """
 
     def __init__(
         self,
@@ -183,7 +188,7 @@ class Engine:
         engine: EngineOptions | None = None,
     ) -> None:
         self.model, self.initializer, self.spec, self.lora = model, initializer, spec, lora
-        self.seed, self.options, self.calib = seed, options, calib
+        self.seed, self.calib = seed, calib
         self.opts = engine or EngineOptions()
         self.prefix, self.blocks = find_blocks(model)
         if initializer.needs_data and calib is None:
@@ -273,7 +278,7 @@ class Engine:
 
     def _init_block(self, i: int, block: nn.Module, x, xq, bar) -> dict:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
-        ctx = BlockContext(i, self.spec, self.lora, generator, self.options, device=self.device)
+        ctx = BlockContext(i, self.spec, self.lora, generator, device=self.device)
 
         def report(stats: dict) -> None:
             bar.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in stats.items()}, refresh=True)
@@ -321,7 +326,8 @@ class Engine:
 
 
 def holdout_windows(options: dict, calib: torch.Tensor | None) -> int:
-    """How many of the last calibration windows are held out (option ``holdout_windows``, default 0).
+    """How many of the last calibration windows are held out (option ``holdout_windows`` of
+    :class:`~lowbit.config.Calibration`, default 0).
 
     Held-out windows run through both streams like the others but are hidden from the initializer, so the block
     error the engine reports on them shows what a method does off the text it was fitted to (ApiQ-bw's LoRA can
@@ -329,9 +335,7 @@ def holdout_windows(options: dict, calib: torch.Tensor | None) -> int:
     come first, so a sampler that draws ``n + holdout`` windows from one permutation trains on exactly the
     ``n`` windows it would have drawn without holdout.
     """
-    holdout = int(options.get("holdout_windows", 0))
-    if holdout < 0:
-        raise LowbitError(f"holdout_windows must be at least 0, got {holdout}")
+    holdout = Calibration.from_record(options).holdout_windows
     if holdout and (calib is None or calib.shape[0] <= holdout):
         have = 0 if calib is None else calib.shape[0]
         raise LowbitError(f"{holdout} held-out windows need at least {holdout + 1} calibration windows, got "

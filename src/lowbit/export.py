@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from lowbit.api import QuantConfig
 from lowbit.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_checkpoint, read_config
+from lowbit.config import QuantConfig
 from lowbit.engine import EngineOptions
 from lowbit.errors import LowbitError
 from lowbit.fsutil import (

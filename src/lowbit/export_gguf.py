@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lowbit.api import QuantConfig
 from lowbit.checkpoint import load_checkpoint, read_config
+from lowbit.config import QuantConfig
 from lowbit.engine import EngineOptions
 from lowbit.errors import LowbitError
 from lowbit.export import has_adapter, on_grid

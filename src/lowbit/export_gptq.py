@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import save_file
 
 from lowbit import __version__
-from lowbit.api import QuantConfig
 from lowbit.checkpoint import load_checkpoint, read_config
+from lowbit.config import QuantConfig
 from lowbit.engine import EngineOptions
 from lowbit.errors import LowbitError
 from lowbit.export import has_adapter, on_grid

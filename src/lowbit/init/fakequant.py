@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.init.base import LoraSpec
+from lowbit.config import LoraSpec
 from lowbit.layers import QuantLinear, linear_weight
 from lowbit.quant import QuantSpec, fake_quantize_weight, quantize_weight
 from lowbit.quant.uniform import clip_factors

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from lowbit.arch import block_linears
 from lowbit.init.base import BlockContext
-from lowbit.models import block_linears
 
 
 class _Stop(Exception):

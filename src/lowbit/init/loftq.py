@@ -2,19 +2,21 @@
 
 One iteration is RTN followed by the best rank-r fit of the rounding residual; more iterations let the codes
 absorb what the low-rank part cannot. Works for every format (int at any bit width, NF) because it only calls the
-tensor quantizers. ``options["loftq_iters"]`` sets N (default 5).
+tensor quantizers. The option ``loftq_iters`` sets N (default 5).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from lowbit.errors import LowbitError
+from lowbit.arch import block_linears
+from lowbit.config import MethodOptions, option
 from lowbit.init.base import BlockContext, Initializer
 from lowbit.init.lowrank import best_rank
 from lowbit.layers import QuantLinear, linear_weight, set_module
-from lowbit.models import block_linears
 from lowbit.quant import dequantize_weight, quantize_weight
 
 
@@ -33,18 +35,21 @@ class LoftQ(Initializer):
     name = "loftq"
     needs_lora = True
 
-    @classmethod
-    def check_options(cls, options: dict) -> None:
-        iters = options.get("loftq_iters", 5)
-        if not isinstance(iters, int) or iters < 1:
-            raise LowbitError(f"--loftq-iters must be at least 1, got {iters!r}: LoftQ needs one rounding at least")
+    @dataclass(frozen=True)
+    class Options(MethodOptions):
+        loftq_iters: int = option(5, "iterations (rounding, then SVD of the residual)")
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            self.check_at_least(1, "loftq_iters")  # one rounding at least
+
+    options: Options
 
     def init_block(self, block: nn.Module, ctx: BlockContext) -> dict[str, float]:
-        iters = int(ctx.options.get("loftq_iters", 5))
         errors = []
         for name, module in block_linears(block).items():
             w, _ = linear_weight(module)
-            q, a, b = loftq_layer(w, ctx, iters)
+            q, a, b = loftq_layer(w, ctx, self.options.loftq_iters)
             layer = QuantLinear.from_linear(module, ctx.spec, q)
             layer.set_lora(a, b, ctx.lora.alpha, ctx.lora.dropout)
             errors.append(((layer.dequantized_weight() + layer.lora_delta() - w).norm() / w.norm()).item())

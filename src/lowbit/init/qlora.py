@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from torch import nn
 
+from lowbit.arch import block_linears
 from lowbit.init.base import BlockContext, Initializer
 from lowbit.layers import QuantLinear, set_module
-from lowbit.models import block_linears
 
 
 class QLoRA(Initializer):

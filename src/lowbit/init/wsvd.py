@@ -8,22 +8,25 @@ closed form. With ``Gq = Xq^T Xq = L L^T`` and ``C = Xq^T X``, the unconstrained
 instead of uniformly as LoftQ does. Only two ``in x in`` Gram matrices per layer group are accumulated, no
 activations are stored, and it costs one SVD per layer: seconds, not minutes.
 
-Before the SVD, each group's clipping factor is searched on a grid (``options`` ``wsvd_clip=search``, the
+Before the SVD, each group's clipping factor is searched on a grid (option ``wsvd_clip=search``, the
 default; ``none`` keeps min-max ranges) minimizing the activation-weighted rounding error, with the diagonal of
 ``Gq`` as the weights: at 2 bits this alone removes most of the error min-max rounding makes, and it hands
 ApiQ-bw's warm start clipping factors close to where its optimization would take them.
 
-``options``: ``wsvd_damp`` (relative ridge on the Gram, default 0.01), ``wsvd_clip`` (``search`` | ``none``).
+Options (:class:`WSVD.Options`): ``wsvd_damp`` (relative ridge on the Gram, default 0.01), ``wsvd_clip``
+(``search`` | ``none``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
-from lowbit.errors import LowbitError
+from lowbit.config import MethodOptions, option
 from lowbit.init.base import BlockContext, Initializer
 from lowbit.init.layerwise import layer_input, walk
 from lowbit.init.lowrank import damped, whitened_best_rank
@@ -66,10 +69,10 @@ def layer_grams(block: nn.Module, ctx: BlockContext) -> Iterator[LayerGrams]:
 
 
 def wsvd_factors(
-    w: torch.Tensor, q: QuantizedWeight, gqq: torch.Tensor, gqx: torch.Tensor, ctx: BlockContext
+    w: torch.Tensor, q: QuantizedWeight, gqq: torch.Tensor, gqx: torch.Tensor, ctx: BlockContext, damp: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """LoRA ``(A, B)`` minimizing the layer's output error given codes ``q`` and the Gram matrices."""
-    damp = float(ctx.options.get("wsvd_damp", 0.01))
+    """LoRA ``(A, B)`` minimizing the layer's output error given codes ``q`` and the Gram matrices (damped by
+    ``damp``, the ``wsvd_damp`` option)."""
     g = damped(gqq, damp)
     # D* = W C^T G^{-1} - Q  with C = Xq^T X  (G symmetric, so W C^T G^{-1} = (G^{-1} C W^T)^T)
     target = torch.linalg.solve(g, gqx @ w.double().t()).t() - dequantize_weight(q, ctx.spec).double()
@@ -80,10 +83,17 @@ def wsvd_factors(
 CLIP_GRID = [1.0 - 0.05 * i for i in range(11)]
 
 
-def clip_candidates(ctx: BlockContext, clip_max: float) -> list[float]:
-    mode = ctx.options.get("wsvd_clip", "search")
-    if mode not in ("search", "none"):
-        raise LowbitError(f"option wsvd_clip={mode!r} is not known: use search or none")
+@dataclass(frozen=True)
+class ClipOptions(MethodOptions):
+    """The clipping search of the grids ``wsvd`` and ``gptq`` make (and the methods that start from them)."""
+
+    wsvd_clip: Literal["search", "none"] = option(
+        "search", "each group's grid: search its activation-weighted clipping, or none (min-max)"
+    )
+
+
+def clip_candidates(mode: str, clip_max: float) -> list[float]:
+    """The clipping factors to try (``mode``: the ``wsvd_clip`` option), at most ``clip_max``."""
     return [clip_max] + ([c for c in CLIP_GRID if c < clip_max] if mode == "search" else [])
 
 
@@ -92,6 +102,16 @@ class WSVD(Initializer):
     needs_data = True
     needs_lora = True
 
+    @dataclass(frozen=True)
+    class Options(ClipOptions):
+        wsvd_damp: float = option(0.01, "ridge on the Gram matrices of the wsvd LoRA fit, relative to their diagonal")
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            self.check_at_least(0, "wsvd_damp")
+
+    options: Options
+
     def init_block(self, block: nn.Module, ctx: BlockContext) -> dict[str, float]:
         self.fit(block, ctx)
         return {}
@@ -99,12 +119,12 @@ class WSVD(Initializer):
     def fit(self, block: nn.Module, ctx: BlockContext, clip_max: float = 1.0) -> dict[str, torch.Tensor]:
         """Replace the block's layers; return each layer's clipping factors ``[out, n_groups]`` (at most
         ``clip_max``, which ApiQ-bw sets to its initial factor so a warm start never widens a range)."""
-        candidates = clip_candidates(ctx, clip_max)
+        candidates = clip_candidates(self.options.wsvd_clip, clip_max)
         clips = {}
         for name, module, w, gqq, gqx in layer_grams(block, ctx):
             clips[name] = factors = search_clip(w, ctx.spec, gqq.diagonal().float(), candidates)
             q = quantize_weight(w, ctx.spec, factors, factors if ctx.spec.has_zeros else None)
-            a, b = wsvd_factors(w, q, gqq, gqx, ctx)
+            a, b = wsvd_factors(w, q, gqq, gqx, ctx, self.options.wsvd_damp)
             layer = QuantLinear.from_linear(module, ctx.spec, q)
             layer.set_lora(a, b, ctx.lora.alpha, ctx.lora.dropout)
             set_module(block, name, layer)

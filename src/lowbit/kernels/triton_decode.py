@@ -21,8 +21,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from lowbit.kernels.triton_gemm import apply, backward, constexprs, setup_context
-from lowbit.kernels.triton_tiles import INTERPRET, mma, triton_kernel, weight_tile
+from lowbit.kernels.triton_gemm import apply, backward, setup_context
+from lowbit.kernels.triton_tiles import INTERPRET, constexprs, mma, triton_kernel, weight_tile
 
 if TYPE_CHECKING:
     from lowbit.layers import QuantLinear

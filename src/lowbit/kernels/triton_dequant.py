@@ -21,8 +21,7 @@ from torch.library import triton_op, wrap_triton
 
 from lowbit.kernels import compute_dtype
 from lowbit.kernels.reference import DequantMatmul
-from lowbit.kernels.triton_gemm import constexprs
-from lowbit.kernels.triton_tiles import INTERPRET, direct, layer_args, triton_kernel, weight_tile
+from lowbit.kernels.triton_tiles import INTERPRET, constexprs, direct, layer_args, triton_kernel, weight_tile
 
 if TYPE_CHECKING:
     from lowbit.layers import QuantLinear

@@ -19,11 +19,10 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from lowbit.kernels import compute_dtype
+from lowbit.kernels import compute_dtype, triton_dequant
 from lowbit.kernels.triton_tiles import (
-    INT_SYMMETRIC,
     INTERPRET,
-    NORMALFLOAT,
+    constexprs,
     direct,
     layer_args,
     mma,
@@ -125,18 +124,6 @@ def _grad_x_kernel(
     tl.store(dx + offs_m[:, None].to(tl.int64) * K + offs_k[None, :], acc.to(dx.dtype.element_ty), mask=mask)
 
 
-def constexprs(bits: int, mode: int, in_features: int, n_groups: int, dtype: torch.dtype) -> dict:
-    """The compile-time arguments every kernel takes."""
-    return {
-        "BITS": bits,
-        "GROUP": in_features // n_groups,
-        "SYMMETRIC": mode == INT_SYMMETRIC,
-        "NF": mode == NORMALFLOAT,
-        "IEEE": dtype == torch.float32,
-        "ALIGNED": in_features % 8 == 0,  # every row of codes starts on a byte
-    }
-
-
 def m_bucket(m: int) -> int:
     """``m`` rounded up to a power of two in [16, 1024]: the row count the GEMM kernels' autotuning is keyed on."""
     bucket = 16
@@ -200,9 +187,9 @@ def backward(ctx, grad: torch.Tensor) -> tuple:
     if ctx.needs_input_grad[0]:
         qweight, scales, qzeros, codebook = ctx.saved_tensors
         if grad.dtype == torch.float32:  # see ``matmul``: float32 dequantizes once and multiplies with cuBLAS
-            from lowbit.kernels.triton_dequant import dequantize
-
-            weight = dequantize(qweight, scales, qzeros, codebook, ctx.in_features, ctx.bits, ctx.mode, torch.float32)
+            weight = triton_dequant.dequantize(
+                qweight, scales, qzeros, codebook, ctx.in_features, ctx.bits, ctx.mode, torch.float32
+            )
             return grad @ weight, None, None, None, None, None, None
         grad_x = qgemm_grad_x(grad.contiguous(), qweight, scales, qzeros, codebook, ctx.in_features, ctx.bits, ctx.mode)
     return grad_x, None, None, None, None, None, None
@@ -235,8 +222,6 @@ def matmul(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     registers per thread on sm_90 -- far slower than dequantizing once.
     """
     if compute_dtype(x) == torch.float32:
-        from lowbit.kernels import triton_dequant
-
         return triton_dequant.matmul(layer, x)
     return apply(qgemm, _qgemm, layer, x)
 

@@ -36,6 +36,18 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 INT_ASYMMETRIC, INT_SYMMETRIC, NORMALFLOAT = 0, 1, 2
 
 
+def constexprs(bits: int, mode: int, in_features: int, n_groups: int, dtype: torch.dtype) -> dict:
+    """The compile-time arguments every kernel takes."""
+    return {
+        "BITS": bits,
+        "GROUP": in_features // n_groups,
+        "SYMMETRIC": mode == INT_SYMMETRIC,
+        "NF": mode == NORMALFLOAT,
+        "IEEE": dtype == torch.float32,
+        "ALIGNED": in_features % 8 == 0,  # every row of codes starts on a byte
+    }
+
+
 @triton.jit
 def codes_at(ptr, bit, mask, BITS: tl.constexpr):
     """The ``BITS``-bit codes starting at bit offsets ``bit`` from ``ptr`` (a pointer or a pointer tile), as int32."""
