@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) bench/p1.py --rows fp32,rtn4,rtn3,rtn2,nf4 --results runs/demo/p1.json
+	$(PY) bench/p1.py --rows fp32,rtn4,rtn3,rtn2,nf4 --no-bible --results runs/demo/p1.json
 
 test: $(STAMP)
 	$(PY) -m ruff check src tests bench

@@ -12,6 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+# Protocol P2's fine-tuning set (BENCHMARK.md): training windows drawn; `lowbit finetune` takes all the data by
+# default, so every bench that fine-tunes passes this.
+P2_SAMPLES = 128
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -64,7 +64,8 @@ def start_checkpoint(name: str, starts: Path) -> Path:
         config = lowbit.QuantConfig(bits=4, group_size=64, init="qlora", rank=8, alpha=16.0)
         calibrate(source, config, folder, None, load_tokenizer(source), engine=EngineOptions(progress=False))
     else:
-        finetune(start_checkpoint("rtn4", starts), folder, TrainConfig(data="ptb"), progress=sys.stderr.isatty())
+        config = TrainConfig(data="ptb", samples=benchlib.P2_SAMPLES)
+        finetune(start_checkpoint("rtn4", starts), folder, config, progress=sys.stderr.isatty())
     return folder
 
 

@@ -97,7 +97,7 @@ def bible_windows(tokenizer, splits: tuple[str, ...], limit: int | None = None) 
     return wins[:limit] if limit else wins
 
 
-def run_row(name: str, windows: int, keep: Path | None = None) -> dict:
+def run_row(name: str, windows: int, keep: Path | None = None, bible_column: bool = True) -> dict:
     """Run one row in this process and return its measurements; ``keep`` keeps the checkpoint as ``keep/name``."""
     import torch
 
@@ -118,14 +118,15 @@ def run_row(name: str, windows: int, keep: Path | None = None) -> dict:
     folder = resolve_model_path(None)
     tokenizer = load_tokenizer(folder)
     row: dict = {"row": name, "label": label}
-    try:
-        bible = bible_windows(tokenizer, BIBLE_EVAL_SPLITS, limit=windows)
-    except LowbitError as exc:
-        if calib_source == "bible":  # the row is about Bible text: without it, one line and no work done
-            raise
-        # a first run (``make demo``) needs no Debian package: the Bible column is left empty, and said so
-        print(f"[p1] {name}: no Bible perplexity ({exc})", file=sys.stderr, flush=True)
-        bible = None
+    bible = None
+    if bible_column or calib_source == "bible":
+        try:
+            bible = bible_windows(tokenizer, BIBLE_EVAL_SPLITS, limit=windows)
+        except LowbitError as exc:
+            if calib_source == "bible":  # the row is about Bible text: without it, one line and no work done
+                raise
+            # a first run needs no Debian package: the Bible column is left empty, and said so
+            print(f"[p1] {name}: no Bible perplexity ({exc})", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         if kwargs is None:
             model, _ = lowbit.load_model(folder)
@@ -227,10 +228,11 @@ def table(rows: list[dict]) -> str:
     return "\n".join([HEADER, *map(table_row, rows)])
 
 
-def measure(name: str, windows: int, keep: Path | None) -> dict:
+def measure(name: str, windows: int, keep: Path | None, bible_column: bool = True) -> dict:
     """Run one row in a fresh process (its own peak RSS and timing); its progress goes straight to stderr."""
     cmd = [sys.executable, __file__, "--worker", name, "--windows", str(windows)]
     cmd += ["--keep", str(keep)] if keep else []
+    cmd += [] if bible_column else ["--no-bible"]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
     if proc.returncode:
         sys.exit(f"p1.py: error: row {name} failed (exit {proc.returncode}); see the messages above")
@@ -245,6 +247,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--table", action="store_true", help="print the stored results as one table and exit")
     parser.add_argument("--keep", type=Path, help="keep each row's checkpoint in KEEP/ROW (P2 starts from them)")
     parser.add_argument("--no-save", action="store_true", help="do not update the --results file")
+    parser.add_argument("--no-bible", action="store_true", help="leave the Bible column empty (halves each row's "
+                        "evaluation: `make demo` shows its first row in about 1.5 minutes)")  # fmt: skip
     parser.add_argument("--results", type=Path, default=RESULTS, help="JSON file the rows are merged into "
                         "(default: the published bench/results/p1.json)")  # fmt: skip
     args = parser.parse_args(argv)
@@ -256,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
         from lowbit.errors import LowbitError
 
         try:
-            print(json.dumps(run_row(args.worker, args.windows, args.keep)))
+            print(json.dumps(run_row(args.worker, args.windows, args.keep, not args.no_bible)))
         except LowbitError as exc:  # e.g. no pysword / SWORD module for the Bible text: one line, not a traceback
             sys.exit(f"p1.py: error: row {args.worker}: {exc}")
         return
@@ -274,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
           flush=True)  # fmt: skip
     for name in names:
         print(f"[p1] {name}: {ROWS[name][0]} ...", file=sys.stderr, flush=True)
-        row = measure(name, args.windows, args.keep)
+        row = measure(name, args.windows, args.keep, not args.no_bible)
         print(table_row(row), flush=True)
         if save_rows:  # after every row: an interrupted run keeps the rows it finished
             benchlib.save_rows(args.results, [row], env, "P1")

@@ -45,7 +45,6 @@ RESULTS = benchlib.ROOT / "bench" / "results" / "p2.json"
 STARTS = benchlib.ROOT / "bench" / ".starts"
 TRAINED = benchlib.ROOT / "bench" / ".p2"  # trained lowbit rows, kept for their -requant rows
 EVAL_WINDOWS = 64
-P2_SAMPLES = 128  # training windows drawn (the protocol's; `lowbit finetune` takes all the data by default)
 EVAL_SEQLEN = 512
 START_ROWS = {"qlora": "rtn{b}", "loftq": "loftq1-w{b}", "apiq": "apiq-bw-warm-w{b}", "gptq": "gptq-w{b}"}
 
@@ -143,7 +142,7 @@ def run_row(name: str, eval_windows: int, micro_batch: int = 1) -> dict:
 
     quiet_transformers()
     torch.manual_seed(0)
-    config = TrainConfig(samples=P2_SAMPLES, micro_batch=micro_batch)
+    config = TrainConfig(samples=benchlib.P2_SAMPLES, micro_batch=micro_batch)
     row: dict = {"row": name, "label": ROWS[name], "train_config": config.__dict__}
     with tempfile.TemporaryDirectory() as tmp:
         if name.endswith("-requant"):

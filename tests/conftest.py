@@ -90,6 +90,20 @@ def tiny_text(n_words: int = 3000, seed: int = 0) -> str:
     return " ".join(f"w{i}" for i in ids.tolist())
 
 
+def on_q8_0_grid(model: torch.nn.Module) -> list[str]:
+    """Put the embeddings and an untied head on a Q8_0 grid, as a model converted from a GGUF file with Q8_0
+    embeddings has them (gguf-py's rounding, as transformers' GGUF loader dequantizes); returns their names."""
+    import gguf
+
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    names = []
+    for name, p in model.named_parameters():
+        if p.dim() == 2 and name.split(".")[-2] in ("embed_tokens", "lm_head"):  # a tied head is not listed
+            p.data = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(p.data.numpy(), q8), q8).copy())
+            names.append(name)
+    return names
+
+
 def save_tiny(folder: Path, arch: str = "llama", layers: int = 2) -> Path:
     """Write a tiny model + tokenizer as a Hugging Face folder (safetensors)."""
     model = tiny_model(arch, layers)

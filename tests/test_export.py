@@ -6,13 +6,14 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import lowbit
 import lowbit.models
-from conftest import VOCAB, save_tiny
+from conftest import VOCAB, on_q8_0_grid, save_tiny, tiny_model
 from lowbit.calibrate import calibrate
 from lowbit.checkpoint import load_checkpoint
 from lowbit.cli import main
@@ -22,7 +23,16 @@ from lowbit.export_gguf import export_gguf
 from lowbit.export_gptq import export_gptq
 from lowbit.layers import quant_layers, to_dense
 from lowbit.quant import QuantSpec, dequantize_weight, quantize_weight
-from lowbit.quant.serving import gguf_blocks, gptq_tensors, gptq_unwords, gptq_words
+from lowbit.quant.serving import (
+    Q8_0_STEP,
+    gguf_blocks,
+    gptq_tensors,
+    gptq_unwords,
+    gptq_words,
+    q8_0_dequantize,
+    q8_0_exact,
+    q8_0_quantize,
+)
 
 CALIB = torch.randint(3, 120, (8, 64), generator=torch.Generator().manual_seed(0))
 HELD_OUT = torch.randint(3, 120, (2, 48), generator=torch.Generator().manual_seed(1))
@@ -91,6 +101,31 @@ def test_gguf_blocks_refuse_groups_that_are_not_whole_blocks() -> None:
     q = quantize_weight(torch.randn(4, 48), QuantSpec(4, 16))
     with pytest.raises(ValueError, match="multiple of 32"):
         gguf_blocks(q.codes, q.scales, q.zeros, "q4_1")
+
+
+def test_q8_0_math_gives_gguf_pys_bytes_and_detects_exactly_the_lossless_tensors() -> None:
+    """The one Q8_0 quantizer (checkpoint storage and GGUF embeddings) rounds as ggml/gguf-py does, so GGUF files
+    keep their bytes, and calls a tensor lossless only when every bit comes back, in every step of its rows."""
+    import gguf
+
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    g = torch.Generator().manual_seed(0)
+    spread = torch.randn(64, 96, generator=g) * torch.logspace(-4, 3, 96)  # blocks of very different ranges
+    for w in (torch.randn(40, 256, generator=g), spread, torch.zeros(2, 64)):
+        codes, scales = q8_0_quantize(w)
+        assert (codes.dtype, scales.dtype, scales.shape) == (torch.int8, torch.float16, (w.shape[0], w.shape[1] // 32))
+        blocks = gguf_blocks((codes.to(torch.int16) + 128).to(torch.uint8), scales, None, "q8_0").numpy()
+        assert np.array_equal(blocks, gguf.quants.quantize(w.numpy(), q8))
+        assert torch.equal(q8_0_dequantize(codes, scales), torch.from_numpy(gguf.quants.dequantize(blocks, q8)))
+        assert (q8_0_exact(w) is None) == bool((w != 0).any())
+    w = torch.randn(3 * Q8_0_STEP // 64, 64, generator=g)  # three steps of q8_0_exact
+    on_grid = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(w.numpy(), q8), q8))
+    exact = q8_0_exact(on_grid)
+    assert exact is not None and all(torch.equal(a, b) for a, b in zip(exact, q8_0_quantize(on_grid), strict=True))
+    on_grid[-1, 3] = torch.nextafter(on_grid[-1, 3], torch.tensor(1.0))  # one ulp off, in the last step
+    negative_zero = torch.zeros(1, 32)
+    negative_zero[0, 5] = -0.0  # equal in value to the +0.0 that Q8_0 gives back, not in bits
+    assert q8_0_exact(on_grid) is None and q8_0_exact(negative_zero) is None
 
 
 def _autogptq_pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -314,6 +349,31 @@ def test_gptq_export_of_an_adapter_checkpoint_requantizes(tmp_path: Path) -> Non
     assert result["requantized"] and result["group_size"] == 64
     tensors = load_file(tmp_path / "g" / "model.safetensors")
     assert tensors["model.layers.0.mlp.down_proj.qweight"].shape == (128 * 4 // 32, 64)
+
+
+def test_exports_of_a_checkpoint_with_q8_0_embeddings_get_their_float_values(tmp_path: Path) -> None:
+    """The checkpoint stores the embeddings as Q8_0 codes; every export reads them back as the float32 values."""
+    import gguf
+
+    model = tiny_model("llama")
+    on_q8_0_grid(model)
+    embed = model.model.embed_tokens.weight.detach().clone()
+    folder = tmp_path / "fp"
+    model.save_pretrained(folder)
+    tiny_bpe_tokenizer().save_pretrained(folder)
+    ckpt = tmp_path / "q"
+    calibrate(folder, lowbit.QuantConfig(bits=4, group_size=32, init="none"), ckpt, None, tiny_bpe_tokenizer(),
+              engine=EngineOptions(progress=False))  # fmt: skip
+    assert "model.embed_tokens.weight.q8_codes" in load_file(ckpt / "model-base.safetensors")
+
+    result = export_gguf(ckpt, tmp_path / "m.gguf", progress=False)
+    assert result["tensor_types"] == {"Q4_1": 14, "Q8_0": 1, "F32": 5}  # auto: lossless, so Q8_0
+    tensor = next(t for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors if t.name == "token_embd.weight")
+    assert np.array_equal(np.asarray(tensor.data), gguf.quants.quantize(embed.numpy(), gguf.GGMLQuantizationType.Q8_0))
+    export_merged(ckpt, tmp_path / "merged")
+    assert torch.equal(load_file(tmp_path / "merged" / "model.safetensors")["model.embed_tokens.weight"], embed)
+    export_gptq(ckpt, tmp_path / "gptq", progress=False)
+    assert torch.equal(load_file(tmp_path / "gptq" / "model.safetensors")["model.embed_tokens.weight"], embed.half())
 
 
 # ----- merged dtype and plain transformers ---------------------------------------------------------------------------

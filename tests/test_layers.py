@@ -98,3 +98,15 @@ def test_to_dense_replaces_all() -> None:
         to_dense(model, merge_lora=True)
         assert not quant_layers(model)
         assert torch.allclose(model(ids).logits, ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_quantize_leaves_only_the_lora_trainable(arch: str) -> None:
+    """Like PEFT's get_peft_model: an optimizer over ``model.parameters()`` must not train the embeddings, head or
+    norms of a quantized model (it once did, so P4's lowbit rows trained 11x the peers' parameters)."""
+    import lowbit
+
+    model = lowbit.quantize(tiny_model(arch), lowbit.QuantConfig(bits=4, group_size=32, rank=4), progress=False)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    lora = {n for n, _ in model.named_parameters() if n.endswith(("lora_A", "lora_B"))}
+    assert lora and trainable == lora

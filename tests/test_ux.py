@@ -96,7 +96,7 @@ def test_p1_results_path_and_rows_printed_as_they_finish(monkeypatch, tmp_path: 
     tracked = p1.RESULTS.read_bytes() if p1.RESULTS.is_file() else None
     seen_before: dict[str, str] = {}
 
-    def fake_measure(name: str, windows: int, keep) -> dict:
+    def fake_measure(name: str, windows: int, keep, bible_column: bool = True) -> dict:
         seen_before[name] = capsys.readouterr().out
         bits = 32.0 if name == "fp32" else 4.3125
         return {"row": name, "label": p1.ROWS[name][0], "ppl": 50.0 + len(name), "seconds": 1.0,
@@ -163,8 +163,10 @@ def test_finetune_defaults_to_all_examples(ckpt: Path, tmp_path: Path, capsys) -
 
 
 def test_benches_keep_the_protocol_sample_count() -> None:
-    assert re.search(r"TrainConfig\([^)]*samples=P2_SAMPLES", (ROOT / "bench" / "p2.py").read_text())
-    p2_samples = re.search(r"^P2_SAMPLES = (\d+)", (ROOT / "bench" / "p2.py").read_text(), re.M)
+    """Every bench that fine-tunes passes P2's sample count (TrainConfig's own default is all of the data)."""
+    for bench in ("p2.py", "export.py"):
+        assert re.search(r"TrainConfig\([^)]*samples=benchlib\.P2_SAMPLES", (ROOT / "bench" / bench).read_text())
+    p2_samples = re.search(r"^P2_SAMPLES = (\d+)", (ROOT / "bench" / "benchlib.py").read_text(), re.M)
     assert p2_samples and int(p2_samples.group(1)) == 128
 
 

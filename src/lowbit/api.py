@@ -25,7 +25,7 @@ from lowbit.device import place_model
 from lowbit.engine import Engine, EngineOptions
 from lowbit.errors import LowbitError
 from lowbit.init import get_initializer
-from lowbit.layers import linear_weight
+from lowbit.layers import linear_weight, train_only_lora
 from lowbit.models import is_lowbit_checkpoint, load_pretrained, resolve_model_path
 
 
@@ -79,7 +79,8 @@ def quantize(
     engine: EngineOptions | None = None,
     device: str | torch.device | None = None,
 ) -> nn.Module:
-    """Quantize every linear layer in the decoder blocks of ``model`` in place and return it.
+    """Quantize every linear layer in the decoder blocks of ``model`` in place and return it, with the LoRA factors
+    as its only trainable parameters (as a loaded checkpoint has them, and as PEFT leaves a model).
 
     ``calib`` holds calibration token windows ``[n, seq]`` for the data-driven initializers; with
     ``config.options["holdout_windows"] = k`` its last ``k`` windows are held out from the method, and the
@@ -99,4 +100,5 @@ def quantize(
     run = Engine(model, init, config.spec, config.lora, config.seed, config.options, calib, engine)
     model.lowbit_stats = [r.__dict__ for r in run.run()]
     model.lowbit_config = config
+    train_only_lora(model)
     return model

@@ -31,12 +31,12 @@ from lowbit.checkpoint import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     INDEX,
-    LORA_KEYS,
     PEFT_PREFIX,
     STORAGE_DTYPES,
     adapter_fields,
     checkpoint_config,
     module_shape,
+    q8_0_record,
     qconfig_dict,
     read_weight_map,
     write_checksums,
@@ -56,7 +56,7 @@ from lowbit.fsutil import (
     write_json,
 )
 from lowbit.init import get_initializer
-from lowbit.layers import quant_layers
+from lowbit.layers import LORA_KEYS, quant_layers
 
 STATE = "state.json"
 
@@ -266,6 +266,7 @@ def _finalize(model, config: QuantConfig, state: dict, work: Path, out: Path, to
     hf = checkpoint_config(model.config.to_dict(), qconfig_dict(config, state["modules"]))
     hf["quantization_config"]["calibration"] = {"blocks": state["blocks"]}
     hf["quantization_config"]["source"] = state["source"]
+    hf["quantization_config"].update(q8_0_record(weight_map))  # what _write_base stored as Q8_0
     write_json(work / "config.json", hf)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(work)

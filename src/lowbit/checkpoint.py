@@ -6,7 +6,10 @@ A checkpoint folder holds
   bits, group size, symmetry, format, the quantized modules and their shapes, the ``packing_version`` of the
   packed codes (:mod:`lowbit.quant.packing`; absent in older checkpoints, which use version 1), and the lowbit,
   torch and transformers versions that wrote it);
-- ``model.safetensors``: packed codes, fp16 scales, packed zero points and every non-quantized parameter;
+- ``model.safetensors``: packed codes, fp16 scales, packed zero points and every non-quantized parameter, in the
+  source model's dtype, or as llama.cpp's ``Q8_0`` (``NAME.q8_codes`` int8 + ``NAME.q8_scales`` fp16, listed in
+  ``quantization_config.q8_0_tensors``) when that holds its values exactly -- the embeddings of a model converted
+  from a GGUF file with ``Q8_0`` embeddings, which do not fit 16 bits and would otherwise take float32;
 - ``adapter_config.json`` + ``adapter_model.safetensors``: the LoRA adapter in PEFT's format (absent for
   ``init=none``), which PEFT loads onto the dense base of :func:`lowbit.layers.to_dense`;
 - the tokenizer files, when the model had a tokenizer;
@@ -25,6 +28,7 @@ import math
 import os
 import shutil
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -35,19 +39,21 @@ from torch import nn
 from lowbit.config import LoraSpec, QuantConfig
 from lowbit.errors import LowbitError
 from lowbit.fsutil import atomic_dir, sha256_files, write_json, write_text
-from lowbit.layers import QuantLinear, quant_layers, set_module
+from lowbit.layers import LORA_KEYS, QuantLinear, quant_layers, set_module, train_only_lora
 from lowbit.models import _first_line, load_tokenizer
 from lowbit.quant import QuantSpec
 from lowbit.quant.packing import PACKING_VERSION
+from lowbit.quant.serving import BLOCK, q8_0_dequantize, q8_0_exact
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"  # sharded checkpoints (written by streaming calibration)
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
-LORA_KEYS = ("lora_A", "lora_B")
 PACKED_KEYS = ("qweight", "scales", "qzeros")
 STORAGE_DTYPES = "lowbit_storage_dtypes"  # model attribute: tensor name -> dtype it is stored in (the source's)
+Q8_0_TENSORS = "q8_0_tensors"  # quantization_config entry: the tensors stored losslessly as Q8_0 (absent: none)
+Q8_CODES, Q8_SCALES = ".q8_codes", ".q8_scales"  # suffixes of a Q8_0-stored tensor's int8 codes and fp16 scales
 CHECKSUMS = "checksums.sha256"
 VERIFY_ENV = "LOWBIT_VERIFY"  # "0": load checkpoints without checking their digests (the CLI's --no-verify)
 LOWBIT_MODEL_TYPE = "lowbit"  # config.json's model_type: plain transformers refuses it (see checkpoint_config)
@@ -117,7 +123,10 @@ def base_tensors(model: nn.Module, skip_prefix: str | None = None) -> tuple[dict
 
     ``skip_prefix`` leaves out the tensors under it (the blocks, which streaming calibration writes itself). A
     tensor named in the model's ``lowbit_storage_dtypes`` is stored in that dtype (the source's, e.g. bf16), not in
-    the float32 lowbit computes in, so a checkpoint is not larger than its 16-bit source.
+    the float32 lowbit computes in, so a checkpoint is not larger than its 16-bit source. A 2-D tensor whose
+    values ``Q8_0`` holds exactly (checked bit for bit, never assumed) is stored as its codes and scales instead
+    (:data:`Q8_CODES`, :data:`Q8_SCALES`): 8.5 bits per value, where a GGUF source's ``Q8_0`` embeddings would
+    otherwise take 32 (their values do not fit 16 bits).
     """
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
@@ -136,8 +145,40 @@ def base_tensors(model: nn.Module, skip_prefix: str | None = None) -> tuple[dict
             aliases[name] = seen[key]
             continue
         seen[key] = name
-        tensors[name] = tensor.detach().contiguous().cpu().to(storage.get(name, tensor.dtype))
+        tensor = tensor.detach().contiguous().cpu()
+        q8 = q8_0_exact(tensor) if _q8_0_candidate(name, tensor) else None
+        if q8 is not None:
+            tensors[name + Q8_CODES], tensors[name + Q8_SCALES] = q8
+            continue
+        tensors[name] = tensor.to(storage.get(name, tensor.dtype))
     return tensors, aliases
+
+
+def _q8_0_candidate(name: str, tensor: torch.Tensor) -> bool:
+    """A float matrix of whole ``Q8_0`` rows that is not a quantized layer's fp16 scales (an embedding, a head)."""
+    return (
+        tensor.dim() == 2
+        and tensor.numel() > 0
+        and tensor.is_floating_point()
+        and tensor.shape[-1] % BLOCK == 0
+        and name.rsplit(".", 1)[-1] not in PACKED_KEYS
+    )
+
+
+def q8_0_record(stored: Iterable[str]) -> dict[str, list[str]]:
+    """The ``quantization_config`` entry naming the tensors that the stored tensor names ``stored`` hold as Q8_0
+    (empty when none is, so other checkpoints' configs are as before)."""
+    names = sorted(n.removesuffix(Q8_CODES) for n in stored if n.endswith(Q8_CODES))
+    return {Q8_0_TENSORS: names} if names else {}
+
+
+def _decode_q8_0(tensors: dict[str, torch.Tensor], names: list[str], folder: Path) -> None:
+    """Replace the codes and scales of the tensors stored as Q8_0 by their float32 values, in place."""
+    for name in names:
+        if name + Q8_CODES not in tensors or name + Q8_SCALES not in tensors:
+            raise LowbitError(f"checkpoint {folder} lists {name} as stored in Q8_0 but has no {name}{Q8_CODES} and "
+                              f"{name}{Q8_SCALES}: restore config.json or re-create the checkpoint")  # fmt: skip
+        tensors[name] = q8_0_dequantize(tensors.pop(name + Q8_CODES), tensors.pop(name + Q8_SCALES))
 
 
 def adapter_fields(target_modules: list[str], lora: LoraSpec, fan_in_fan_out: bool) -> dict:
@@ -192,6 +233,7 @@ def save_checkpoint(
     qconfig = quantization_config(model)
     with atomic_dir(out, overwrite) as tmp:
         tensors, aliases = base_tensors(model)
+        qconfig.update(q8_0_record(tensors))
         meta = {"format": "pt", "lowbit_aliases": json.dumps(aliases), "lowbit_version": qconfig["lowbit_version"]}
         save_file(tensors, tmp / WEIGHTS, metadata=meta)
         save_adapter(model, tmp)
@@ -372,6 +414,7 @@ def load_checkpoint(folder: str | Path, verify: bool | None = None) -> tuple[nn.
         part, metadata = _read_safetensors(path)
         tensors.update(part)
         aliases.update(json.loads(metadata.get("lowbit_aliases", "{}")))
+    _decode_q8_0(tensors, qc.get(Q8_0_TENSORS, []), folder)
     storage = _compute_in_float32(tensors, qc["modules"])
     for alias, name in aliases.items():
         tensors[alias] = tensors[name]
@@ -407,8 +450,7 @@ def load_checkpoint(folder: str | Path, verify: bool | None = None) -> tuple[nn.
             f"checkpoint {folder} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]}); "
             "it was written by another version or edited: re-create it"
         )
-    for name, p in model.named_parameters():
-        p.requires_grad_(name.rsplit(".", 1)[-1] in LORA_KEYS)
+    train_only_lora(model)
     model.lowbit_config = config
     setattr(model, STORAGE_DTYPES, storage)
     model.eval()
@@ -451,6 +493,7 @@ def checkpoint_info(folder: str | Path) -> dict:
         "quantized_bytes": quant_bytes,
         "bits_per_weight": 8 * quant_bytes / quantized_params,
         "lora_params": lora_params,
+        "q8_0_tensors": qc.get(Q8_0_TENSORS, []),
         "checkpoint_bytes": sum(files.values()),
         "files": files,
         "lowbit_version": qc.get("lowbit_version"),

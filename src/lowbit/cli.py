@@ -387,6 +387,8 @@ def cmd_info(args: argparse.Namespace) -> None:
         f"LoRA parameters: {info['lora_params']:,}",
         f"checkpoint: {info['checkpoint_bytes'] / 2**20:.1f} MiB in {len(info['files'])} files",
     ]
+    if info["q8_0_tensors"]:
+        lines.append(f"stored as Q8_0 (lossless: the values lie on its grid): {', '.join(info['q8_0_tensors'])}")
     _emit(args, info, lines)
 
 

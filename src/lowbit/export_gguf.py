@@ -37,7 +37,7 @@ from lowbit.errors import LowbitError
 from lowbit.export import has_adapter, on_grid
 from lowbit.fsutil import check_output_path, default_permissions, with_output_lock
 from lowbit.layers import quant_layers
-from lowbit.quant.serving import BLOCK, GGUF_GRIDS, gguf_blocks
+from lowbit.quant.serving import BLOCK, GGUF_GRIDS, gguf_blocks, q8_0_exact, q8_0_quantize
 
 ARCHITECTURES = ("llama",)
 EMBEDDINGS = ("auto", "f16", "q8_0")
@@ -214,7 +214,7 @@ def _write_tensors(writer, model, qtype: str, embeddings: str) -> dict[str, int]
         if param.dim() == 1:
             add(name, param.detach().float().numpy(), None)
         else:
-            add(name, *_embedding(param.detach().float().numpy(), embeddings))
+            add(name, *_embedding(param.detach().float(), embeddings))
     return types
 
 
@@ -223,17 +223,20 @@ def _rope_row_order(rows: int, heads: int) -> torch.Tensor:
     return torch.arange(rows).view(heads, 2, rows // heads // 2).transpose(1, 2).reshape(-1)
 
 
-def _embedding(weight: np.ndarray, mode: str) -> tuple[np.ndarray, object]:
+def _embedding(weight: torch.Tensor, mode: str) -> tuple[np.ndarray, object]:
     """An embedding or head as ``Q8_0`` (``q8_0``; ``auto``: when that is lossless) or F16."""
     import gguf
 
     if mode != "f16" and weight.shape[-1] % BLOCK == 0:
-        q8 = gguf.quants.quantize(weight, gguf.GGMLQuantizationType.Q8_0)
-        if mode == "q8_0" or np.array_equal(gguf.quants.dequantize(q8, gguf.GGMLQuantizationType.Q8_0), weight):
-            return q8, gguf.GGMLQuantizationType.Q8_0
+        q8 = q8_0_quantize(weight) if mode == "q8_0" else q8_0_exact(weight)
+        if q8 is not None:
+            codes, scales = q8
+            lowbit_codes = (codes.to(torch.int16) + 128).to(torch.uint8)  # symmetric W8 codes, zero point 128
+            blocks = gguf_blocks(lowbit_codes, scales, None, "q8_0")
+            return blocks.numpy(), gguf.GGMLQuantizationType.Q8_0
     elif mode == "q8_0":
         raise LowbitError(f"embeddings of width {weight.shape[-1]} do not split into Q8_0 blocks of {BLOCK}: use f16")
-    return weight.astype(np.float16), None
+    return weight.numpy().astype(np.float16), None
 
 
 # ----- tokenizer ------------------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit.checkpoint import LORA_KEYS, load_checkpoint, save_checkpoint
+from lowbit.checkpoint import load_checkpoint, save_checkpoint
 from lowbit.data import IGNORE, Example, clm_examples, collate, sample_windows, sft_examples, text_windows
 from lowbit.device import resolve_device
 from lowbit.errors import LowbitError
@@ -50,7 +50,7 @@ from lowbit.fsutil import (
     work_dir,
     write_text,
 )
-from lowbit.layers import quant_layers
+from lowbit.layers import LORA_KEYS, quant_layers
 
 if TYPE_CHECKING:
     from accelerate import Accelerator

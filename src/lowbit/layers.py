@@ -205,6 +205,17 @@ def dense_module(layer: QuantLinear, merge_lora: bool = False) -> nn.Module:
     return dense
 
 
+LORA_KEYS = ("lora_A", "lora_B")  # the adapter's parameter names in a QuantLinear (and in PEFT's state dicts)
+
+
+def train_only_lora(model: nn.Module) -> None:
+    """Make the LoRA factors the only trainable parameters, as PEFT's ``get_peft_model`` does: embeddings, head
+    and norms left trainable would be trained by any optimizer given ``model.parameters()`` -- more memory and
+    work, and a fine-tune that silently changes the base."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.rsplit(".", 1)[-1] in LORA_KEYS)
+
+
 def quant_layers(model: nn.Module) -> dict[str, QuantLinear]:
     """All QuantLinear modules of ``model`` by qualified name, in registration order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
