@@ -259,12 +259,34 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
 
 
+def _compare(first: tuple, second: tuple, fp: tuple, name: str) -> dict:
+    """Two quantized runs ``(model, block outputs, logits)`` of one model: how far apart they land, each one's error
+    against full precision ``fp = (block outputs, logits)`` (the second's keys prefixed ``name``), and the fraction
+    of packed bytes they share."""
+    from lowbit.layers import quant_layers
+
+    (a_model, a_blocks, a_logits), (b_model, b_blocks, b_logits) = first, second
+    fp_blocks, fp_logits = fp
+    pairs = zip(quant_layers(a_model).values(), quant_layers(b_model).values(), strict=True)
+    codes = [(a.qweight == b.qweight).double().mean().item() for a, b in pairs]
+    return {
+        "block_output_rel_diff": [round(_rel(b, a), 7) for b, a in zip(b_blocks, a_blocks, strict=True)],
+        "logits_rel_diff": round(_rel(b_logits, a_logits), 7),
+        "quantization_block_rel_error": [round(_rel(a, f), 5) for a, f in zip(a_blocks, fp_blocks, strict=True)],
+        "quantization_logits_rel_error": round(_rel(a_logits, fp_logits), 5),
+        f"{name}_quantization_block_rel_error": [
+            round(_rel(b, f), 5) for b, f in zip(b_blocks, fp_blocks, strict=True)
+        ],
+        f"{name}_quantization_logits_rel_error": round(_rel(b_logits, fp_logits), 5),
+        "packed_bytes_equal_fraction": round(sum(codes) / len(codes), 5),
+    }
+
+
 def agreement_row(shape: Shape, layers: int, device: torch.device) -> dict:
     """The same random-init model calibrated on the CPU and on ``device``; block-output and logit differences."""
     from transformers import AutoModelForCausalLM
 
     import lowbit
-    from lowbit.layers import quant_layers
 
     def build():
         torch.manual_seed(0)
@@ -281,22 +303,11 @@ def agreement_row(shape: Shape, layers: int, device: torch.device) -> dict:
         for where in ("cpu", device):
             model = lowbit.quantize(build(), config, calib, progress=False, device=where)
             runs.append((model, *_outputs(model, held_out)))
-        (cpu_model, cpu_blocks, cpu_logits), (dev_model, dev_blocks, dev_logits) = runs
-        pairs = zip(quant_layers(cpu_model).values(), quant_layers(dev_model).values(), strict=True)
-        codes = [(a.qweight == b.qweight).double().mean().item() for a, b in pairs]
         methods[row] = {
             "method": f"{init} {json.dumps(options)}" if options else init,
-            "block_output_rel_diff": [round(_rel(d, c), 7) for d, c in zip(dev_blocks, cpu_blocks, strict=True)],
-            "logits_rel_diff": round(_rel(dev_logits, cpu_logits), 7),
-            "quantization_block_rel_error": [round(_rel(c, f), 5) for c, f in zip(cpu_blocks, fp_blocks, strict=True)],
-            "quantization_logits_rel_error": round(_rel(cpu_logits, fp_logits), 5),
-            # The same error for the device-calibrated model: equal quality is the goal, equal codes are not (GPTQ's
-            # sequential rounding turns last-bit differences into different, equally good, codes).
-            "device_quantization_block_rel_error": [
-                round(_rel(d, f), 5) for d, f in zip(dev_blocks, fp_blocks, strict=True)
-            ],
-            "device_quantization_logits_rel_error": round(_rel(dev_logits, fp_logits), 5),
-            "packed_bytes_equal_fraction": round(sum(codes) / len(codes), 5),
+            # the device model's own error too: equal quality is the goal, equal codes are not (GPTQ's sequential
+            # rounding turns last-bit differences into different, equally good, codes)
+            **_compare(runs[0], runs[1], (fp_blocks, fp_logits), "device"),
         }
     return {
         "row": "calib-agree",
@@ -317,7 +328,6 @@ def nudge_row(shape: Shape, layers: int, device: torch.device, nudge: float = 1e
     from transformers import AutoModelForCausalLM
 
     import lowbit
-    from lowbit.layers import quant_layers
 
     def build(nudged: bool):
         torch.manual_seed(0)
@@ -338,24 +348,13 @@ def nudge_row(shape: Shape, layers: int, device: torch.device, nudge: float = 1e
     for nudged in (False, True):
         model = lowbit.quantize(build(nudged), config, calib, progress=False, device=device)
         runs.append((model, *_outputs(model, held_out)))
-    (plain, plain_blocks, plain_logits), (moved, moved_blocks, moved_logits) = runs
-    pairs = zip(quant_layers(plain).values(), quant_layers(moved).values(), strict=True)
-    codes = [(a.qweight == b.qweight).double().mean().item() for a, b in pairs]
     return {
         "row": "calib-nudge",
         "protocol": "P4",
         "model": f"as calib-agree: random-init Llama (hidden {shape.hidden}, {layers} blocks), gptq W2g64, "
         f"{shape.windows} windows of {shape.seqlen}; weights nudged by (1 + {nudge:g} N(0,1)) in the second run",
         "device": str(device),
-        "block_output_rel_diff": [round(_rel(m, p), 7) for m, p in zip(moved_blocks, plain_blocks, strict=True)],
-        "logits_rel_diff": round(_rel(moved_logits, plain_logits), 7),
-        "quantization_block_rel_error": [round(_rel(p, f), 5) for p, f in zip(plain_blocks, fp_blocks, strict=True)],
-        "quantization_logits_rel_error": round(_rel(plain_logits, fp_logits), 5),
-        "nudged_quantization_block_rel_error": [
-            round(_rel(m, f), 5) for m, f in zip(moved_blocks, fp_blocks, strict=True)
-        ],
-        "nudged_quantization_logits_rel_error": round(_rel(moved_logits, fp_logits), 5),
-        "packed_bytes_equal_fraction": round(sum(codes) / len(codes), 5),
+        **_compare(runs[0], runs[1], (fp_blocks, fp_logits), "nudged"),
     }
 
 
