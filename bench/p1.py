@@ -7,7 +7,9 @@ text (the English WEB side of the P3 test and validation verses, concatenated, w
 windows of 512 tokens from PTB train, seed 0, plus 4 held-out windows of the same draw on which the per-block error
 is measured (they change no result: the method trains on the same 32); rows named ``...-calib-bible`` calibrate
 on the English side of the P3 mono and train verses instead (disjoint from the Bible eval text), so a method that
-only learns its calibration text shows it. LoRA r8/alpha16 on every block linear. The Bible text needs pysword
+only learns its calibration text shows it; rows named ``...-calib-self`` calibrate on 36 windows the full-precision
+model samples itself from BOS at temperature 1 (``lowbit quantize --calib self``; data-free, the sampling time is
+part of the row's quantize time). LoRA r8/alpha16 on every block linear. The Bible text needs pysword
 and the Debian SWORD module (``apt-get install sword-text-web``).
 
     python bench/p1.py                                  # all rows
@@ -80,6 +82,7 @@ def _rows() -> dict[str, tuple[str, dict | None]]:
     for name in CROSS_DOMAIN:
         label, kwargs = rows[f"{name}-w2"]
         rows[f"{name}-w2-calib-bible"] = (f"{label}, calibrated on Bible text", {**kwargs, "calib": "bible"})
+        rows[f"{name}-w2-calib-self"] = (f"{label}, self-calibrated (model-sampled text)", {**kwargs, "calib": "self"})
     return rows
 
 
@@ -109,6 +112,7 @@ def run_row(name: str, windows: int, keep: Path | None = None, bible_column: boo
     from lowbit.errors import LowbitError
     from lowbit.evaluate import perplexity
     from lowbit.models import load_tokenizer, quiet_transformers, resolve_model_path
+    from lowbit.selfcal import self_calibration
 
     quiet_transformers()
     torch.manual_seed(0)
@@ -141,15 +145,23 @@ def run_row(name: str, windows: int, keep: Path | None = None, bible_column: boo
             config = lowbit.QuantConfig(group_size=64, rank=8, alpha=16.0, seed=CALIB_SEED, **kwargs)
             calib = None
             if INITIALIZERS[config.init].needs_data:
-                if calib_source == "bible":
-                    train = bible_windows(tokenizer, BIBLE_CALIB_SPLITS)
+                n = CALIB_WINDOWS + HOLDOUT_WINDOWS
+                start = time.perf_counter()
+                if calib_source == "self":  # sampled by the full-precision model (lowbit.selfcal), timed with the row
+                    fp, _ = lowbit.load_model(folder)
+                    calib = self_calibration(fp, tokenizer, n, SEQLEN, CALIB_SEED, progress=sys.stderr.isatty())
+                    row["calib_seconds"] = round(time.perf_counter() - start, 2)
+                    del fp
                 else:
-                    train = text_windows("ptb", tokenizer, SEQLEN, split="train")
-                # one draw: its first CALIB_WINDOWS are the windows P1 always trained on, the rest held out
-                calib = sample_windows(train, CALIB_WINDOWS + HOLDOUT_WINDOWS, CALIB_SEED)
+                    if calib_source == "bible":
+                        train = bible_windows(tokenizer, BIBLE_CALIB_SPLITS)
+                    else:
+                        train = text_windows("ptb", tokenizer, SEQLEN, split="train")
+                    # one draw: its first CALIB_WINDOWS are the windows P1 always trained on, the rest held out
+                    calib = sample_windows(train, n, CALIB_SEED)
                 config.options.update(calib=calib_source, holdout_windows=HOLDOUT_WINDOWS)
             row["calib"] = calib_source if calib is not None else None
-            start = time.perf_counter()
+            start = time.perf_counter() - row.get("calib_seconds", 0.0)
             ckpt = keep / name if keep else Path(tmp) / "ckpt"
             summary = calibrate(folder, config, ckpt, calib, tokenizer, overwrite=True,
                                 engine=EngineOptions(progress=sys.stderr.isatty()))  # fmt: skip
@@ -211,7 +223,7 @@ HEADER = ("| method | calib | PTB-test ppl | Bible ppl | quantize s | peak RSS M
           "|---|---|---:|---:|---:|---:|---:|")  # fmt: skip
 
 
-CALIB_NAMES = {"ptb": "PTB", "bible": "Bible", None: "—"}
+CALIB_NAMES = {"ptb": "PTB", "bible": "Bible", "self": "self (model-sampled)", None: "—"}
 
 
 def table_row(r: dict) -> str:

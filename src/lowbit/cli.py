@@ -127,11 +127,23 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     tokenizer = load_tokenizer(source)
     calib = None
     if INITIALIZERS[config.init].needs_data:
-        wins = text_windows(args.calib, tokenizer, args.calib_seqlen, split="train")
         if args.holdout_windows < 0:
             raise LowbitError(f"--holdout-windows must be at least 0, got {args.holdout_windows}")
-        # one draw of calib + holdout windows: its first --calib-windows are the ones drawn without holdout
-        calib = sample_windows(wins, args.calib_windows + args.holdout_windows, args.calib_seed)
+        n = args.calib_windows + args.holdout_windows
+        if args.calib == "self":  # sampled by the full-precision model itself (lowbit.selfcal)
+            from lowbit.api import load_model
+            from lowbit.device import resolve_device
+            from lowbit.selfcal import self_calibration
+
+            device = resolve_device(args.device)
+            model, _ = load_model(source, torch.bfloat16 if device.type == "cuda" else torch.float32, device)
+            calib = self_calibration(model, tokenizer, n, args.calib_seqlen, args.calib_seed, args.calib_temperature)
+            del model
+            config.options.update(calib_temperature=args.calib_temperature)
+        else:
+            wins = text_windows(args.calib, tokenizer, args.calib_seqlen, split="train")
+            # one draw of calib + holdout windows: its first --calib-windows are the ones drawn without holdout
+            calib = sample_windows(wins, n, args.calib_seed)
         config.options.update(calib=args.calib, calib_windows=args.calib_windows, calib_seqlen=args.calib_seqlen,
                               calib_seed=args.calib_seed, holdout_windows=args.holdout_windows)  # fmt: skip
     engine = EngineOptions(act_dtype=getattr(torch, args.act_dtype), progress=True, device=args.device,
@@ -504,7 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scaling = alpha / rank)")
     q.add_argument("--seed", type=int, default=0)
     c = q.add_argument_group(f"calibration ({', '.join(n for n, i in INITIALIZERS.items() if i.needs_data)})")
-    c.add_argument("--calib", default="ptb", help="ptb (train split), a .txt or a .jsonl file")
+    c.add_argument("--calib", default="ptb", help="ptb (train split), a .txt or a .jsonl file, or self: text the "
+                   "full-precision model samples itself (data-free; no one corpus's domain)")  # fmt: skip
+    c.add_argument("--calib-temperature", type=float, default=1.0, help="--calib self: sampling temperature")
     c.add_argument("--calib-windows", type=int, default=32, help="number of calibration windows")
     c.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window")
     c.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration window choice")

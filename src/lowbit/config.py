@@ -107,7 +107,8 @@ class Calibration(MethodOptions):
     """The calibration data a run used, recorded among the options whatever the method: the CLI records where its
     windows came from, and the engine holds the last ``holdout_windows`` back from the method."""
 
-    calib: str | None = None  # ptb, or the .txt / .jsonl file
+    calib: str | None = None  # ptb, self (sampled by the model: lowbit.selfcal), or the .txt / .jsonl file
+    calib_temperature: float | None = None  # self: the sampling temperature
     calib_windows: int | None = None
     calib_seqlen: int | None = None
     calib_seed: int | None = None
