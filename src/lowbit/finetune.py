@@ -1,7 +1,9 @@
-"""LoRA fine-tuning of a packed low-bit checkpoint: exact resume, and multi-process through accelerate.
+"""Fine-tuning of a packed low-bit checkpoint (LoRA, PaFi or HiWi): exact resume, multi-process through accelerate.
 
-Only the LoRA factors train. The base stays packed: every :class:`~lowbit.layers.QuantLinear` rebuilds its weight
-for its own matmul and again in backward, so at most one layer's full-precision weight exists at a time.
+Only the adapter trains: the LoRA factors, or with ``method`` pafi/hiwi the weight-space adapter of
+:mod:`lowbit.adapters` (a LoRA start the checkpoint has then stays frozen, as part of the base). The base stays
+packed: every :class:`~lowbit.layers.QuantLinear` rebuilds its weight for its own matmul and again in backward, so
+at most one layer's full-precision weight exists at a time (HiWi also rebuilds it for its adapter's input).
 
 The data order is a pure function of ``(seed, epoch, step)``: each epoch shuffles the examples with its own seeded
 generator, and step ``s`` takes the next ``batch_size`` of them. With ``P`` processes (``accelerate launch`` or
@@ -34,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit.adapters import HiWi, PaFi, check_settings, is_adapter_tensor
 from lowbit.checkpoint import load_checkpoint, save_checkpoint
 from lowbit.data import IGNORE, Example, clm_examples, collate, sample_windows, sft_examples, text_windows
 from lowbit.device import resolve_device
@@ -50,7 +53,7 @@ from lowbit.fsutil import (
     work_dir,
     write_text,
 )
-from lowbit.layers import LORA_KEYS, quant_layers
+from lowbit.layers import quant_layers
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -85,9 +88,12 @@ class TrainConfig:
     save_every: int = 0  # 0: no intermediate checkpoints
     grad_checkpointing: bool = False
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; fp32; bf16
-    lora_dtype: str = "fp32"  # storage of the trained LoRA factors (and so of AdamW's state): fp32 or bf16
+    lora_dtype: str = "fp32"  # storage of the trained adapter (and so of AdamW's state): fp32 or bf16
     rank: int = 8  # LoRA added when the checkpoint has no adapter (init none)
     alpha: float = 16.0
+    method: str = "lora"  # lora, pafi or hiwi (lowbit.adapters)
+    pafi_fraction: float = 0.005  # PaFi: fraction of each layer's weights (the smallest |W|) that trains
+    hiwi_dim: int = 8  # HiWi: bottleneck width of the adapter on the weights
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -101,6 +107,7 @@ class TrainConfig:
                 raise LowbitError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise LowbitError(f"--lr must be positive, got {self.lr}")
+        check_settings(self.method, self.pafi_fraction, self.hiwi_dim)
 
 
 def training_examples(config: TrainConfig, tokenizer) -> tuple[list[Example], int]:
@@ -154,8 +161,16 @@ def eval_perplexity(model: nn.Module, examples: list[Example], pad_id: int, devi
 
 
 def ensure_adapter(model: nn.Module, config: TrainConfig) -> None:
-    """Give every quantized layer a LoRA adapter when the checkpoint has none (seeded PEFT start)."""
+    """Give every quantized layer the adapter of ``config.method`` when the checkpoint has none: LoRA (seeded PEFT
+    start) or a weight-space adapter (:func:`ensure_weight_adapter`)."""
     layers = quant_layers(model)
+    if config.method != "lora":
+        ensure_weight_adapter(model, config)
+        return
+    trained = sorted({m.adapter.method for m in layers.values() if m.adapter is not None})
+    if trained:
+        raise LowbitError(f"the checkpoint has a {trained[0]} adapter: fine-tune it with --method {trained[0]}, "
+                          "or export --requantize it first")  # fmt: skip
     if all(m.lora_A is not None for m in layers.values()):
         return
     g = torch.Generator().manual_seed(config.seed)
@@ -164,6 +179,26 @@ def ensure_adapter(model: nn.Module, config: TrainConfig) -> None:
             m.add_lora(config.rank, config.alpha, generator=g)
     model.lowbit_config.init = "qlora"
     model.lowbit_config.rank, model.lowbit_config.alpha = config.rank, config.alpha
+
+
+def ensure_weight_adapter(model: nn.Module, config: TrainConfig) -> None:
+    """Give every quantized layer a PaFi or HiWi adapter over its frozen effective weight (a LoRA start stays in the
+    base and stops training); a checkpoint that has this method's adapter keeps it (and PaFi its mask)."""
+    layers = quant_layers(model)
+    present = {m.adapter.method for m in layers.values() if m.adapter is not None}
+    if present and present != {config.method}:
+        raise LowbitError(f"the checkpoint has a {sorted(present)[0]} adapter, not {config.method}: fine-tune it "
+                          f"with --method {sorted(present)[0]}, or export --requantize it first")  # fmt: skip
+    g = torch.Generator().manual_seed(config.seed)
+    for m in layers.values():
+        for p in (m.lora_A, m.lora_B):
+            if p is not None:
+                p.requires_grad_(False)
+        if m.adapter is None:
+            if config.method == "pafi":
+                m.adapter = PaFi.from_weight(m.base_weight(), config.pafi_fraction)
+            else:
+                m.adapter = HiWi(m.in_features, config.hiwi_dim, generator=g)
 
 
 def frozen_to(model: nn.Module, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
@@ -182,10 +217,9 @@ def frozen_to(model: nn.Module, dtype: torch.dtype, device: torch.device) -> dic
     return originals
 
 
-def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {
-        k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] in LORA_KEYS
-    }
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors (LoRA factors, PaFi/HiWi tensors), as a resume state holds them."""
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if is_adapter_tensor(k)}
 
 
 def summary_writer() -> type:
@@ -438,7 +472,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             claim_work_dir(self.work)
             with atomic_dir(self.work / STATE, overwrite=True) as tmp:
-                save_file(lora_state(self.model), tmp / "adapter.safetensors")
+                save_file(adapter_state(self.model), tmp / "adapter.safetensors")
                 torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                             "rng": rng}, tmp / "optimizer.pt")  # fmt: skip
                 state = {"fingerprint": self.key, "step": step, "metrics": self.metrics}
@@ -468,7 +502,7 @@ class Trainer:
         }
         # Every rank reports the digest of its own adapter: equal digests show that the ranks stayed in lock-step.
         digest = hashlib.sha256()
-        for name, tensor in sorted(lora_state(self.model).items()):
+        for name, tensor in sorted(adapter_state(self.model).items()):
             digest.update(name.encode() + tensor.float().numpy().tobytes())
         result["adapter_sha256"] = digest.hexdigest()
         if self.accelerator.is_main_process:
@@ -515,7 +549,8 @@ def finetune(
     device: str | torch.device | None = "auto",
     tensorboard: bool | str | Path = False,
 ) -> dict:
-    """Fine-tune the LoRA adapter of the lowbit ``checkpoint`` into the checkpoint ``out``; returns the metrics.
+    """Fine-tune the adapter (``config.method``) of the lowbit ``checkpoint`` into the checkpoint ``out``; returns
+    the metrics.
 
     ``on_step(step)`` is called after each optimizer step (and its save), for callers that watch progress.
     ``device``: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N`` (a multi-process launch gives each

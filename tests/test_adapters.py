@@ -1,0 +1,229 @@
+"""PaFi and HiWi (lowbit.adapters): the fixed smallest-magnitude mask, merges that reproduce the trained model,
+exact resume, the command line end to end, and refused settings."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import lowbit
+from conftest import run_until_killed
+from lowbit.adapters import ADAPTER_SETTINGS, ADAPTER_TENSORS, HiWi, PaFi, pafi_count
+from lowbit.checkpoint import ADAPTER_WEIGHTS, load_checkpoint
+from lowbit.errors import LowbitError
+from lowbit.export import export_merged, export_requantized
+from lowbit.finetune import TrainConfig, finetune
+from lowbit.layers import QuantLinear, dense_module, quant_layers
+from lowbit.quant import QuantSpec
+from test_finetune import HELD_OUT, Crash, _free_port, crash_at, quantized, run_cli, small, text_file
+
+
+def test_pafi_mask_is_exactly_the_smallest_magnitude_fraction_with_ties_to_the_lower_index() -> None:
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(24, 40, generator=g)
+    weight[3, :10] = 0.25  # ties straddling the cut: the lower flat indices are taken
+    weight[5, :10] = -0.25
+    fraction = 0.3
+    adapter = PaFi.from_weight(weight, fraction)
+    k = pafi_count(fraction, weight.numel())
+    assert adapter.index.dtype == torch.int32 and adapter.index.numel() == k == 288
+    flat = weight.abs().flatten()
+    expected = sorted(range(flat.numel()), key=lambda i: (flat[i].item(), i))[:k]
+    assert adapter.index.tolist() == sorted(expected)
+    mask = torch.zeros(flat.numel(), dtype=torch.bool)
+    mask[adapter.index.long()] = True
+    assert flat[mask].max() <= flat[~mask].min()
+    assert pafi_count(1e-9, 10) == 1 and pafi_count(1.0, 10) == 10
+
+
+def test_weight_adapters_forward_equals_the_merged_weight() -> None:
+    """The layer's training forward (base product + x delta^T) and the merged weight give the same outputs."""
+    lin = torch.nn.Linear(64, 48)
+    layer = QuantLinear.from_linear(lin, QuantSpec(4, 32))
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(1))
+    for adapter in (PaFi.from_weight(layer.base_weight(), 0.1), HiWi(64, 4, torch.Generator().manual_seed(2))):
+        for p in adapter.parameters():
+            torch.nn.init.normal_(p, std=0.05)
+        layer.adapter = adapter
+        y = layer(x)
+        merged = dense_module(layer, merge_lora=True)
+        assert torch.allclose(merged(x), y, atol=1e-5), adapter
+        plain = dense_module(layer)  # without the merge: the base alone
+        assert torch.allclose(plain(x), F.linear(x, layer.dequantized_weight(), layer.bias), atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["pafi", "hiwi"])
+def test_training_keeps_the_base_and_the_merge_reproduces_the_trained_model(method: str, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    ckpt = quantized(tmp_path)
+    result = finetune(ckpt, tmp_path / "ft", small(text_file(tmp_path), epochs=2, method=method), progress=False)
+    assert result["losses"][-1] < result["losses"][0]
+    source, _ = load_checkpoint(ckpt)
+    trained, _ = load_checkpoint(tmp_path / "ft")
+    settings = json.loads((tmp_path / "ft" / ADAPTER_SETTINGS).read_text())
+    assert settings["method"] == method and settings["modules"] == sorted(quant_layers(trained))
+    assert load_file(tmp_path / "ft" / ADAPTER_WEIGHTS).keys() == load_file(ckpt / ADAPTER_WEIGHTS).keys()
+    for name, layer in quant_layers(trained).items():
+        base = quant_layers(source)[name]
+        assert torch.equal(layer.qweight, base.qweight) and torch.equal(layer.scales, base.scales)
+        assert torch.equal(layer.lora_B, base.lora_B) and not layer.lora_A.requires_grad  # the LoRA start froze
+        merged = dense_module(layer, merge_lora=True).weight
+        if method == "pafi":
+            fixed = PaFi.from_weight(base.base_weight(), TrainConfig().pafi_fraction).index
+            assert torch.equal(layer.adapter.index, fixed)  # the mask chosen before training stayed
+            untouched = torch.ones(merged.numel(), dtype=torch.bool)
+            untouched[fixed.long()] = False
+            assert torch.equal(merged.flatten()[untouched], base.base_weight().flatten()[untouched])
+            assert layer.adapter.values.abs().sum() > 0
+        else:
+            assert layer.adapter.up.abs().sum() > 0
+    export_merged(tmp_path / "ft", tmp_path / "merged")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref, got = trained(HELD_OUT).logits, plain(HELD_OUT).logits
+        untrained = source(HELD_OUT).logits
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-4
+    assert ((untrained - ref).norm() / ref.norm()).item() > 1e-3  # the adapter did move the outputs
+
+
+@pytest.mark.parametrize("method", ["pafi", "hiwi"])
+def test_resume_after_crash_gives_identical_weight_adapter(method: str, tmp_path: Path) -> None:
+    ckpt = quantized(tmp_path)
+    config = small(text_file(tmp_path), save_every=2, method=method)
+    reference = finetune(ckpt, tmp_path / "a", config, progress=False)
+    with pytest.raises(Crash):
+        finetune(ckpt, tmp_path / "b", config, progress=False, on_step=crash_at(5))
+    resumed = finetune(ckpt, tmp_path / "b", config, progress=False)
+    assert resumed["resumed_from_step"] == 4 and resumed["losses"] == reference["losses"]
+    ref, res = load_file(tmp_path / "a" / ADAPTER_TENSORS), load_file(tmp_path / "b" / ADAPTER_TENSORS)
+    assert ref.keys() == res.keys() and all(torch.equal(ref[k], res[k]) for k in ref)
+    assert resumed["adapter_sha256"] == reference["adapter_sha256"]
+
+
+def test_sigkill_then_resume_gives_identical_weight_adapter(tmp_path: Path) -> None:
+    ckpt = quantized(tmp_path)
+    config = small(text_file(tmp_path), save_every=2, method="pafi")
+    reference = finetune(ckpt, tmp_path / "a", config, progress=False)
+    run_until_killed(
+        tmp_path,
+        f"""
+        from test_finetune import small
+        from lowbit.finetune import finetune
+
+        def die(done):
+            if done == 5:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        finetune({str(ckpt)!r}, {str(tmp_path / "b")!r}, small({str(tmp_path / "train.txt")!r}, save_every=2,
+                 method="pafi"), progress=False, on_step=die)
+    """,
+    )
+    resumed = finetune(ckpt, tmp_path / "b", config, progress=False)
+    assert resumed["resumed_from_step"] == 4 and resumed["losses"] == reference["losses"]
+    ref, res = load_file(tmp_path / "a" / ADAPTER_TENSORS), load_file(tmp_path / "b" / ADAPTER_TENSORS)
+    assert all(torch.equal(ref[k], res[k]) for k in ref)
+
+
+@pytest.mark.parametrize("method", ["pafi", "hiwi"])
+def test_ddp_two_processes_match_one(method: str, tmp_path: Path) -> None:
+    ckpt = quantized(tmp_path)
+    data = text_file(tmp_path)
+    single = finetune(ckpt, tmp_path / "single", small(data, method=method), progress=False)
+    script = tmp_path / "ddp.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        import json, os, sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_finetune import small
+        from lowbit.finetune import finetune
+        result = finetune({str(ckpt)!r}, {str(tmp_path / "ddp")!r}, small({str(data)!r}, method={method!r}),
+                          progress=False)
+        with open({str(tmp_path)!r} + f"/rank{{os.environ['RANK']}}.json", "w") as f:
+            json.dump(result, f)
+    """)
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), str(script)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["world_size"] == 2 and ranks[0]["adapter_sha256"] == ranks[1]["adapter_sha256"]
+    assert ranks[0]["losses"] == pytest.approx(single["losses"], rel=1e-5)
+    a, b = load_file(tmp_path / "single" / ADAPTER_TENSORS), load_file(tmp_path / "ddp" / ADAPTER_TENSORS)
+    assert all(torch.allclose(a[k].float(), b[k].float(), rtol=1e-4, atol=1e-6) for k in a)
+
+
+@pytest.mark.parametrize("method", ["pafi", "hiwi"])
+def test_weight_adapter_backward_under_bf16_autocast(method: str, tmp_path: Path) -> None:
+    from lowbit.finetune import ensure_adapter
+
+    model, _ = load_checkpoint(quantized(tmp_path))
+    ensure_adapter(model, TrainConfig(method=method))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(torch.randint(3, 120, (2, 16))).logits.float().pow(2).mean()
+    loss.backward()
+    trained = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(".adapter." in n for n in trained)
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in trained.values())
+
+
+@pytest.mark.parametrize(("method", "flag"), [("pafi", "--pafi-fraction"), ("hiwi", "--hiwi-dim")])
+def test_cli_finetune_and_export_plain_model(method: str, flag: str, tmp_path: Path, capsys) -> None:
+    ckpt = quantized(tmp_path)
+    data = text_file(tmp_path)
+    value = "0.02" if method == "pafi" else "3"
+    code, out, err = run_cli(["finetune", str(ckpt), "--data", str(data), "--seqlen", "32", "--samples", "8",
+                              "--out", str(tmp_path / "ft"), "--method", method, flag, value, "--json"],
+                             capsys)  # fmt: skip
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["config"]["method"] == method and result["steps"] == 2 and result["tokens_per_s"] > 0
+    settings = json.loads((tmp_path / "ft" / ADAPTER_SETTINGS).read_text())
+    assert settings[{"pafi": "fraction", "hiwi": "dim"}[method]] == float(value)
+    code, out, err = run_cli(["info", str(tmp_path / "ft"), "--json"], capsys)
+    assert code == 0, err
+    info, stored = json.loads(out), load_file(tmp_path / "ft" / ADAPTER_TENSORS)
+    assert info["weight_adapter"] == method
+    assert info["weight_adapter_params"] == sum(v.numel() for k, v in stored.items() if not k.endswith(".index")) > 0
+    code, out, err = run_cli(["export", str(tmp_path / "ft"), "--merged", str(tmp_path / "m"), "--json"], capsys)
+    assert code == 0, err
+    assert not list((tmp_path / "m").glob("*adapter*"))
+    config = lowbit.QuantConfig(bits=4, group_size=32, init="none")
+    export_requantized(tmp_path / "ft", tmp_path / "rq", config, None, progress=False)
+    model, _ = load_checkpoint(tmp_path / "rq")
+    assert not (tmp_path / "rq" / ADAPTER_SETTINGS).exists()
+    assert all(m.adapter is None for m in quant_layers(model).values())
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["--method", "pafi", "--pafi-fraction", "0"], "--pafi-fraction must be in (0, 1], got 0.0"),
+        (["--method", "pafi", "--pafi-fraction", "1.5"], "--pafi-fraction must be in (0, 1], got 1.5"),
+        (["--method", "hiwi", "--hiwi-dim", "0"], "--hiwi-dim must be at least 1, got 0"),
+    ],
+)
+def test_cli_bad_setting_is_a_one_line_error(args: list, match: str, tmp_path: Path, capsys) -> None:
+    ckpt = quantized(tmp_path)
+    capsys.readouterr()
+    code, _, err = run_cli(["finetune", str(ckpt), "--data", "ptb", "--out", str(tmp_path / "o"), *args], capsys)
+    assert code == 2 and err.startswith("lowbit: error:") and match in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_another_method_on_a_weight_adapter_checkpoint_is_refused(tmp_path: Path) -> None:
+    ckpt = quantized(tmp_path)
+    data = text_file(tmp_path)
+    finetune(ckpt, tmp_path / "ft", small(data, samples=8, method="pafi"), progress=False)
+    for method in ("lora", "hiwi"):
+        with pytest.raises(LowbitError, match="has a pafi adapter"):
+            finetune(tmp_path / "ft", tmp_path / method, small(data, samples=8, method=method), progress=False)
