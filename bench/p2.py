@@ -16,7 +16,15 @@ Rows (each in its own subprocess, so peak RSS is the row's own):
   fine-tuning" is tested against better codes and not only against RTN and LoftQ. Starts are made once with
   ``bench/p1.py --keep`` into ``bench/.starts`` and reused. The trained checkpoint is kept in ``bench/.p2/ROW``;
 - ``lowbit-...-requant``: that trained row merged and re-quantized to the same format with no adapter
-  (``lowbit export --requantize``: GPTQ on 32 PTB-train windows), perplexity only.
+  (``lowbit export --requantize``: GPTQ on 32 PTB-train windows), perplexity only;
+- ``lowbit-{qlora-w4,apiq-w2}-{pafi,hiwi}``: ``lowbit finetune --method pafi|hiwi`` from that start, at the
+  LoRA rows' number of trainable parameters (PaFi: the fraction ``lora_params / quantized_params`` of each layer;
+  HiWi: the bottleneck width whose ``2 * in * dim`` per layer comes nearest), the start's LoRA frozen in the base.
+
+Every lowbit row also records its trainable parameters, the size of the trained adapter's files, and CPU forward
+latency (median of 5 calls, one 512-token window and one single-token step without cache) of the model as trained
+and of the deployed model: the same packed layers with every adapter removed, which is what ``export
+--requantize`` gives for PaFi and HiWi (and for LoRA after its merge) -- the latency depends on shapes, not values.
 
 The peers train with the same data order, loss normalization, optimizer and schedule as ``lowbit.finetune``
 (the functions are imported from it), so tokens per second compare the layers, not the loops. Peak RSS is
@@ -47,6 +55,8 @@ TRAINED = benchlib.ROOT / "bench" / ".p2"  # trained lowbit rows, kept for their
 EVAL_WINDOWS = 64
 EVAL_SEQLEN = 512
 START_ROWS = {"qlora": "rtn{b}", "loftq": "loftq1-w{b}", "apiq": "apiq-bw-warm-w{b}", "gptq": "gptq-w{b}"}
+WEIGHT_METHODS = ("pafi", "hiwi")  # issue 16: fine-tuning that merges into the weights, beside LoRA
+WEIGHT_METHOD_STARTS = ("qlora-w4", "apiq-w2")
 
 
 def _rows() -> dict[str, str]:
@@ -56,6 +66,10 @@ def _rows() -> dict[str, str]:
             rows[f"lowbit-{start}-w{b}"] = f"lowbit W{b}g64 from the {start} start ({p1_row.format(b=b)})"
             rows[f"lowbit-{start}-w{b}-requant"] = (f"lowbit W{b}g64 {start} start, trained, merged and re-quantized "
                                                     f"to W{b}g64 (no adapter)")  # fmt: skip
+    for start in WEIGHT_METHOD_STARTS:
+        for method in WEIGHT_METHODS:
+            kind, bits = start.split("-")
+            rows[f"lowbit-{start}-{method}"] = f"lowbit {bits.upper()}g64 from the {kind} start, {method} (LoRA's size)"
     return rows
 
 
@@ -64,7 +78,7 @@ ROWS = _rows()
 
 def start_checkpoint(name: str) -> Path:
     """The P1 start checkpoint of a lowbit row, made with ``bench/p1.py --keep`` when missing."""
-    start, bits = name.removeprefix("lowbit-").rsplit("-w", 1)
+    start, bits = name.removeprefix("lowbit-").removesuffix("-pafi").removesuffix("-hiwi").rsplit("-w", 1)
     p1_row = START_ROWS[start].format(b=bits)
     folder = STARTS / p1_row
     if not (folder / "config.json").is_file():
@@ -72,6 +86,60 @@ def start_checkpoint(name: str) -> Path:
         cmd = [sys.executable, str(Path(__file__).with_name("p1.py")), "--rows", p1_row, "--keep", str(STARTS)]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return folder
+
+
+def weight_method_config(name: str, start: Path, config):
+    """The TrainConfig of a pafi/hiwi row: ``config`` with that method, at the start's LoRA parameter count."""
+    import dataclasses
+
+    import lowbit
+    from lowbit.checkpoint import read_config
+
+    method = name.rsplit("-", 1)[1]
+    info = lowbit.info(start)
+    if method == "pafi":
+        return dataclasses.replace(config, method=method, pafi_fraction=info["lora_params"] / info["quantized_params"])
+    inputs = sum(2 * in_f for _, in_f, *_ in read_config(start)["quantization_config"]["modules"].values())
+    return dataclasses.replace(config, method=method, hiwi_dim=max(1, round(info["lora_params"] / inputs)))
+
+
+def trainable_params(model) -> int:
+    from lowbit.adapters import is_adapter_tensor
+    from lowbit.layers import quant_layers
+
+    weight_adapter = any(m.adapter is not None for m in quant_layers(model).values())
+    names = [k for k in model.state_dict() if is_adapter_tensor(k) and (not weight_adapter or ".adapter." in k)]
+    state = model.state_dict()
+    return sum(state[k].numel() for k in names if not k.endswith(".index"))  # PaFi's mask is not trained
+
+
+def forward_ms(model, ids) -> float:
+    """Median wall time of 5 no-grad forwards of ``ids [1, seq]`` (after one warm-up), in milliseconds."""
+    import statistics
+
+    import torch
+
+    times = []
+    with torch.no_grad():
+        for i in range(6):
+            t0 = time.perf_counter()
+            model(input_ids=ids, use_cache=False)
+            if i:
+                times.append(1000 * (time.perf_counter() - t0))
+    return round(statistics.median(times), 2)
+
+
+def latency(model, window) -> dict:
+    """Forward latency of ``model`` as trained and with every adapter removed (the deployed model's layers)."""
+    from lowbit.layers import quant_layers
+
+    ids = window[None]
+    result = {"forward_ms_trained": forward_ms(model, ids), "step_ms_trained": forward_ms(model, ids[:, :1])}
+    for m in quant_layers(model).values():
+        m.lora_A = m.lora_B = None
+        m.adapter = None
+    result.update(forward_ms_deployed=forward_ms(model, ids), step_ms_deployed=forward_ms(model, ids[:, :1]))
+    return result
 
 
 def peft_train(model, tokenizer, config) -> dict:
@@ -149,12 +217,18 @@ def run_row(name: str, eval_windows: int, micro_batch: int = 1) -> dict:
             return requant_row(name, row, Path(tmp), eval_windows)
         if name.startswith("lowbit-"):
             start = start_checkpoint(name)
+            if name.endswith(WEIGHT_METHODS):
+                config = weight_method_config(name, start, config)
+                row["train_config"] = config.__dict__
             benchlib.reset_peak_rss()
             result = finetune(start, TRAINED / name, config, overwrite=True, progress=sys.stderr.isatty())
             row["train_peak_rss_mb"] = round(benchlib.peak_rss_since_reset_mb(), 1)
             model, tokenizer = lowbit.load(TRAINED / name)
             row["bits_per_weight"] = round(lowbit.info(start)["bits_per_weight"], 4)
             row["start"] = str(start.relative_to(benchlib.ROOT))
+            row["trainable_params"] = trainable_params(model)
+            adapter_files = [*(TRAINED / name).glob("adapter_model.*"), *(TRAINED / name).glob("weight_adapter.*")]
+            row["adapter_bytes"] = sum(f.stat().st_size for f in adapter_files)
         else:
             model, tokenizer, bits = peft_model(name, resolve_model_path(None))
             benchlib.reset_peak_rss()
@@ -165,6 +239,8 @@ def run_row(name: str, eval_windows: int, micro_batch: int = 1) -> dict:
         row.update({k: result[k] for k in ("final_loss", "tokens", "seconds", "tokens_per_s", "losses")})
         wins = text_windows("ptb", tokenizer, EVAL_SEQLEN, split="test", limit=eval_windows)
         row["ppl"] = round(perplexity(model, wins, progress=False).ppl, 3)
+        if name.startswith("lowbit-"):
+            row.update(latency(model, wins[0]))
     return row
 
 
@@ -207,6 +283,21 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def methods_table(rows: list[dict]) -> str:
+    """Issue 16's comparison: LoRA, PaFi and HiWi from the same starts at (about) the same trainable parameters."""
+    lines = ["| start | method | trainable params | PTB-test ppl after P2 | train tokens/s | train peak RSS MiB | "
+             "adapter on disk KiB | forward ms as trained | forward ms deployed |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for r in rows:
+        if "trainable_params" not in r:
+            continue
+        start = r["start"].rsplit("/", 1)[-1]
+        lines.append(f"| {start} | {r['train_config']['method']} | {r['trainable_params']:,} | {r['ppl']:.2f} | "
+                     f"{r['tokens_per_s']:.0f} | {r['train_peak_rss_mb']:.0f} | {r['adapter_bytes'] / 1024:,.0f} | "
+                     f"{r['forward_ms_trained']:.0f} | {r['forward_ms_deployed']:.0f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
@@ -214,9 +305,15 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=1, help="examples per forward, every row (1 or 4)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--table", action="store_true", help="print the stored results as one table and exit")
+    parser.add_argument("--methods-table", action="store_true",
+                        help="print the stored LoRA / PaFi / HiWi comparison (issue 16) and exit")  # fmt: skip
     args = parser.parse_args()
     if args.table:
         print(benchlib.stored_table(RESULTS, list(ROWS), table))
+        return
+    if args.methods_table:
+        compared = [f"lowbit-{s}{m}" for s in WEIGHT_METHOD_STARTS for m in ("", *(f"-{w}" for w in WEIGHT_METHODS))]
+        print(benchlib.stored_table(RESULTS, [n for n in ROWS if n in compared], methods_table))
         return
     if args.worker:
         print(json.dumps(run_row(args.worker, args.windows, args.micro_batch)))
@@ -240,6 +337,8 @@ def main() -> None:
             speed = f", {row['tokens_per_s']:.0f} tok/s, train peak {row['train_peak_rss_mb']:.0f} MiB"
         print(f"[p2] {name}: ppl {row['ppl']:.2f}{speed}", file=sys.stderr, flush=True)
         rows.append(row)
+        if args.windows == EVAL_WINDOWS:
+            benchlib.save_rows(RESULTS, [row], env, "P2")  # each row as it ends: an interrupted run keeps them
     print(f"\nP2: SmolLM2-135M-Instruct, float32 on CPU; PTB test first {args.windows} x {EVAL_SEQLEN} tokens\n")
     print(table(rows))
     by = {r["row"]: r for r in rows}
@@ -251,10 +350,8 @@ def main() -> None:
     print(f"\n{env['date']}, commit {env['commit']}, {env['machine']['cpu']} ({env['machine']['cores']} cores), "
           f"torch {env['versions']['torch']}, transformers {env['versions']['transformers']}, "
           f"peft {env['versions']['peft']}, bitsandbytes {env['versions']['bitsandbytes']}")  # fmt: skip
-    if args.windows != EVAL_WINDOWS:
-        return
-    benchlib.save_rows(RESULTS, rows, env, "P2")
-    print(f"wrote {RESULTS.relative_to(benchlib.ROOT)}", file=sys.stderr)
+    if args.windows == EVAL_WINDOWS:
+        print(f"wrote {RESULTS.relative_to(benchlib.ROOT)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import lowbit
-from conftest import run_until_killed
+from conftest import run_until_killed, save_tiny, tiny_tokenizer
 from lowbit.adapters import ADAPTER_SETTINGS, ADAPTER_TENSORS, HiWi, PaFi, pafi_count
+from lowbit.calibrate import calibrate
 from lowbit.checkpoint import ADAPTER_WEIGHTS, load_checkpoint
+from lowbit.engine import EngineOptions
 from lowbit.errors import LowbitError
 from lowbit.export import export_merged, export_requantized
 from lowbit.finetune import TrainConfig, finetune
@@ -48,7 +50,9 @@ def test_weight_adapters_forward_equals_the_merged_weight() -> None:
     lin = torch.nn.Linear(64, 48)
     layer = QuantLinear.from_linear(lin, QuantSpec(4, 32))
     x = torch.randn(5, 64, generator=torch.Generator().manual_seed(1))
-    for adapter in (PaFi.from_weight(layer.base_weight(), 0.1), HiWi(64, 4, torch.Generator().manual_seed(2))):
+    adapters = (PaFi.from_weight(layer.base_weight(), 0.1), HiWi(64, 4, generator=torch.Generator().manual_seed(2)),
+                HiWi(48, 4, "bias", generator=torch.Generator().manual_seed(3)))  # fmt: skip
+    for adapter in adapters:
         for p in adapter.parameters():
             torch.nn.init.normal_(p, std=0.05)
         layer.adapter = adapter
@@ -210,12 +214,18 @@ def test_cli_finetune_and_export_plain_model(method: str, flag: str, tmp_path: P
         (["--method", "pafi", "--pafi-fraction", "0"], "--pafi-fraction must be in (0, 1], got 0.0"),
         (["--method", "pafi", "--pafi-fraction", "1.5"], "--pafi-fraction must be in (0, 1], got 1.5"),
         (["--method", "hiwi", "--hiwi-dim", "0"], "--hiwi-dim must be at least 1, got 0"),
+        (["--method", "hiwi", "--hiwi-target", "bias"], "--hiwi-target bias adapts layer biases, and none of the"),
+        (["--method", "pafi", "--adapter-layers", "nothing_here"], "matches none of the 14 quantized layers"),
+        (["--method", "pafi", "--adapter-layers", "mlp("], "is not a regular expression"),
+        (["--adapter-layers", "mlp"], "--adapter-layers selects the layers of a pafi or hiwi adapter"),
     ],
 )
 def test_cli_bad_setting_is_a_one_line_error(args: list, match: str, tmp_path: Path, capsys) -> None:
     ckpt = quantized(tmp_path)
+    data = text_file(tmp_path)
     capsys.readouterr()
-    code, _, err = run_cli(["finetune", str(ckpt), "--data", "ptb", "--out", str(tmp_path / "o"), *args], capsys)
+    code, _, err = run_cli(["finetune", str(ckpt), "--data", str(data), "--seqlen", "32", "--samples", "8",
+                            "--out", str(tmp_path / "o"), *args], capsys)  # fmt: skip
     assert code == 2 and err.startswith("lowbit: error:") and match in err and err.count("\n") == 1, err
     assert not (tmp_path / "o").exists()
 
@@ -227,3 +237,62 @@ def test_another_method_on_a_weight_adapter_checkpoint_is_refused(tmp_path: Path
     for method in ("lora", "hiwi"):
         with pytest.raises(LowbitError, match="has a pafi adapter"):
             finetune(tmp_path / "ft", tmp_path / method, small(data, samples=8, method=method), progress=False)
+
+
+def test_adapter_layers_selects_the_layers_that_train(tmp_path: Path) -> None:
+    ckpt = quantized(tmp_path)
+    config = small(text_file(tmp_path), samples=8, method="hiwi", adapter_layers=r"mlp\.(up|down)_proj")
+    finetune(ckpt, tmp_path / "ft", config, progress=False)
+    trained, _ = load_checkpoint(tmp_path / "ft")
+    layers = quant_layers(trained)
+    chosen = sorted(n for n in layers if n.endswith(("mlp.up_proj", "mlp.down_proj")))
+    assert chosen and len(chosen) < len(layers)
+    assert json.loads((tmp_path / "ft" / ADAPTER_SETTINGS).read_text())["modules"] == chosen
+    assert sorted(n for n, m in layers.items() if m.adapter is not None) == chosen
+    assert {k.rsplit(".", 1)[0] for k in load_file(tmp_path / "ft" / ADAPTER_TENSORS)} == set(chosen)
+
+
+def test_hiwi_bias_variant_changes_only_the_biases_and_merges(tmp_path: Path) -> None:
+    """The paper's bias variant on GPT-2 (Conv1D layers with biases), on the attention layers only: only those get
+    an adapter, every weight stays the base's, and the merged plain model reproduces the trained one."""
+    from transformers import AutoModelForCausalLM
+
+    folder = save_tiny(tmp_path / "fp", "gpt2")
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():  # a pre-trained model's biases are not zero (a zero bias gives the adapter no input)
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    model.save_pretrained(folder)
+    ckpt = tmp_path / "q"
+    config = lowbit.QuantConfig(bits=4, group_size=32, init="qlora", rank=4)
+    calibrate(folder, config, ckpt, None, tiny_tokenizer(), engine=EngineOptions(progress=False))
+    config = small(text_file(tmp_path), samples=16, method="hiwi", hiwi_target="bias", hiwi_dim=4,
+                   adapter_layers=r"\.attn\.")  # fmt: skip
+    result = finetune(ckpt, tmp_path / "ft", config, progress=False)
+    assert result["losses"][-1] < result["losses"][0]
+    source, _ = load_checkpoint(ckpt)
+    trained, _ = load_checkpoint(tmp_path / "ft")
+    layers, base_layers = quant_layers(trained), quant_layers(source)
+    chosen = sorted(n for n in layers if ".attn." in n)
+    assert chosen and len(chosen) < len(layers) and all(layers[n].bias is not None for n in chosen)
+    assert sorted(n for n, m in layers.items() if m.adapter is not None) == chosen
+    for name in chosen:
+        layer, base = layers[name], base_layers[name]
+        assert layer.adapter.target == "bias" and layer.adapter.down.shape == (layer.out_features, 4)
+        merged = dense_module(layer, merge_lora=True)
+        assert torch.equal(merged.weight, base.base_weight().t())  # the weight is the base's (Conv1D: [in, out])
+        assert not torch.equal(merged.bias, base.bias)  # the bias moved
+    export_merged(tmp_path / "ft", tmp_path / "merged")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref, got, untrained = trained(HELD_OUT).logits, plain(HELD_OUT).logits, source(HELD_OUT).logits
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-4
+    assert ((untrained - ref).norm() / ref.norm()).item() > 1e-4
+
+
+def test_hiwi_bias_variant_on_zero_biases_is_refused(tmp_path: Path) -> None:
+    ckpt = quantized(tmp_path, arch="gpt2")  # a freshly initialized GPT-2: every bias is zero
+    with pytest.raises(LowbitError, match="are all zero"):
+        finetune(ckpt, tmp_path / "ft", small(text_file(tmp_path), method="hiwi", hiwi_target="bias"), progress=False)
+    assert not (tmp_path / "ft").exists()

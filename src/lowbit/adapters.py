@@ -8,9 +8,11 @@ which parameters train, how it merges into the weight and how it is saved.
 - ``pafi`` (:class:`PaFi`): a fixed sparse mask of the base weights with the smallest magnitude; only those entries
   train. The delta is stored as indices + values.
 - ``hiwi`` (:class:`HiWi`): an adapter ``f(W) = up(relu(down(W)))`` that reads the base *weight*, not the hidden
-  states: ``W' = W + f(W)``. Only the small adapter is stored.
+  states: ``W' = W + f(W)``; or, in the paper's bias variant, the base *bias*: ``b' = b + f(b)``. Only the small
+  adapter is stored.
 
-Both are a :class:`WeightAdapter`: a submodule ``adapter`` of the layer that gives a weight delta. The base weight
+Both are a :class:`WeightAdapter`: a submodule ``adapter`` of the layer that gives a delta of its weight (or, for
+HiWi's bias variant, of its bias; ``target``). The base weight
 ``W`` they read is the layer's frozen effective weight ``dequant(Q) (+ s B A`` of a frozen LoRA start such as
 ApiQ's): on a low-bit base the delta is kept in full precision over ``dequant(Q)`` during training, and
 ``lowbit export --merged/--requantize`` (and the serving exports, through the merge) write ``W + delta`` as a plain
@@ -21,6 +23,7 @@ base product; that costs one dense matmul and one weight-sized tensor per layer,
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from typing import ClassVar
 
@@ -31,6 +34,7 @@ from torch import nn
 from lowbit.errors import LowbitError
 
 METHODS = ("lora", "pafi", "hiwi")
+HIWI_TARGETS = ("weight", "bias")  # what a HiWi adapter reads and changes
 LORA_KEYS = ("lora_A", "lora_B")  # a QuantLinear's LoRA factors (PEFT's names)
 ADAPTER = "adapter"  # the submodule name of a layer's WeightAdapter (its tensors are ``<layer>.adapter.<name>``)
 ADAPTER_SETTINGS = "weight_adapter.json"  # a checkpoint's PaFi/HiWi method and settings
@@ -38,23 +42,25 @@ ADAPTER_TENSORS = "weight_adapter.safetensors"  # its tensors, ``<layer>.<name>`
 
 
 class WeightAdapter(nn.Module):
-    """A trainable delta of a layer's weight, ``W' = merged(W)``, given the frozen base weight ``W [out, in]``.
+    """A trainable delta of a layer's weight, ``W' = merged(W)``, given the frozen base weight ``W [out, in]`` -- or
+    of its bias ``b [out]`` where ``target`` is ``"bias"``.
 
-    A subclass names its ``method``, says whether :meth:`delta` reads the base weight (``needs_weight``: the layer
-    then rebuilds it each forward), keeps its trained tensors as parameters and the fixed ones as buffers, and
-    records what rebuilds its shapes in :meth:`settings` (for :meth:`empty`, which a checkpoint load fills).
+    A subclass names its ``method``, says whether :meth:`delta` reads the base tensor (``needs_weight``: the layer
+    then rebuilds the weight each forward), keeps its trained tensors as parameters and the fixed ones as buffers,
+    and records what rebuilds its shapes in :meth:`settings` (for :meth:`empty`, which a checkpoint load fills).
     """
 
     method: ClassVar[str]
     needs_weight: ClassVar[bool]
+    target: str = "weight"  # the layer tensor the delta is added to: "weight" or "bias"
 
-    def delta(self, weight: torch.Tensor | None) -> torch.Tensor:
-        """The ``[out, in]`` delta added to the base ``weight`` (None when ``needs_weight`` is False)."""
+    def delta(self, base: torch.Tensor | None) -> torch.Tensor:
+        """The delta added to the ``base`` tensor, of its shape (None when ``needs_weight`` is False)."""
         raise NotImplementedError
 
-    def merged(self, weight: torch.Tensor) -> torch.Tensor:
-        """The merged weight ``W + delta(W)`` in ``weight``'s dtype."""
-        return weight + self.delta(weight).to(weight.dtype)
+    def merged(self, base: torch.Tensor) -> torch.Tensor:
+        """The merged tensor ``base + delta(base)`` in ``base``'s dtype."""
+        return base + self.delta(base).to(base.dtype)
 
     def settings(self) -> dict:
         """The method's settings as recorded in the checkpoint (shared by every layer)."""
@@ -122,35 +128,40 @@ class PaFi(WeightAdapter):
 
 
 class HiWi(WeightAdapter):
-    """HiWi (weight variant): ``f(W) = relu(W D) U`` with ``D [in, dim]``, ``U [dim, in]``, each row of ``W`` going
-    through the bottleneck as a hidden state would. ``U`` starts at zero (so ``W' = W`` at the start, as an adapter
-    and LoRA start) and ``D`` Kaiming-uniform from the seeded CPU generator, so every device starts the same."""
+    """HiWi: ``f(W) = relu(W D) U`` with ``D [in, dim]``, ``U [dim, in]``, each row of ``W`` going through the
+    bottleneck as a hidden state would; in the bias variant (``target="bias"``) ``b' = b + relu(b D) U`` with
+    ``D [out, dim]``, ``U [dim, out]``, the bias vector as the one input. ``U`` starts at zero (so the merged layer
+    equals the base at the start, as an adapter and a LoRA start do) and ``D`` Kaiming-uniform from the seeded CPU
+    generator, so every device starts the same."""
 
     method = "hiwi"
     needs_weight = True
 
-    def __init__(self, in_features: int, dim: int, generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self, features: int, dim: int, target: str = "weight", generator: torch.Generator | None = None
+    ) -> None:
         super().__init__()
-        self.dim = dim
-        bound = 1.0 / math.sqrt(in_features)
-        self.down = nn.Parameter(torch.empty(in_features, dim).uniform_(-bound, bound, generator=generator))
-        self.up = nn.Parameter(torch.zeros(dim, in_features))
+        self.dim, self.target = dim, target
+        bound = 1.0 / math.sqrt(features)
+        self.down = nn.Parameter(torch.empty(features, dim).uniform_(-bound, bound, generator=generator))
+        self.up = nn.Parameter(torch.zeros(dim, features))
 
     @classmethod
     def empty(cls, out_features: int, in_features: int, settings: Mapping) -> HiWi:
-        return cls(in_features, settings["dim"])
+        target = settings.get("target", "weight")  # checkpoints before the bias variant: weight
+        return cls(in_features if target == "weight" else out_features, settings["dim"], target)
 
-    def delta(self, weight: torch.Tensor | None) -> torch.Tensor:
-        return F.relu(weight.to(self.down.dtype) @ self.down) @ self.up
+    def delta(self, base: torch.Tensor | None) -> torch.Tensor:
+        return F.relu(base.to(self.down.dtype) @ self.down) @ self.up
 
     def settings(self) -> dict:
-        return {"method": self.method, "dim": self.dim}
+        return {"method": self.method, "dim": self.dim, "target": self.target}
 
 
 ADAPTERS: dict[str, type[WeightAdapter]] = {PaFi.method: PaFi, HiWi.method: HiWi}
 
 
-def check_settings(method: str, pafi_fraction: float, hiwi_dim: int) -> None:
+def check_settings(method: str, pafi_fraction: float, hiwi_dim: int, hiwi_target: str, layers: str) -> None:
     """Refuse an unknown method or a setting out of range, naming the flag."""
     if method not in METHODS:
         raise LowbitError(f"unknown --method {method!r}: choose {', '.join(METHODS)}")
@@ -158,6 +169,28 @@ def check_settings(method: str, pafi_fraction: float, hiwi_dim: int) -> None:
         raise LowbitError(f"--pafi-fraction must be in (0, 1], got {pafi_fraction}")
     if hiwi_dim < 1:
         raise LowbitError(f"--hiwi-dim must be at least 1, got {hiwi_dim}")
+    if hiwi_target not in HIWI_TARGETS:
+        raise LowbitError(f"unknown --hiwi-target {hiwi_target!r}: choose {' or '.join(HIWI_TARGETS)}")
+    if layers and method == "lora":
+        raise LowbitError(
+            "--adapter-layers selects the layers of a pafi or hiwi adapter; LoRA trains the layers "
+            "its checkpoint's adapter covers: drop --adapter-layers or use --method pafi|hiwi"
+        )
+    try:
+        re.compile(layers)
+    except re.error as exc:
+        raise LowbitError(f"--adapter-layers {layers!r} is not a regular expression ({exc})") from None
+
+
+def select_layers(names: list[str], pattern: str) -> list[str]:
+    """The layer names that ``pattern`` (a regular expression, searched; empty: all) selects, in order; an error
+    that lists some names when it selects none."""
+    chosen = [n for n in names if re.search(pattern, n)] if pattern else list(names)
+    if not chosen:
+        shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+        raise LowbitError(f"--adapter-layers {pattern!r} matches none of the {len(names)} quantized layers "
+                          f"({shown}): give a pattern such as 'mlp' or 'self_attn\\.(q|v)_proj'")  # fmt: skip
+    return chosen
 
 
 def is_adapter_tensor(name: str) -> bool:

@@ -17,7 +17,7 @@ import time
 import typing
 from pathlib import Path
 
-from lowbit.adapters import METHODS
+from lowbit.adapters import HIWI_TARGETS, METHODS
 from lowbit.config import INITIALIZERS, flag
 from lowbit.device import DEVICE_CHOICES, parse_budget, resolve_device
 from lowbit.errors import LowbitError
@@ -167,7 +167,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     names = ("data", "task", "seqlen", "samples", "epochs", "batch_size", "micro_batch", "lr", "weight_decay",
              "warmup", "max_grad_norm", "seed", "eval_data", "eval_every", "eval_windows", "save_every",
              "grad_checkpointing", "precision", "lora_dtype", "rank", "alpha", "method", "pafi_fraction",
-             "hiwi_dim")  # fmt: skip
+             "hiwi_dim", "hiwi_target", "adapter_layers")  # fmt: skip
     config = TrainConfig(**{n: getattr(args, n) for n in names})
     result = finetune(args.dir, args.out, config, overwrite=args.overwrite, progress=True, device=args.device,
                       tensorboard=args.tensorboard)  # fmt: skip
@@ -558,6 +558,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--pafi-fraction", type=float, default=0.005,
                    help="pafi: fraction of each layer's weights (smallest |W|) that trains")  # fmt: skip
     f.add_argument("--hiwi-dim", type=int, default=8, help="hiwi: bottleneck width of the adapter on the weights")
+    f.add_argument("--hiwi-target", default="weight", choices=HIWI_TARGETS,
+                   help="hiwi: the tensor the adapter reads and changes: each layer's weight, or its bias (the "
+                   "paper's bias variant: only layers with a bias)")  # fmt: skip
+    f.add_argument("--adapter-layers", default="", metavar="REGEX",
+                   help="pafi/hiwi: the quantized layers that train, a regular expression searched in each layer's "
+                   "name (e.g. 'mlp' or 'self_attn\\.(q|v)_proj'); default every quantized layer")  # fmt: skip
     f.add_argument("--tensorboard", nargs="?", const=True, default=False, metavar="DIR",
                    help="also log the per-step metrics (metrics.jsonl) as TensorBoard events, to DIR or by default "
                    "to OUT/tensorboard (needs `pip install tensorboard`)")  # fmt: skip

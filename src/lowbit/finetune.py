@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit.adapters import HiWi, PaFi, check_settings, is_adapter_tensor
+from lowbit.adapters import HiWi, PaFi, check_settings, is_adapter_tensor, select_layers
 from lowbit.checkpoint import load_checkpoint, save_checkpoint
 from lowbit.data import IGNORE, Example, clm_examples, collate, sample_windows, sft_examples, text_windows
 from lowbit.device import resolve_device
@@ -94,6 +94,8 @@ class TrainConfig:
     method: str = "lora"  # lora, pafi or hiwi (lowbit.adapters)
     pafi_fraction: float = 0.005  # PaFi: fraction of each layer's weights (the smallest |W|) that trains
     hiwi_dim: int = 8  # HiWi: bottleneck width of the adapter on the weights
+    hiwi_target: str = "weight"  # HiWi: the layer tensor it reads and changes, weight or bias (the paper's variant)
+    adapter_layers: str = ""  # PaFi/HiWi: regular expression selecting the quantized layers (searched); "": all
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -107,7 +109,7 @@ class TrainConfig:
                 raise LowbitError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise LowbitError(f"--lr must be positive, got {self.lr}")
-        check_settings(self.method, self.pafi_fraction, self.hiwi_dim)
+        check_settings(self.method, self.pafi_fraction, self.hiwi_dim, self.hiwi_target, self.adapter_layers)
 
 
 def training_examples(config: TrainConfig, tokenizer) -> tuple[list[Example], int]:
@@ -182,23 +184,39 @@ def ensure_adapter(model: nn.Module, config: TrainConfig) -> None:
 
 
 def ensure_weight_adapter(model: nn.Module, config: TrainConfig) -> None:
-    """Give every quantized layer a PaFi or HiWi adapter over its frozen effective weight (a LoRA start stays in the
-    base and stops training); a checkpoint that has this method's adapter keeps it (and PaFi its mask)."""
+    """Give the selected quantized layers (``config.adapter_layers``) a PaFi or HiWi adapter over their frozen
+    effective weight (or bias: HiWi's bias variant, on the selected layers that have one); a LoRA start stays in the
+    base and stops training. A checkpoint that has this method's adapter keeps it (and PaFi its mask)."""
     layers = quant_layers(model)
     present = {m.adapter.method for m in layers.values() if m.adapter is not None}
     if present and present != {config.method}:
         raise LowbitError(f"the checkpoint has a {sorted(present)[0]} adapter, not {config.method}: fine-tune it "
                           f"with --method {sorted(present)[0]}, or export --requantize it first")  # fmt: skip
-    g = torch.Generator().manual_seed(config.seed)
     for m in layers.values():
         for p in (m.lora_A, m.lora_B):
             if p is not None:
                 p.requires_grad_(False)
-        if m.adapter is None:
-            if config.method == "pafi":
-                m.adapter = PaFi.from_weight(m.base_weight(), config.pafi_fraction)
-            else:
-                m.adapter = HiWi(m.in_features, config.hiwi_dim, generator=g)
+    if present:
+        return
+    chosen = select_layers(list(layers), config.adapter_layers)
+    if config.method == "hiwi" and config.hiwi_target == "bias":
+        chosen = [n for n in chosen if layers[n].bias is not None]
+        if not chosen:
+            raise LowbitError("--hiwi-target bias adapts layer biases, and none of the selected layers has one "
+                              "(Llama, Mistral and Gemma linears have none; GPT-2's and Qwen2's q/k/v have): use "
+                              "--hiwi-target weight, or select layers with a bias with --adapter-layers")  # fmt: skip
+        if all(not layers[n].bias.any() for n in chosen):  # relu(0 D) U = 0 and no gradient: it would never train
+            raise LowbitError("--hiwi-target bias reads the layer biases, and those of the selected layers are all "
+                              "zero (an untrained model?): the adapter would get no input and never train; use "
+                              "--hiwi-target weight")  # fmt: skip
+    g = torch.Generator().manual_seed(config.seed)
+    for name in chosen:
+        m = layers[name]
+        if config.method == "pafi":
+            m.adapter = PaFi.from_weight(m.base_weight(), config.pafi_fraction)
+        else:
+            features = m.in_features if config.hiwi_target == "weight" else m.out_features
+            m.adapter = HiWi(features, config.hiwi_dim, config.hiwi_target, generator=g)
 
 
 def frozen_to(model: nn.Module, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:

@@ -165,7 +165,9 @@ class QuantLinear(nn.Module):
         if self.lora_A is not None:
             lora = F.linear(F.linear(self.lora_dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
             y = y + self.scaling * lora
-        if self.adapter is not None:
+        if self.adapter is not None and self.adapter.target == "bias":
+            y = y + self.adapter.delta(self.bias.detach()).to(y.dtype)
+        elif self.adapter is not None:
             weight = self.base_weight().detach() if self.adapter.needs_weight else None
             y = y + F.linear(x, self.adapter.delta(weight).to(x.dtype))
         return y
@@ -201,22 +203,27 @@ def dense_module(layer: QuantLinear, merge_lora: bool = False) -> nn.Module:
     """A plain ``nn.Linear`` (or ``Conv1D`` where the layer came from one) with weight ``dequant(Q)``.
 
     With ``merge_lora`` the trained adapters are merged: the LoRA product is added to the weight, ``W = dequant(Q)
-    + scaling * B A``, and a PaFi/HiWi adapter's delta over that (see :meth:`WeightAdapter.merged`).
+    + scaling * B A``, and a PaFi/HiWi adapter's delta over that, or over the bias for HiWi's bias variant (see
+    :meth:`WeightAdapter.merged`).
     """
     weight = layer.base_weight() if merge_lora else layer.dequantized_weight(torch.float32)
-    if merge_lora and layer.adapter is not None:
-        weight = layer.adapter.merged(weight)
+    bias = layer.bias.detach().clone() if layer.bias is not None else None
+    adapter = layer.adapter if merge_lora else None
+    if adapter is not None and adapter.target == "bias":
+        bias = adapter.merged(bias)
+    elif adapter is not None:
+        weight = adapter.merged(weight)
     if layer.fan_in_fan_out:
         from transformers.pytorch_utils import Conv1D
 
         dense = Conv1D(layer.out_features, layer.in_features)
         dense.weight.data = weight.t().contiguous()
-        dense.bias.data = layer.bias.detach().clone() if layer.bias is not None else torch.zeros(layer.out_features)
+        dense.bias.data = bias if bias is not None else torch.zeros(layer.out_features)
         return dense
-    dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=weight.device)
+    dense = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, device=weight.device)
     dense.weight.data = weight
-    if layer.bias is not None:
-        dense.bias.data = layer.bias.detach().clone()
+    if bias is not None:
+        dense.bias.data = bias
     return dense
 
 
