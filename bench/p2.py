@@ -17,14 +17,16 @@ Rows (each in its own subprocess, so peak RSS is the row's own):
   ``bench/p1.py --keep`` into ``bench/.starts`` and reused. The trained checkpoint is kept in ``bench/.p2/ROW``;
 - ``lowbit-...-requant``: that trained row merged and re-quantized to the same format with no adapter
   (``lowbit export --requantize``: GPTQ on 32 PTB-train windows), perplexity only;
-- ``lowbit-{qlora-w4,apiq-w2}-{pafi,hiwi}``: ``lowbit finetune --method pafi|hiwi`` from that start, at the
+- ``fp-{pafi,hiwi}`` and ``lowbit-{qlora-w4,apiq-w2}-{pafi,hiwi}``: ``lowbit finetune --method pafi|hiwi`` on the
+  full-precision model (its output is the merged plain model) or from that start, at the
   LoRA rows' number of trainable parameters (PaFi: the fraction ``lora_params / quantized_params`` of each layer;
   HiWi: the bottleneck width whose ``2 * in * dim`` per layer comes nearest), the start's LoRA frozen in the base.
 
-Every lowbit row also records its trainable parameters, the size of the trained adapter's files, and CPU forward
-latency (median of 5 calls, one 512-token window and one single-token step without cache) of the model as trained
-and of the deployed model: the same packed layers with every adapter removed, which is what ``export
---requantize`` gives for PaFi and HiWi (and for LoRA after its merge) -- the latency depends on shapes, not values.
+Every lowbit row and ``fp-lora`` also record the trained parameters, the size of the trained adapter's files, and
+CPU forward latency (median of 5 calls, one 512-token window and one single-token step without cache) of the model
+as trained and as deployed: on a low-bit base, the same packed layers with every adapter removed, which is what
+``export --requantize`` gives for PaFi and HiWi (and for LoRA after its merge) -- the latency depends on shapes,
+not values; on full precision, the merged plain model (PEFT's ``merge_and_unload`` for LoRA).
 
 The peers train with the same data order, loss normalization, optimizer and schedule as ``lowbit.finetune``
 (the functions are imported from it), so tokens per second compare the layers, not the loops. Peak RSS is
@@ -66,6 +68,8 @@ def _rows() -> dict[str, str]:
             rows[f"lowbit-{start}-w{b}"] = f"lowbit W{b}g64 from the {start} start ({p1_row.format(b=b)})"
             rows[f"lowbit-{start}-w{b}-requant"] = (f"lowbit W{b}g64 {start} start, trained, merged and re-quantized "
                                                     f"to W{b}g64 (no adapter)")  # fmt: skip
+    for method in WEIGHT_METHODS:
+        rows[f"fp-{method}"] = f"full precision, lowbit {method} (LoRA's size)"
     for start in WEIGHT_METHOD_STARTS:
         for method in WEIGHT_METHODS:
             kind, bits = start.split("-")
@@ -88,29 +92,37 @@ def start_checkpoint(name: str) -> Path:
     return folder
 
 
-def weight_method_config(name: str, start: Path, config):
-    """The TrainConfig of a pafi/hiwi row: ``config`` with that method, at the start's LoRA parameter count."""
+def weight_method_config(name: str, base: Path, config):
+    """The TrainConfig of a pafi/hiwi row: ``config`` with that method, at LoRA r8's parameter count on ``base``'s
+    layers (PaFi: that count over the layers' weights, as each layer's fraction; HiWi: the nearest width)."""
     import dataclasses
 
     import lowbit
-    from lowbit.checkpoint import read_config
-
-    method = name.rsplit("-", 1)[1]
-    info = lowbit.info(start)
-    if method == "pafi":
-        return dataclasses.replace(config, method=method, pafi_fraction=info["lora_params"] / info["quantized_params"])
-    inputs = sum(2 * in_f for _, in_f, *_ in read_config(start)["quantization_config"]["modules"].values())
-    return dataclasses.replace(config, method=method, hiwi_dim=max(1, round(info["lora_params"] / inputs)))
-
-
-def trainable_params(model) -> int:
-    from lowbit.adapters import is_adapter_tensor
+    from lowbit.arch import target_linears
     from lowbit.layers import quant_layers
 
-    weight_adapter = any(m.adapter is not None for m in quant_layers(model).values())
-    names = [k for k in model.state_dict() if is_adapter_tensor(k) and (not weight_adapter or ".adapter." in k)]
-    state = model.state_dict()
-    return sum(state[k].numel() for k in names if not k.endswith(".index"))  # PaFi's mask is not trained
+    method = name.rsplit("-", 1)[1]
+    model, _ = lowbit.load_model(base)
+    shapes = [(m.out_features, m.in_features) for m in (quant_layers(model) or target_linears(model)).values()]
+    lora = sum(8 * (o + i) for o, i in shapes)
+    if method == "pafi":
+        return dataclasses.replace(config, method=method, pafi_fraction=lora / sum(o * i for o, i in shapes))
+    return dataclasses.replace(config, method=method, hiwi_dim=max(1, round(lora / sum(2 * i for _, i in shapes))))
+
+
+def trained_adapter(folder: Path) -> tuple[int, int]:
+    """The trained adapter's parameter count and bytes on disk in a finished row's ``folder``: the PaFi/HiWi files
+    where there are some (a frozen LoRA start beside them is part of the base), else the LoRA adapter's."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("weight_adapter.*")) or sorted(folder.glob("adapter_*"))
+    params = 0
+    for f in files:
+        if f.suffix == ".safetensors":
+            with safe_open(f, "pt") as st:  # PaFi's index is its fixed mask, not trained
+                names = [k for k in st.keys() if not k.endswith(".index")]  # noqa: SIM118 (safe_open: no __iter__)
+                params += sum(math.prod(st.get_slice(k).get_shape()) for k in names)
+    return params, sum(f.stat().st_size for f in files)
 
 
 def forward_ms(model, ids) -> float:
@@ -129,17 +141,21 @@ def forward_ms(model, ids) -> float:
     return round(statistics.median(times), 2)
 
 
-def latency(model, window) -> dict:
-    """Forward latency of ``model`` as trained and with every adapter removed (the deployed model's layers)."""
+def latency(form: str, model, window) -> dict:
+    """Forward latency of ``model`` (``form``: as trained or as deployed): one window, and one single-token step."""
+    ids = window[None]
+    return {f"forward_ms_{form}": forward_ms(model, ids), f"step_ms_{form}": forward_ms(model, ids[:, :1])}
+
+
+def without_adapters(model):
+    """``model`` (a lowbit model) with every adapter removed: the layers of what ``export --requantize`` deploys
+    for PaFi and HiWi, and for LoRA after its merge (latency depends on the shapes, not the values)."""
     from lowbit.layers import quant_layers
 
-    ids = window[None]
-    result = {"forward_ms_trained": forward_ms(model, ids), "step_ms_trained": forward_ms(model, ids[:, :1])}
     for m in quant_layers(model).values():
         m.lora_A = m.lora_B = None
         m.adapter = None
-    result.update(forward_ms_deployed=forward_ms(model, ids), step_ms_deployed=forward_ms(model, ids[:, :1]))
-    return result
+    return model
 
 
 def peft_train(model, tokenizer, config) -> dict:
@@ -226,22 +242,53 @@ def run_row(name: str, eval_windows: int, micro_batch: int = 1) -> dict:
             model, tokenizer = lowbit.load(TRAINED / name)
             row["bits_per_weight"] = round(lowbit.info(start)["bits_per_weight"], 4)
             row["start"] = str(start.relative_to(benchlib.ROOT))
-            row["trainable_params"] = trainable_params(model)
-            adapter_files = [*(TRAINED / name).glob("adapter_model.*"), *(TRAINED / name).glob("weight_adapter.*")]
-            row["adapter_bytes"] = sum(f.stat().st_size for f in adapter_files)
+            trained_form = model
+            deployed = lambda: without_adapters(lowbit.load(TRAINED / name)[0])  # noqa: E731
+        elif name.startswith("fp-") and name.endswith(WEIGHT_METHODS):
+            fp = resolve_model_path(None)
+            config = weight_method_config(name, fp, config)
+            row["train_config"] = config.__dict__
+            benchlib.reset_peak_rss()
+            result = finetune(fp, TRAINED / name, config, overwrite=True, progress=sys.stderr.isatty())
+            row["train_peak_rss_mb"] = round(benchlib.peak_rss_since_reset_mb(), 1)
+            model, tokenizer = lowbit.load_model(TRAINED / name)  # the merged plain model: what is deployed
+            row["bits_per_weight"] = 32.0
+            row["start"] = "full precision"
+            merged = model
+            deployed = lambda: merged  # noqa: E731
+            trained_form = fp_training_form(fp, config)
         else:
             model, tokenizer, bits = peft_model(name, resolve_model_path(None))
             benchlib.reset_peak_rss()
             result = peft_train(model, tokenizer, config)
             row["train_peak_rss_mb"] = round(benchlib.peak_rss_since_reset_mb(), 1)
             row["bits_per_weight"] = round(bits, 4)
+            row["start"] = "full precision" if name == "fp-lora" else "bitsandbytes NF4"
+            trained_form, deployed = model, model.merge_and_unload  # PEFT merges in place: measured last
         row["peak_rss_mb"] = round(benchlib.peak_rss_mb(), 1)
         row.update({k: result[k] for k in ("final_loss", "tokens", "seconds", "tokens_per_s", "losses")})
         wins = text_windows("ptb", tokenizer, EVAL_SEQLEN, split="test", limit=eval_windows)
         row["ppl"] = round(perplexity(model, wins, progress=False).ppl, 3)
-        if name.startswith("lowbit-"):
-            row.update(latency(model, wins[0]))
+        if name.startswith(("lowbit-", "fp-")):
+            if (TRAINED / name).is_dir():
+                row["trainable_params"], row["adapter_bytes"] = trained_adapter(TRAINED / name)
+            else:  # PEFT's LoRA: counted in memory, saved as PEFT saves it
+                row["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+                model.save_pretrained(Path(tmp) / "adapter")
+                row["adapter_bytes"] = sum(f.stat().st_size for f in (Path(tmp) / "adapter").iterdir())
+            row.update(latency("trained", trained_form, wins[0]))
+            row.update(latency("deployed", deployed(), wins[0]))
     return row
+
+
+def fp_training_form(fp: Path, config):
+    """The full-precision model with a fresh adapter of ``config``'s shapes: the form a pafi/hiwi row trains in
+    (its saved output is merged), for the forward latency as trained, which depends on the shapes only."""
+    from lowbit.finetune import ensure_adapter, load_base
+
+    model, _ = load_base(fp, config)
+    ensure_adapter(model, config)
+    return model
 
 
 def requant_row(name: str, row: dict, tmp: Path, eval_windows: int) -> dict:

@@ -296,3 +296,73 @@ def test_hiwi_bias_variant_on_zero_biases_is_refused(tmp_path: Path) -> None:
     with pytest.raises(LowbitError, match="are all zero"):
         finetune(ckpt, tmp_path / "ft", small(text_file(tmp_path), method="hiwi", hiwi_target="bias"), progress=False)
     assert not (tmp_path / "ft").exists()
+
+
+@pytest.mark.parametrize("method", ["pafi", "hiwi"])
+def test_full_precision_base_trains_and_saves_the_merged_model(method: str, tmp_path: Path) -> None:
+    """On a full-precision model (no quantization) the adapter trains over the frozen weights and ``out`` is the
+    plain merged model: it loads with plain transformers and gives the trained model's outputs; PaFi leaves every
+    weight outside its mask bit-identical, and nothing but the decoder's linear weights changes."""
+    from transformers import AutoModelForCausalLM
+
+    from lowbit.finetune import ensure_adapter, load_base
+
+    folder = save_tiny(tmp_path / "fp", "llama")
+    config = small(text_file(tmp_path), samples=16, method=method)
+    trained_model, _ = load_base(folder, config)
+    ensure_adapter(trained_model, config)
+    result = finetune(folder, tmp_path / "ft", config, progress=False)
+    assert result["losses"][-1] < result["losses"][0]
+    assert json.loads((tmp_path / "ft" / ADAPTER_SETTINGS).read_text())["method"] == method
+    source = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "ft", dtype=torch.float32).eval()
+    before, after = source.state_dict(), merged.state_dict()
+    assert before.keys() == after.keys()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.endswith("proj.weight") for k in changed)
+    if method == "pafi":
+        for name in changed:
+            mask = PaFi.from_weight(before[name], config.pafi_fraction).index.long()
+            moved = (before[name] != after[name]).flatten().nonzero().flatten()
+            assert set(moved.tolist()) <= set(mask.tolist())
+    # The merged model gives the outputs of the trained one (the adapter applied in its training form).
+    from lowbit.layers import adapter_layers
+
+    stored = load_file(tmp_path / "ft" / ADAPTER_TENSORS)
+    for name, layer in adapter_layers(trained_model).items():
+        for key in layer.adapter.state_dict():
+            getattr(layer.adapter, key).data = stored[f"{name}.{key}"]
+    with torch.no_grad():
+        ref, got = trained_model(HELD_OUT).logits, merged(HELD_OUT).logits
+        untrained = source(HELD_OUT).logits
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-4
+    assert ((untrained - ref).norm() / ref.norm()).item() > 1e-4
+
+
+def test_lora_on_a_full_precision_model_is_refused(tmp_path: Path) -> None:
+    folder = save_tiny(tmp_path / "fp", "llama")
+    with pytest.raises(LowbitError, match="lowbit's LoRA trains a quantized base"):
+        finetune(folder, tmp_path / "ft", small(text_file(tmp_path)), progress=False)
+    assert not (tmp_path / "ft").exists()
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_adapted_full_precision_layer_forward_equals_its_merge(conv1d: bool) -> None:
+    from transformers.pytorch_utils import Conv1D
+
+    from lowbit.layers import AdaptedLinear
+
+    torch.manual_seed(0)
+    base = Conv1D(48, 64) if conv1d else torch.nn.Linear(64, 48)
+    torch.nn.init.normal_(base.bias, std=0.1)
+    x = torch.randn(5, 64)
+    for make in (lambda w: PaFi.from_weight(w, 0.1), lambda w: HiWi(64, 4), lambda w: HiWi(48, 4, "bias")):
+        layer = AdaptedLinear(base)
+        assert (layer.in_features, layer.out_features) == (64, 48)
+        layer.adapter = make(layer.base_weight())
+        for p in layer.adapter.parameters():
+            torch.nn.init.normal_(p, std=0.05)
+        merged = layer.merged()
+        assert type(merged) is type(base) and merged.weight.shape == base.weight.shape
+        assert torch.allclose(merged(x), layer(x), atol=1e-5)
+        assert not any(p.requires_grad for p in layer.base.parameters())

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import ClassVar
 
 import torch
@@ -61,6 +61,19 @@ class WeightAdapter(nn.Module):
     def merged(self, base: torch.Tensor) -> torch.Tensor:
         """The merged tensor ``base + delta(base)`` in ``base``'s dtype."""
         return base + self.delta(base).to(base.dtype)
+
+    def output_delta(self, x: torch.Tensor, weight: Callable[[], torch.Tensor], bias: torch.Tensor | None):
+        """What the adapter adds to a layer's output for input ``x`` while it trains (the merge later folds it into
+        the weight or bias); ``weight()`` gives the layer's frozen ``[out, in]`` base weight, ``bias`` its bias."""
+        if self.target == "bias":
+            return self.delta(bias.detach()).to(x.dtype)
+        return F.linear(x, self.delta(weight().detach() if self.needs_weight else None).to(x.dtype))
+
+    def merge(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The layer's ``(weight [out, in], bias)`` with the adapter merged into the one it targets."""
+        if self.target == "bias":
+            return weight, self.merged(bias)
+        return self.merged(weight), bias
 
     def settings(self) -> dict:
         """The method's settings as recorded in the checkpoint (shared by every layer)."""

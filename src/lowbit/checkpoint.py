@@ -48,7 +48,7 @@ from lowbit.adapters import (
 from lowbit.config import LoraSpec, QuantConfig
 from lowbit.errors import LowbitError
 from lowbit.fsutil import atomic_dir, sha256_files, write_json, write_text
-from lowbit.layers import QuantLinear, quant_layers, set_module, train_only_adapter
+from lowbit.layers import QuantLinear, adapter_layers, quant_layers, set_module, train_only_adapter
 from lowbit.models import _first_line, load_tokenizer
 from lowbit.quant import QuantSpec
 from lowbit.quant.packing import PACKING_VERSION
@@ -232,7 +232,7 @@ def save_adapter(model: nn.Module, folder: Path) -> bool:
 
 def save_weight_adapter(model: nn.Module, folder: Path) -> bool:
     """Write the PaFi/HiWi adapter into ``folder``; returns False when the model has none."""
-    layers = {name: m.adapter for name, m in quant_layers(model).items() if m.adapter is not None}
+    layers = {name: m.adapter for name, m in adapter_layers(model).items() if m.adapter is not None}
     if not layers:
         return False
     settings = {json.dumps(a.settings(), sort_keys=True) for a in layers.values()}
@@ -243,6 +243,15 @@ def save_weight_adapter(model: nn.Module, folder: Path) -> bool:
     save_file(tensors, folder / ADAPTER_TENSORS, metadata={"format": "pt"})
     write_json(folder / ADAPTER_SETTINGS, {**json.loads(settings.pop()), "modules": sorted(layers)})
     return True
+
+
+def write_extra(folder: Path, extra: dict[str, object] | None) -> None:
+    """Write each of ``extra``'s records into ``folder``: a JSON file, or a ``Path`` (file or folder) copied in."""
+    for name, record in (extra or {}).items():
+        if isinstance(record, Path):
+            (shutil.copytree if record.is_dir() else shutil.copyfile)(record, folder / name)
+        else:
+            write_json(folder / name, record)
 
 
 def save_checkpoint(
@@ -268,11 +277,7 @@ def save_checkpoint(
             generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        for name, record in (extra or {}).items():
-            if isinstance(record, Path):
-                (shutil.copytree if record.is_dir() else shutil.copyfile)(record, tmp / name)
-            else:
-                write_json(tmp / name, record)
+        write_extra(tmp, extra)
         write_checksums(tmp)
     return out
 

@@ -37,7 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.adapters import HiWi, PaFi, check_settings, is_adapter_tensor, select_layers
-from lowbit.checkpoint import load_checkpoint, save_checkpoint
+from lowbit.checkpoint import load_checkpoint, save_checkpoint, save_weight_adapter, write_extra
 from lowbit.data import IGNORE, Example, clm_examples, collate, sample_windows, sft_examples, text_windows
 from lowbit.device import resolve_device
 from lowbit.errors import LowbitError
@@ -53,7 +53,8 @@ from lowbit.fsutil import (
     work_dir,
     write_text,
 )
-from lowbit.layers import quant_layers
+from lowbit.layers import AdaptedLinear, adapter_layers, quant_layers, set_module, train_only_adapter
+from lowbit.models import is_lowbit_checkpoint, load_pretrained, resolve_model_path
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -162,6 +163,42 @@ def eval_perplexity(model: nn.Module, examples: list[Example], pad_id: int, devi
     return math.exp(total / max(count, 1))
 
 
+def load_base(path: Path, config: TrainConfig) -> tuple[nn.Module, object | None]:
+    """The model to fine-tune: a lowbit checkpoint as saved, or -- for PaFi and HiWi, which merge into the weights --
+    a full-precision model (a Hugging Face folder or GGUF file, as ``lowbit quantize`` takes) with its decoder
+    blocks' linear layers wrapped in :class:`~lowbit.layers.AdaptedLinear`."""
+    if is_lowbit_checkpoint(path):
+        return load_checkpoint(path)
+    if config.method == "lora":
+        raise LowbitError(f"{path} is not a lowbit checkpoint: lowbit's LoRA trains a quantized base (make one with "
+                          f"`lowbit quantize {path} --out DIR`), while --method pafi|hiwi also train a "
+                          "full-precision model as it is")  # fmt: skip
+    from lowbit.arch import target_linears
+
+    model, tokenizer = load_pretrained(path)
+    for name, layer in target_linears(model).items():
+        set_module(model, name, AdaptedLinear(layer))
+    return model, tokenizer
+
+
+def is_full_precision(model: nn.Module) -> bool:
+    """Whether ``model`` is a full-precision base (see :func:`load_base`), saved merged rather than as a checkpoint."""
+    return not hasattr(model, "lowbit_config")
+
+
+def save_merged_model(model: nn.Module, out: Path, tokenizer, overwrite: bool, extra: dict[str, object]) -> None:
+    """Save a fine-tuned full-precision base as a plain Hugging Face model with the adapter merged, so it runs at
+    the base model's speed as it is, plus the adapter's own files (``weight_adapter.*``) and ``extra``."""
+    with atomic_dir(out, overwrite) as tmp:
+        save_weight_adapter(model, tmp)
+        for name, layer in adapter_layers(model).items():
+            set_module(model, name, layer.merged())
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        write_extra(tmp, extra)
+
+
 def ensure_adapter(model: nn.Module, config: TrainConfig) -> None:
     """Give every quantized layer the adapter of ``config.method`` when the checkpoint has none: LoRA (seeded PEFT
     start) or a weight-space adapter (:func:`ensure_weight_adapter`)."""
@@ -187,15 +224,11 @@ def ensure_weight_adapter(model: nn.Module, config: TrainConfig) -> None:
     """Give the selected quantized layers (``config.adapter_layers``) a PaFi or HiWi adapter over their frozen
     effective weight (or bias: HiWi's bias variant, on the selected layers that have one); a LoRA start stays in the
     base and stops training. A checkpoint that has this method's adapter keeps it (and PaFi its mask)."""
-    layers = quant_layers(model)
+    layers = adapter_layers(model)
     present = {m.adapter.method for m in layers.values() if m.adapter is not None}
     if present and present != {config.method}:
         raise LowbitError(f"the checkpoint has a {sorted(present)[0]} adapter, not {config.method}: fine-tune it "
                           f"with --method {sorted(present)[0]}, or export --requantize it first")  # fmt: skip
-    for m in layers.values():
-        for p in (m.lora_A, m.lora_B):
-            if p is not None:
-                p.requires_grad_(False)
     if present:
         return
     chosen = select_layers(list(layers), config.adapter_layers)
@@ -217,6 +250,7 @@ def ensure_weight_adapter(model: nn.Module, config: TrainConfig) -> None:
         else:
             features = m.in_features if config.hiwi_target == "weight" else m.out_features
             m.adapter = HiWi(features, config.hiwi_dim, config.hiwi_target, generator=g)
+    train_only_adapter(model)  # a LoRA start freezes into the base; a full-precision base freezes whole
 
 
 def frozen_to(model: nn.Module, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
@@ -364,7 +398,7 @@ class Trainer:
         from accelerate.utils import DistributedDataParallelKwargs
         from transformers import get_cosine_schedule_with_warmup
 
-        model, tokenizer = load_checkpoint(checkpoint)
+        model, tokenizer = load_base(checkpoint, config)
         if tokenizer is None:
             raise LowbitError(f"{checkpoint} has no tokenizer files: copy the tokenizer into the checkpoint folder")
         ensure_adapter(model, config)
@@ -530,9 +564,11 @@ class Trainer:
             for name, p in final.named_parameters():  # the frozen weights as loaded, not their bf16 copies
                 if name in self.originals:
                     p.data = self.originals[name]
-            save_checkpoint(
-                final.eval(), out, self.tokenizer, overwrite=overwrite, extra={"training.json": result, **files}
-            )
+            extra = {"training.json": result, **files}
+            if is_full_precision(final):
+                save_merged_model(final.eval(), out, self.tokenizer, overwrite, extra)
+            else:
+                save_checkpoint(final.eval(), out, self.tokenizer, overwrite=overwrite, extra=extra)
             remove_work_dir(self.work)
         self.accelerator.wait_for_everyone()
         return result
@@ -568,7 +604,8 @@ def finetune(
     tensorboard: bool | str | Path = False,
 ) -> dict:
     """Fine-tune the adapter (``config.method``) of the lowbit ``checkpoint`` into the checkpoint ``out``; returns
-    the metrics.
+    the metrics. With PaFi or HiWi, ``checkpoint`` may also be a full-precision model (folder or GGUF file): ``out``
+    is then that model with the adapter merged, a plain Hugging Face folder (see :func:`save_merged_model`).
 
     ``on_step(step)`` is called after each optimizer step (and its save), for callers that watch progress.
     ``device``: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N`` (a multi-process launch gives each
@@ -579,6 +616,8 @@ def finetune(
     """
     config = config or TrainConfig()
     checkpoint, out = Path(checkpoint), Path(out)
+    if config.method != "lora" and not is_lowbit_checkpoint(checkpoint):
+        checkpoint = resolve_model_path(checkpoint)  # a full-precision base: a model folder, or a GGUF file converted
     work = work_dir(out)
     # Before any loading, and also when resuming: a non-empty --out is never replaced without --overwrite.
     check_output_dir(out, overwrite, (checkpoint,))

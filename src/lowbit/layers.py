@@ -165,11 +165,8 @@ class QuantLinear(nn.Module):
         if self.lora_A is not None:
             lora = F.linear(F.linear(self.lora_dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
             y = y + self.scaling * lora
-        if self.adapter is not None and self.adapter.target == "bias":
-            y = y + self.adapter.delta(self.bias.detach()).to(y.dtype)
-        elif self.adapter is not None:
-            weight = self.base_weight().detach() if self.adapter.needs_weight else None
-            y = y + F.linear(x, self.adapter.delta(weight).to(x.dtype))
+        if self.adapter is not None:
+            y = y + self.adapter.output_delta(x, self.base_weight, self.bias)
         return y
 
     def extra_repr(self) -> str:
@@ -208,23 +205,66 @@ def dense_module(layer: QuantLinear, merge_lora: bool = False) -> nn.Module:
     """
     weight = layer.base_weight() if merge_lora else layer.dequantized_weight(torch.float32)
     bias = layer.bias.detach().clone() if layer.bias is not None else None
-    adapter = layer.adapter if merge_lora else None
-    if adapter is not None and adapter.target == "bias":
-        bias = adapter.merged(bias)
-    elif adapter is not None:
-        weight = adapter.merged(weight)
-    if layer.fan_in_fan_out:
+    if merge_lora and layer.adapter is not None:
+        weight, bias = layer.adapter.merge(weight, bias)
+    return plain_linear(weight, bias, layer.fan_in_fan_out)
+
+
+def plain_linear(weight: torch.Tensor, bias: torch.Tensor | None, fan_in_fan_out: bool) -> nn.Module:
+    """An ``nn.Linear`` with ``weight [out, in]`` and ``bias``, or GPT-2's ``Conv1D`` (``fan_in_fan_out``), which
+    stores the weight transposed and always has a bias."""
+    out_features, in_features = weight.shape
+    if fan_in_fan_out:
         from transformers.pytorch_utils import Conv1D
 
-        dense = Conv1D(layer.out_features, layer.in_features)
+        dense = Conv1D(out_features, in_features)
         dense.weight.data = weight.t().contiguous()
-        dense.bias.data = bias if bias is not None else torch.zeros(layer.out_features)
+        dense.bias.data = bias if bias is not None else torch.zeros(out_features, dtype=weight.dtype)
         return dense
-    dense = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, device=weight.device)
+    dense = nn.Linear(in_features, out_features, bias=bias is not None, device=weight.device, dtype=weight.dtype)
     dense.weight.data = weight
     if bias is not None:
         dense.bias.data = bias
     return dense
+
+
+class AdaptedLinear(nn.Module):
+    """A full-precision linear layer (``nn.Linear``, or GPT-2's ``Conv1D``) with a PaFi/HiWi adapter: what
+    :class:`QuantLinear` is to a packed base, for fine-tuning a full-precision model with a method that merges into
+    its weights. The base stays frozen; :meth:`merged` gives the plain layer the model is saved with."""
+
+    def __init__(self, base: nn.Module, adapter: WeightAdapter | None = None) -> None:
+        super().__init__()
+        self.fan_in_fan_out = is_conv1d(base)
+        self.base = base.requires_grad_(False)
+        rows, cols = base.weight.shape  # nn.Linear: [out, in]; Conv1D: [in, out]
+        self.in_features, self.out_features = (rows, cols) if self.fan_in_fan_out else (cols, rows)
+        self.adapter = adapter
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def base_weight(self) -> torch.Tensor:
+        """The frozen weight, float32 ``[out, in]`` (Conv1D's transposed back)."""
+        weight = self.base.weight.float()
+        return weight.t() if self.fan_in_fan_out else weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.adapter is not None:
+            y = y + self.adapter.output_delta(x, self.base_weight, self.bias)
+        return y
+
+    @torch.no_grad()
+    def merged(self) -> nn.Module:
+        """The plain layer with the adapter merged, in the base's dtype."""
+        dtype = self.base.weight.dtype
+        bias = self.bias.detach().float().clone() if self.bias is not None else None
+        weight = self.base_weight().detach().clone()
+        if self.adapter is not None:
+            weight, bias = self.adapter.merge(weight, bias)
+        return plain_linear(weight.to(dtype), bias.to(dtype) if bias is not None else None, self.fan_in_fan_out)
 
 
 def train_only_adapter(model: nn.Module) -> None:
@@ -240,6 +280,11 @@ def train_only_adapter(model: nn.Module) -> None:
 def quant_layers(model: nn.Module) -> dict[str, QuantLinear]:
     """All QuantLinear modules of ``model`` by qualified name, in registration order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def adapter_layers(model: nn.Module) -> dict[str, QuantLinear | AdaptedLinear]:
+    """The layers that can carry a PaFi/HiWi adapter: the quantized ones, or a full-precision model's wrapped ones."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear | AdaptedLinear)}
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
