@@ -16,7 +16,17 @@ Rows (each in its own subprocess, so peak RSS is the row's own):
   fine-tuning" is tested against better codes and not only against RTN and LoftQ. Starts are made once with
   ``bench/p1.py --keep`` into ``bench/.starts`` and reused. The trained checkpoint is kept in ``bench/.p2/ROW``;
 - ``lowbit-...-requant``: that trained row merged and re-quantized to the same format with no adapter
-  (``lowbit export --requantize``: GPTQ on 32 PTB-train windows), perplexity only.
+  (``lowbit export --requantize``: GPTQ on 32 PTB-train windows), perplexity only;
+- ``fp-{pafi,hiwi}`` and ``lowbit-{qlora-w4,apiq-w2}-{pafi,hiwi}``: ``lowbit finetune --method pafi|hiwi`` on the
+  full-precision model (its output is the merged plain model) or from that start, at the
+  LoRA rows' number of trainable parameters (PaFi: the fraction ``lora_params / quantized_params`` of each layer;
+  HiWi: the bottleneck width whose ``2 * in * dim`` per layer comes nearest), the start's LoRA frozen in the base.
+
+Every lowbit row and ``fp-lora`` also record the trained parameters, the size of the trained adapter's files, and
+CPU forward latency (median of 5 calls, one 512-token window and one single-token step without cache) of the model
+as trained and as deployed: on a low-bit base, the same packed layers with every adapter removed, which is what
+``export --requantize`` gives for PaFi and HiWi (and for LoRA after its merge) -- the latency depends on shapes,
+not values; on full precision, the merged plain model (PEFT's ``merge_and_unload`` for LoRA).
 
 The peers train with the same data order, loss normalization, optimizer and schedule as ``lowbit.finetune``
 (the functions are imported from it), so tokens per second compare the layers, not the loops. Peak RSS is
@@ -47,6 +57,8 @@ TRAINED = benchlib.ROOT / "bench" / ".p2"  # trained lowbit rows, kept for their
 EVAL_WINDOWS = 64
 EVAL_SEQLEN = 512
 START_ROWS = {"qlora": "rtn{b}", "loftq": "loftq1-w{b}", "apiq": "apiq-bw-warm-w{b}", "gptq": "gptq-w{b}"}
+WEIGHT_METHODS = ("pafi", "hiwi")  # issue 16: fine-tuning that merges into the weights, beside LoRA
+WEIGHT_METHOD_STARTS = ("qlora-w4", "apiq-w2")
 
 
 def _rows() -> dict[str, str]:
@@ -56,6 +68,12 @@ def _rows() -> dict[str, str]:
             rows[f"lowbit-{start}-w{b}"] = f"lowbit W{b}g64 from the {start} start ({p1_row.format(b=b)})"
             rows[f"lowbit-{start}-w{b}-requant"] = (f"lowbit W{b}g64 {start} start, trained, merged and re-quantized "
                                                     f"to W{b}g64 (no adapter)")  # fmt: skip
+    for method in WEIGHT_METHODS:
+        rows[f"fp-{method}"] = f"full precision, lowbit {method} (LoRA's size)"
+    for start in WEIGHT_METHOD_STARTS:
+        for method in WEIGHT_METHODS:
+            kind, bits = start.split("-")
+            rows[f"lowbit-{start}-{method}"] = f"lowbit {bits.upper()}g64 from the {kind} start, {method} (LoRA's size)"
     return rows
 
 
@@ -64,7 +82,7 @@ ROWS = _rows()
 
 def start_checkpoint(name: str) -> Path:
     """The P1 start checkpoint of a lowbit row, made with ``bench/p1.py --keep`` when missing."""
-    start, bits = name.removeprefix("lowbit-").rsplit("-w", 1)
+    start, bits = name.removeprefix("lowbit-").removesuffix("-pafi").removesuffix("-hiwi").rsplit("-w", 1)
     p1_row = START_ROWS[start].format(b=bits)
     folder = STARTS / p1_row
     if not (folder / "config.json").is_file():
@@ -72,6 +90,72 @@ def start_checkpoint(name: str) -> Path:
         cmd = [sys.executable, str(Path(__file__).with_name("p1.py")), "--rows", p1_row, "--keep", str(STARTS)]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return folder
+
+
+def weight_method_config(name: str, base: Path, config):
+    """The TrainConfig of a pafi/hiwi row: ``config`` with that method, at LoRA r8's parameter count on ``base``'s
+    layers (PaFi: that count over the layers' weights, as each layer's fraction; HiWi: the nearest width)."""
+    import dataclasses
+
+    import lowbit
+    from lowbit.arch import target_linears
+    from lowbit.layers import quant_layers
+
+    method = name.rsplit("-", 1)[1]
+    model, _ = lowbit.load_model(base)
+    shapes = [(m.out_features, m.in_features) for m in (quant_layers(model) or target_linears(model)).values()]
+    lora = sum(8 * (o + i) for o, i in shapes)
+    if method == "pafi":
+        return dataclasses.replace(config, method=method, pafi_fraction=lora / sum(o * i for o, i in shapes))
+    return dataclasses.replace(config, method=method, hiwi_dim=max(1, round(lora / sum(2 * i for _, i in shapes))))
+
+
+def trained_adapter(folder: Path) -> tuple[int, int]:
+    """The trained adapter's parameter count and bytes on disk in a finished row's ``folder``: the PaFi/HiWi files
+    where there are some (a frozen LoRA start beside them is part of the base), else the LoRA adapter's."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("weight_adapter.*")) or sorted(folder.glob("adapter_*"))
+    params = 0
+    for f in files:
+        if f.suffix == ".safetensors":
+            with safe_open(f, "pt") as st:  # PaFi's index is its fixed mask, not trained
+                names = [k for k in st.keys() if not k.endswith(".index")]  # noqa: SIM118 (safe_open: no __iter__)
+                params += sum(math.prod(st.get_slice(k).get_shape()) for k in names)
+    return params, sum(f.stat().st_size for f in files)
+
+
+def forward_ms(model, ids) -> float:
+    """Median wall time of 5 no-grad forwards of ``ids [1, seq]`` (after one warm-up), in milliseconds."""
+    import statistics
+
+    import torch
+
+    times = []
+    with torch.no_grad():
+        for i in range(6):
+            t0 = time.perf_counter()
+            model(input_ids=ids, use_cache=False)
+            if i:
+                times.append(1000 * (time.perf_counter() - t0))
+    return round(statistics.median(times), 2)
+
+
+def latency(form: str, model, window) -> dict:
+    """Forward latency of ``model`` (``form``: as trained or as deployed): one window, and one single-token step."""
+    ids = window[None]
+    return {f"forward_ms_{form}": forward_ms(model, ids), f"step_ms_{form}": forward_ms(model, ids[:, :1])}
+
+
+def without_adapters(model):
+    """``model`` (a lowbit model) with every adapter removed: the layers of what ``export --requantize`` deploys
+    for PaFi and HiWi, and for LoRA after its merge (latency depends on the shapes, not the values)."""
+    from lowbit.layers import quant_layers
+
+    for m in quant_layers(model).values():
+        m.lora_A = m.lora_B = None
+        m.adapter = None
+    return model
 
 
 def peft_train(model, tokenizer, config) -> dict:
@@ -149,23 +233,62 @@ def run_row(name: str, eval_windows: int, micro_batch: int = 1) -> dict:
             return requant_row(name, row, Path(tmp), eval_windows)
         if name.startswith("lowbit-"):
             start = start_checkpoint(name)
+            if name.endswith(WEIGHT_METHODS):
+                config = weight_method_config(name, start, config)
+                row["train_config"] = config.__dict__
             benchlib.reset_peak_rss()
             result = finetune(start, TRAINED / name, config, overwrite=True, progress=sys.stderr.isatty())
             row["train_peak_rss_mb"] = round(benchlib.peak_rss_since_reset_mb(), 1)
             model, tokenizer = lowbit.load(TRAINED / name)
             row["bits_per_weight"] = round(lowbit.info(start)["bits_per_weight"], 4)
             row["start"] = str(start.relative_to(benchlib.ROOT))
+            trained_form = model
+            deployed = lambda: without_adapters(lowbit.load(TRAINED / name)[0])  # noqa: E731
+        elif name.startswith("fp-") and name.endswith(WEIGHT_METHODS):
+            fp = resolve_model_path(None)
+            config = weight_method_config(name, fp, config)
+            row["train_config"] = config.__dict__
+            benchlib.reset_peak_rss()
+            result = finetune(fp, TRAINED / name, config, overwrite=True, progress=sys.stderr.isatty())
+            row["train_peak_rss_mb"] = round(benchlib.peak_rss_since_reset_mb(), 1)
+            model, tokenizer = lowbit.load_model(TRAINED / name)  # the merged plain model: what is deployed
+            row["bits_per_weight"] = 32.0
+            row["start"] = "full precision"
+            merged = model
+            deployed = lambda: merged  # noqa: E731
+            trained_form = fp_training_form(fp, config)
         else:
             model, tokenizer, bits = peft_model(name, resolve_model_path(None))
             benchlib.reset_peak_rss()
             result = peft_train(model, tokenizer, config)
             row["train_peak_rss_mb"] = round(benchlib.peak_rss_since_reset_mb(), 1)
             row["bits_per_weight"] = round(bits, 4)
+            row["start"] = "full precision" if name == "fp-lora" else "bitsandbytes NF4"
+            trained_form, deployed = model, model.merge_and_unload  # PEFT merges in place: measured last
         row["peak_rss_mb"] = round(benchlib.peak_rss_mb(), 1)
         row.update({k: result[k] for k in ("final_loss", "tokens", "seconds", "tokens_per_s", "losses")})
         wins = text_windows("ptb", tokenizer, EVAL_SEQLEN, split="test", limit=eval_windows)
         row["ppl"] = round(perplexity(model, wins, progress=False).ppl, 3)
+        if name.startswith(("lowbit-", "fp-")):
+            if (TRAINED / name).is_dir():
+                row["trainable_params"], row["adapter_bytes"] = trained_adapter(TRAINED / name)
+            else:  # PEFT's LoRA: counted in memory, saved as PEFT saves it
+                row["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+                model.save_pretrained(Path(tmp) / "adapter")
+                row["adapter_bytes"] = sum(f.stat().st_size for f in (Path(tmp) / "adapter").iterdir())
+            row.update(latency("trained", trained_form, wins[0]))
+            row.update(latency("deployed", deployed(), wins[0]))
     return row
+
+
+def fp_training_form(fp: Path, config):
+    """The full-precision model with a fresh adapter of ``config``'s shapes: the form a pafi/hiwi row trains in
+    (its saved output is merged), for the forward latency as trained, which depends on the shapes only."""
+    from lowbit.finetune import ensure_adapter, load_base
+
+    model, _ = load_base(fp, config)
+    ensure_adapter(model, config)
+    return model
 
 
 def requant_row(name: str, row: dict, tmp: Path, eval_windows: int) -> dict:
@@ -207,6 +330,21 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def methods_table(rows: list[dict]) -> str:
+    """Issue 16's comparison: LoRA, PaFi and HiWi from the same starts at (about) the same trainable parameters."""
+    lines = ["| start | method | trainable params | PTB-test ppl after P2 | train tokens/s | train peak RSS MiB | "
+             "adapter on disk KiB | forward ms as trained | forward ms deployed |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for r in rows:
+        if "trainable_params" not in r:
+            continue
+        start = r["start"].rsplit("/", 1)[-1]
+        lines.append(f"| {start} | {r['train_config']['method']} | {r['trainable_params']:,} | {r['ppl']:.2f} | "
+                     f"{r['tokens_per_s']:.0f} | {r['train_peak_rss_mb']:.0f} | {r['adapter_bytes'] / 1024:,.0f} | "
+                     f"{r['forward_ms_trained']:.0f} | {r['forward_ms_deployed']:.0f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
@@ -214,9 +352,15 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=1, help="examples per forward, every row (1 or 4)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--table", action="store_true", help="print the stored results as one table and exit")
+    parser.add_argument("--methods-table", action="store_true",
+                        help="print the stored LoRA / PaFi / HiWi comparison (issue 16) and exit")  # fmt: skip
     args = parser.parse_args()
     if args.table:
         print(benchlib.stored_table(RESULTS, list(ROWS), table))
+        return
+    if args.methods_table:
+        compared = [f"lowbit-{s}{m}" for s in WEIGHT_METHOD_STARTS for m in ("", *(f"-{w}" for w in WEIGHT_METHODS))]
+        print(benchlib.stored_table(RESULTS, [n for n in ROWS if n in compared], methods_table))
         return
     if args.worker:
         print(json.dumps(run_row(args.worker, args.windows, args.micro_batch)))
@@ -240,6 +384,8 @@ def main() -> None:
             speed = f", {row['tokens_per_s']:.0f} tok/s, train peak {row['train_peak_rss_mb']:.0f} MiB"
         print(f"[p2] {name}: ppl {row['ppl']:.2f}{speed}", file=sys.stderr, flush=True)
         rows.append(row)
+        if args.windows == EVAL_WINDOWS:
+            benchlib.save_rows(RESULTS, [row], env, "P2")  # each row as it ends: an interrupted run keeps them
     print(f"\nP2: SmolLM2-135M-Instruct, float32 on CPU; PTB test first {args.windows} x {EVAL_SEQLEN} tokens\n")
     print(table(rows))
     by = {r["row"]: r for r in rows}
@@ -251,10 +397,8 @@ def main() -> None:
     print(f"\n{env['date']}, commit {env['commit']}, {env['machine']['cpu']} ({env['machine']['cores']} cores), "
           f"torch {env['versions']['torch']}, transformers {env['versions']['transformers']}, "
           f"peft {env['versions']['peft']}, bitsandbytes {env['versions']['bitsandbytes']}")  # fmt: skip
-    if args.windows != EVAL_WINDOWS:
-        return
-    benchlib.save_rows(RESULTS, rows, env, "P2")
-    print(f"wrote {RESULTS.relative_to(benchlib.ROOT)}", file=sys.stderr)
+    if args.windows == EVAL_WINDOWS:
+        print(f"wrote {RESULTS.relative_to(benchlib.ROOT)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

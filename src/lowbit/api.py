@@ -25,7 +25,7 @@ from lowbit.device import place_model
 from lowbit.engine import Engine, EngineOptions
 from lowbit.errors import LowbitError
 from lowbit.init import get_initializer
-from lowbit.layers import linear_weight, train_only_lora
+from lowbit.layers import linear_weight, train_only_adapter
 from lowbit.models import is_lowbit_checkpoint, load_pretrained, resolve_model_path
 
 
@@ -100,5 +100,5 @@ def quantize(
     run = Engine(model, init, config.spec, config.lora, config.seed, config.options, calib, engine)
     model.lowbit_stats = [r.__dict__ for r in run.run()]
     model.lowbit_config = config
-    train_only_lora(model)
+    train_only_adapter(model)
     return model

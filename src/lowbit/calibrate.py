@@ -25,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lowbit.adapters import LORA_KEYS
 from lowbit.api import check_shapes
 from lowbit.arch import find_blocks
 from lowbit.checkpoint import (
@@ -56,7 +57,7 @@ from lowbit.fsutil import (
     write_json,
 )
 from lowbit.init import get_initializer
-from lowbit.layers import LORA_KEYS, quant_layers
+from lowbit.layers import quant_layers
 
 STATE = "state.json"
 

@@ -12,6 +12,8 @@ A checkpoint folder holds
   from a GGUF file with ``Q8_0`` embeddings, which do not fit 16 bits and would otherwise take float32;
 - ``adapter_config.json`` + ``adapter_model.safetensors``: the LoRA adapter in PEFT's format (absent for
   ``init=none``), which PEFT loads onto the dense base of :func:`lowbit.layers.to_dense`;
+- ``weight_adapter.json`` + ``weight_adapter.safetensors``: a PaFi or HiWi adapter (:mod:`lowbit.adapters`), its
+  method and settings and its tensors by layer (PaFi: int32 indices + float32 values; HiWi: the two projections);
 - the tokenizer files, when the model had a tokenizer;
 - ``checksums.sha256``: the SHA-256 of every weight file, the index and the adapter config (``sha256sum -c``
   format), checked on load so that a damaged or swapped file is an error, not a silently different model.
@@ -36,10 +38,17 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lowbit.adapters import (
+    ADAPTER,
+    ADAPTER_SETTINGS,
+    ADAPTER_TENSORS,
+    ADAPTERS,
+    is_adapter_tensor,
+)
 from lowbit.config import LoraSpec, QuantConfig
 from lowbit.errors import LowbitError
 from lowbit.fsutil import atomic_dir, sha256_files, write_json, write_text
-from lowbit.layers import LORA_KEYS, QuantLinear, quant_layers, set_module, train_only_lora
+from lowbit.layers import QuantLinear, adapter_layers, quant_layers, set_module, train_only_adapter
 from lowbit.models import _first_line, load_tokenizer
 from lowbit.quant import QuantSpec
 from lowbit.quant.packing import PACKING_VERSION
@@ -119,7 +128,7 @@ def quantization_config(model: nn.Module) -> dict:
 
 
 def base_tensors(model: nn.Module, skip_prefix: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Non-LoRA tensors to store, with tied (same-storage) duplicates replaced by an alias to the first name.
+    """Non-adapter tensors to store, with tied (same-storage) duplicates replaced by an alias to the first name.
 
     ``skip_prefix`` leaves out the tensors under it (the blocks, which streaming calibration writes itself). A
     tensor named in the model's ``lowbit_storage_dtypes`` is stored in that dtype (the source's, e.g. bf16), not in
@@ -133,7 +142,7 @@ def base_tensors(model: nn.Module, skip_prefix: str | None = None) -> tuple[dict
     seen: dict[tuple, str] = {}
     storage: dict[str, torch.dtype] = getattr(model, STORAGE_DTYPES, {})
     for name, tensor in model.state_dict().items():
-        if name.rsplit(".", 1)[-1] in LORA_KEYS or (skip_prefix and name.startswith(skip_prefix)):
+        if is_adapter_tensor(name) or (skip_prefix and name.startswith(skip_prefix)):
             continue
         key = (
             tensor.untyped_storage().data_ptr(),
@@ -221,6 +230,30 @@ def save_adapter(model: nn.Module, folder: Path) -> bool:
     return True
 
 
+def save_weight_adapter(model: nn.Module, folder: Path) -> bool:
+    """Write the PaFi/HiWi adapter into ``folder``; returns False when the model has none."""
+    layers = {name: m.adapter for name, m in adapter_layers(model).items() if m.adapter is not None}
+    if not layers:
+        return False
+    settings = {json.dumps(a.settings(), sort_keys=True) for a in layers.values()}
+    if len(settings) > 1:
+        raise LowbitError("layers have different weight-adapter settings; a checkpoint records one method")
+    tensors = {f"{name}.{k}": v.detach().contiguous().cpu() for name, a in layers.items()
+               for k, v in a.state_dict().items()}  # fmt: skip
+    save_file(tensors, folder / ADAPTER_TENSORS, metadata={"format": "pt"})
+    write_json(folder / ADAPTER_SETTINGS, {**json.loads(settings.pop()), "modules": sorted(layers)})
+    return True
+
+
+def write_extra(folder: Path, extra: dict[str, object] | None) -> None:
+    """Write each of ``extra``'s records into ``folder``: a JSON file, or a ``Path`` (file or folder) copied in."""
+    for name, record in (extra or {}).items():
+        if isinstance(record, Path):
+            (shutil.copytree if record.is_dir() else shutil.copyfile)(record, folder / name)
+        else:
+            write_json(folder / name, record)
+
+
 def save_checkpoint(
     model: nn.Module, out: str | Path, tokenizer=None, overwrite: bool = False, extra: dict[str, object] | None = None
 ) -> Path:
@@ -237,24 +270,22 @@ def save_checkpoint(
         meta = {"format": "pt", "lowbit_aliases": json.dumps(aliases), "lowbit_version": qconfig["lowbit_version"]}
         save_file(tensors, tmp / WEIGHTS, metadata=meta)
         save_adapter(model, tmp)
+        save_weight_adapter(model, tmp)
         write_json(tmp / "config.json", checkpoint_config(model.config.to_dict(), qconfig))
         generation_config = getattr(model, "generation_config", None)
         if generation_config is not None:
             generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        for name, record in (extra or {}).items():
-            if isinstance(record, Path):
-                (shutil.copytree if record.is_dir() else shutil.copyfile)(record, tmp / name)
-            else:
-                write_json(tmp / name, record)
+        write_extra(tmp, extra)
         write_checksums(tmp)
     return out
 
 
 def write_checksums(folder: Path) -> None:
     """Record the SHA-256 of the files that hold or map the weights (the last file a checkpoint gets)."""
-    digested = [p for p in folder.iterdir() if p.suffix == ".safetensors" or p.name in (INDEX, ADAPTER_CONFIG)]
+    mapping = (INDEX, ADAPTER_CONFIG, ADAPTER_SETTINGS)
+    digested = [p for p in folder.iterdir() if p.suffix == ".safetensors" or p.name in mapping]
     write_text(folder / CHECKSUMS, "".join(f"{d}  {name}\n" for name, d in sha256_files(digested).items()))
 
 
@@ -425,6 +456,15 @@ def load_checkpoint(folder: str | Path, verify: bool | None = None) -> tuple[nn.
         for key, value in lora.items():
             name = key.removeprefix(PEFT_PREFIX).removesuffix(".weight")  # "<module>.lora_A"
             tensors[name] = value
+    weight_adapter = None
+    if (folder / ADAPTER_SETTINGS).is_file():
+        weight_adapter = json.loads((folder / ADAPTER_SETTINGS).read_text())
+        if weight_adapter.get("method") not in ADAPTERS:
+            raise LowbitError(f"{folder / ADAPTER_SETTINGS} names an unknown adapter method "
+                              f"{weight_adapter.get('method')!r}: upgrade lowbit or re-create it")  # fmt: skip
+        for key, value in _read_safetensors(folder / ADAPTER_TENSORS)[0].items():
+            module, _, leaf = key.rpartition(".")
+            tensors[f"{module}.{ADAPTER}.{leaf}"] = value
 
     model_type = config_dict.pop("model_type", None)  # the real type in checkpoints older than the marker
     if model_type == LOWBIT_MODEL_TYPE:
@@ -437,6 +477,8 @@ def load_checkpoint(folder: str | Path, verify: bool | None = None) -> tuple[nn.
         layer = QuantLinear(in_f, out_f, spec, bias=bool(bias), fan_in_fan_out=bool(fan_in_fan_out))
         if adapter is not None:
             layer.add_lora(config.rank, config.alpha, config.dropout)
+        if weight_adapter is not None and name in weight_adapter["modules"]:
+            layer.adapter = ADAPTERS[weight_adapter["method"]].empty(out_f, in_f, weight_adapter)
         set_module(model, name, layer)
     try:
         missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
@@ -450,7 +492,7 @@ def load_checkpoint(folder: str | Path, verify: bool | None = None) -> tuple[nn.
             f"checkpoint {folder} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]}); "
             "it was written by another version or edited: re-create it"
         )
-    train_only_lora(model)
+    train_only_adapter(model)
     model.lowbit_config = config
     setattr(model, STORAGE_DTYPES, storage)
     model.eval()
@@ -481,6 +523,13 @@ def checkpoint_info(folder: str | Path) -> dict:
     if (folder / ADAPTER_CONFIG).is_file():
         r = json.loads((folder / ADAPTER_CONFIG).read_text())["r"]
         lora_params = sum(r * (out_f + in_f) for out_f, in_f, *_ in qc["modules"].values())
+    adapter_method, adapter_params = None, 0
+    if (folder / ADAPTER_SETTINGS).is_file():
+        settings = json.loads((folder / ADAPTER_SETTINGS).read_text())
+        adapter_method = settings["method"]
+        for name in settings["modules"]:  # the trained parameters of an empty adapter of each layer's shape
+            out_f, in_f, *_ = qc["modules"][name]
+            adapter_params += sum(p.numel() for p in ADAPTERS[adapter_method].empty(out_f, in_f, settings).parameters())
     return {
         "path": str(folder),
         "method": qc["method"],
@@ -494,6 +543,8 @@ def checkpoint_info(folder: str | Path) -> dict:
         "bits_per_weight": 8 * quant_bytes / quantized_params,
         "lora_params": lora_params,
         "q8_0_tensors": qc.get(Q8_0_TENSORS, []),
+        "weight_adapter": adapter_method,  # pafi, hiwi or None
+        "weight_adapter_params": adapter_params,
         "checkpoint_bytes": sum(files.values()),
         "files": files,
         "lowbit_version": qc.get("lowbit_version"),

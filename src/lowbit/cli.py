@@ -17,6 +17,7 @@ import time
 import typing
 from pathlib import Path
 
+from lowbit.adapters import HIWI_TARGETS, METHODS
 from lowbit.config import INITIALIZERS, flag
 from lowbit.device import DEVICE_CHOICES, parse_budget, resolve_device
 from lowbit.errors import LowbitError
@@ -177,7 +178,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
     names = ("data", "task", "seqlen", "samples", "epochs", "batch_size", "micro_batch", "lr", "weight_decay",
              "warmup", "max_grad_norm", "seed", "eval_data", "eval_every", "eval_windows", "save_every",
-             "grad_checkpointing", "precision", "lora_dtype", "rank", "alpha")  # fmt: skip
+             "grad_checkpointing", "precision", "lora_dtype", "rank", "alpha", "method", "pafi_fraction",
+             "hiwi_dim", "hiwi_target", "adapter_layers")  # fmt: skip
     config = TrainConfig(**{n: getattr(args, n) for n in names})
     result = finetune(args.dir, args.out, config, overwrite=args.overwrite, progress=True, device=args.device,
                       tensorboard=args.tensorboard)  # fmt: skip
@@ -399,6 +401,8 @@ def cmd_info(args: argparse.Namespace) -> None:
         f"LoRA parameters: {info['lora_params']:,}",
         f"checkpoint: {info['checkpoint_bytes'] / 2**20:.1f} MiB in {len(info['files'])} files",
     ]
+    if info["weight_adapter"]:
+        lines.insert(3, f"{info['weight_adapter']} parameters: {info['weight_adapter_params']:,}")
     if info["q8_0_tensors"]:
         lines.append(f"stored as Q8_0 (lossless: the values lie on its grid): {', '.join(info['q8_0_tensors'])}")
     _emit(args, info, lines)
@@ -558,9 +562,22 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
     f.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on CUDA")
     f.add_argument("--lora-dtype", default="fp32", choices=["fp32", "bf16"],
-                   help="storage of the trained LoRA factors (and AdamW state): bf16 halves it")  # fmt: skip
+                   help="storage of the trained adapter (and AdamW state): bf16 halves it")  # fmt: skip
     f.add_argument("--rank", type=int, default=8, help="LoRA rank when the checkpoint has no adapter")
     f.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha when the checkpoint has no adapter")
+    f.add_argument("--method", default="lora", choices=METHODS,
+                   help="what trains: lora (the LoRA factors), pafi (the smallest "
+                   "weights, as a sparse delta) or hiwi (an adapter on the weights); pafi/hiwi merge into the "
+                   "weights with export --merged/--requantize")  # fmt: skip
+    f.add_argument("--pafi-fraction", type=float, default=0.005,
+                   help="pafi: fraction of each layer's weights (smallest |W|) that trains")  # fmt: skip
+    f.add_argument("--hiwi-dim", type=int, default=8, help="hiwi: bottleneck width of the adapter on the weights")
+    f.add_argument("--hiwi-target", default="weight", choices=HIWI_TARGETS,
+                   help="hiwi: the tensor the adapter reads and changes: each layer's weight, or its bias (the "
+                   "paper's bias variant: only layers with a bias)")  # fmt: skip
+    f.add_argument("--adapter-layers", default="", metavar="REGEX",
+                   help="pafi/hiwi: the quantized layers that train, a regular expression searched in each layer's "
+                   "name (e.g. 'mlp' or 'self_attn\\.(q|v)_proj'); default every quantized layer")  # fmt: skip
     f.add_argument("--tensorboard", nargs="?", const=True, default=False, metavar="DIR",
                    help="also log the per-step metrics (metrics.jsonl) as TensorBoard events, to DIR or by default "
                    "to OUT/tensorboard (needs `pip install tensorboard`)")  # fmt: skip

@@ -2,7 +2,7 @@
 
 - :func:`export_merged`: a plain full-precision Hugging Face model with ``W = dequant(Q) + s·BA`` -- the
   quantized base the adapter was trained on, not the original weights -- so plain ``transformers`` gives the lowbit
-  model's logits.
+  model's logits; a PaFi/HiWi adapter (:mod:`lowbit.adapters`) is merged over that, ``W + delta``.
 - :func:`export_requantized`: the merged model quantized again, block by block on the calibration engine, with
   GPTQ rounding fitted to the merged model's outputs (init ``gptq``), giving a low-bit checkpoint with no adapter.
   ``dequant(Q) + s·BA`` lies on the old grid plus a small delta: rounding it again onto the merged weights' own,
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from lowbit.adapters import ADAPTER_SETTINGS
 from lowbit.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_checkpoint, read_config
 from lowbit.config import QuantConfig
 from lowbit.engine import EngineOptions
@@ -137,11 +138,13 @@ def on_grid(
 
 
 def has_adapter(checkpoint: Path) -> bool:
-    """Whether the checkpoint's LoRA adapter changes its weights (a serving format cannot hold it: it must be
-    merged). A QLoRA start (``B = 0``) does not: its base is exported as it is, not re-quantized."""
+    """Whether the checkpoint's adapter changes its weights (a serving format cannot hold it: it must be merged). A
+    PaFi/HiWi adapter does; a QLoRA start (``B = 0``) does not: its base is exported as it is, not re-quantized."""
     from safetensors.torch import load_file
 
     checkpoint = Path(checkpoint)
+    if (checkpoint / ADAPTER_SETTINGS).is_file():
+        return True
     if not (checkpoint / ADAPTER_CONFIG).is_file():
         return False
     lora = load_file(checkpoint / ADAPTER_WEIGHTS)

@@ -1,7 +1,9 @@
-"""LoRA fine-tuning of a packed low-bit checkpoint: exact resume, and multi-process through accelerate.
+"""Fine-tuning of a packed low-bit checkpoint (LoRA, PaFi or HiWi): exact resume, multi-process through accelerate.
 
-Only the LoRA factors train. The base stays packed: every :class:`~lowbit.layers.QuantLinear` rebuilds its weight
-for its own matmul and again in backward, so at most one layer's full-precision weight exists at a time.
+Only the adapter trains: the LoRA factors, or with ``method`` pafi/hiwi the weight-space adapter of
+:mod:`lowbit.adapters` (a LoRA start the checkpoint has then stays frozen, as part of the base). The base stays
+packed: every :class:`~lowbit.layers.QuantLinear` rebuilds its weight for its own matmul and again in backward, so
+at most one layer's full-precision weight exists at a time (HiWi also rebuilds it for its adapter's input).
 
 The data order is a pure function of ``(seed, epoch, step)``: each epoch shuffles the examples with its own seeded
 generator, and step ``s`` takes the next ``batch_size`` of them. With ``P`` processes (``accelerate launch`` or
@@ -34,7 +36,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit.checkpoint import load_checkpoint, save_checkpoint
+from lowbit.adapters import HiWi, PaFi, check_settings, is_adapter_tensor, select_layers
+from lowbit.checkpoint import load_checkpoint, save_checkpoint, save_weight_adapter, write_extra
 from lowbit.data import IGNORE, Example, clm_examples, collate, sample_windows, sft_examples, text_windows
 from lowbit.device import resolve_device
 from lowbit.errors import LowbitError
@@ -50,7 +53,8 @@ from lowbit.fsutil import (
     work_dir,
     write_text,
 )
-from lowbit.layers import LORA_KEYS, quant_layers
+from lowbit.layers import AdaptedLinear, adapter_layers, quant_layers, set_module, train_only_adapter
+from lowbit.models import is_lowbit_checkpoint, load_pretrained, resolve_model_path
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -85,9 +89,14 @@ class TrainConfig:
     save_every: int = 0  # 0: no intermediate checkpoints
     grad_checkpointing: bool = False
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; fp32; bf16
-    lora_dtype: str = "fp32"  # storage of the trained LoRA factors (and so of AdamW's state): fp32 or bf16
+    lora_dtype: str = "fp32"  # storage of the trained adapter (and so of AdamW's state): fp32 or bf16
     rank: int = 8  # LoRA added when the checkpoint has no adapter (init none)
     alpha: float = 16.0
+    method: str = "lora"  # lora, pafi or hiwi (lowbit.adapters)
+    pafi_fraction: float = 0.005  # PaFi: fraction of each layer's weights (the smallest |W|) that trains
+    hiwi_dim: int = 8  # HiWi: bottleneck width of the adapter on the weights
+    hiwi_target: str = "weight"  # HiWi: the layer tensor it reads and changes, weight or bias (the paper's variant)
+    adapter_layers: str = ""  # PaFi/HiWi: regular expression selecting the quantized layers (searched); "": all
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -101,6 +110,7 @@ class TrainConfig:
                 raise LowbitError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise LowbitError(f"--lr must be positive, got {self.lr}")
+        check_settings(self.method, self.pafi_fraction, self.hiwi_dim, self.hiwi_target, self.adapter_layers)
 
 
 def training_examples(config: TrainConfig, tokenizer) -> tuple[list[Example], int]:
@@ -153,9 +163,53 @@ def eval_perplexity(model: nn.Module, examples: list[Example], pad_id: int, devi
     return math.exp(total / max(count, 1))
 
 
+def load_base(path: Path, config: TrainConfig) -> tuple[nn.Module, object | None]:
+    """The model to fine-tune: a lowbit checkpoint as saved, or -- for PaFi and HiWi, which merge into the weights --
+    a full-precision model (a Hugging Face folder or GGUF file, as ``lowbit quantize`` takes) with its decoder
+    blocks' linear layers wrapped in :class:`~lowbit.layers.AdaptedLinear`."""
+    if is_lowbit_checkpoint(path):
+        return load_checkpoint(path)
+    if config.method == "lora":
+        raise LowbitError(f"{path} is not a lowbit checkpoint: lowbit's LoRA trains a quantized base (make one with "
+                          f"`lowbit quantize {path} --out DIR`), while --method pafi|hiwi also train a "
+                          "full-precision model as it is")  # fmt: skip
+    from lowbit.arch import target_linears
+
+    model, tokenizer = load_pretrained(path)
+    for name, layer in target_linears(model).items():
+        set_module(model, name, AdaptedLinear(layer))
+    return model, tokenizer
+
+
+def is_full_precision(model: nn.Module) -> bool:
+    """Whether ``model`` is a full-precision base (see :func:`load_base`), saved merged rather than as a checkpoint."""
+    return not hasattr(model, "lowbit_config")
+
+
+def save_merged_model(model: nn.Module, out: Path, tokenizer, overwrite: bool, extra: dict[str, object]) -> None:
+    """Save a fine-tuned full-precision base as a plain Hugging Face model with the adapter merged, so it runs at
+    the base model's speed as it is, plus the adapter's own files (``weight_adapter.*``) and ``extra``."""
+    with atomic_dir(out, overwrite) as tmp:
+        save_weight_adapter(model, tmp)
+        for name, layer in adapter_layers(model).items():
+            set_module(model, name, layer.merged())
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        write_extra(tmp, extra)
+
+
 def ensure_adapter(model: nn.Module, config: TrainConfig) -> None:
-    """Give every quantized layer a LoRA adapter when the checkpoint has none (seeded PEFT start)."""
+    """Give every quantized layer the adapter of ``config.method`` when the checkpoint has none: LoRA (seeded PEFT
+    start) or a weight-space adapter (:func:`ensure_weight_adapter`)."""
     layers = quant_layers(model)
+    if config.method != "lora":
+        ensure_weight_adapter(model, config)
+        return
+    trained = sorted({m.adapter.method for m in layers.values() if m.adapter is not None})
+    if trained:
+        raise LowbitError(f"the checkpoint has a {trained[0]} adapter: fine-tune it with --method {trained[0]}, "
+                          "or export --requantize it first")  # fmt: skip
     if all(m.lora_A is not None for m in layers.values()):
         return
     g = torch.Generator().manual_seed(config.seed)
@@ -164,6 +218,39 @@ def ensure_adapter(model: nn.Module, config: TrainConfig) -> None:
             m.add_lora(config.rank, config.alpha, generator=g)
     model.lowbit_config.init = "qlora"
     model.lowbit_config.rank, model.lowbit_config.alpha = config.rank, config.alpha
+
+
+def ensure_weight_adapter(model: nn.Module, config: TrainConfig) -> None:
+    """Give the selected quantized layers (``config.adapter_layers``) a PaFi or HiWi adapter over their frozen
+    effective weight (or bias: HiWi's bias variant, on the selected layers that have one); a LoRA start stays in the
+    base and stops training. A checkpoint that has this method's adapter keeps it (and PaFi its mask)."""
+    layers = adapter_layers(model)
+    present = {m.adapter.method for m in layers.values() if m.adapter is not None}
+    if present and present != {config.method}:
+        raise LowbitError(f"the checkpoint has a {sorted(present)[0]} adapter, not {config.method}: fine-tune it "
+                          f"with --method {sorted(present)[0]}, or export --requantize it first")  # fmt: skip
+    if present:
+        return
+    chosen = select_layers(list(layers), config.adapter_layers)
+    if config.method == "hiwi" and config.hiwi_target == "bias":
+        chosen = [n for n in chosen if layers[n].bias is not None]
+        if not chosen:
+            raise LowbitError("--hiwi-target bias adapts layer biases, and none of the selected layers has one "
+                              "(Llama, Mistral and Gemma linears have none; GPT-2's and Qwen2's q/k/v have): use "
+                              "--hiwi-target weight, or select layers with a bias with --adapter-layers")  # fmt: skip
+        if all(not layers[n].bias.any() for n in chosen):  # relu(0 D) U = 0 and no gradient: it would never train
+            raise LowbitError("--hiwi-target bias reads the layer biases, and those of the selected layers are all "
+                              "zero (an untrained model?): the adapter would get no input and never train; use "
+                              "--hiwi-target weight")  # fmt: skip
+    g = torch.Generator().manual_seed(config.seed)
+    for name in chosen:
+        m = layers[name]
+        if config.method == "pafi":
+            m.adapter = PaFi.from_weight(m.base_weight(), config.pafi_fraction)
+        else:
+            features = m.in_features if config.hiwi_target == "weight" else m.out_features
+            m.adapter = HiWi(features, config.hiwi_dim, config.hiwi_target, generator=g)
+    train_only_adapter(model)  # a LoRA start freezes into the base; a full-precision base freezes whole
 
 
 def frozen_to(model: nn.Module, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
@@ -182,10 +269,9 @@ def frozen_to(model: nn.Module, dtype: torch.dtype, device: torch.device) -> dic
     return originals
 
 
-def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {
-        k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] in LORA_KEYS
-    }
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors (LoRA factors, PaFi/HiWi tensors), as a resume state holds them."""
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if is_adapter_tensor(k)}
 
 
 def summary_writer() -> type:
@@ -312,7 +398,7 @@ class Trainer:
         from accelerate.utils import DistributedDataParallelKwargs
         from transformers import get_cosine_schedule_with_warmup
 
-        model, tokenizer = load_checkpoint(checkpoint)
+        model, tokenizer = load_base(checkpoint, config)
         if tokenizer is None:
             raise LowbitError(f"{checkpoint} has no tokenizer files: copy the tokenizer into the checkpoint folder")
         ensure_adapter(model, config)
@@ -438,7 +524,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             claim_work_dir(self.work)
             with atomic_dir(self.work / STATE, overwrite=True) as tmp:
-                save_file(lora_state(self.model), tmp / "adapter.safetensors")
+                save_file(adapter_state(self.model), tmp / "adapter.safetensors")
                 torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                             "rng": rng}, tmp / "optimizer.pt")  # fmt: skip
                 state = {"fingerprint": self.key, "step": step, "metrics": self.metrics}
@@ -468,7 +554,7 @@ class Trainer:
         }
         # Every rank reports the digest of its own adapter: equal digests show that the ranks stayed in lock-step.
         digest = hashlib.sha256()
-        for name, tensor in sorted(lora_state(self.model).items()):
+        for name, tensor in sorted(adapter_state(self.model).items()):
             digest.update(name.encode() + tensor.float().numpy().tobytes())
         result["adapter_sha256"] = digest.hexdigest()
         if self.accelerator.is_main_process:
@@ -478,9 +564,11 @@ class Trainer:
             for name, p in final.named_parameters():  # the frozen weights as loaded, not their bf16 copies
                 if name in self.originals:
                     p.data = self.originals[name]
-            save_checkpoint(
-                final.eval(), out, self.tokenizer, overwrite=overwrite, extra={"training.json": result, **files}
-            )
+            extra = {"training.json": result, **files}
+            if is_full_precision(final):
+                save_merged_model(final.eval(), out, self.tokenizer, overwrite, extra)
+            else:
+                save_checkpoint(final.eval(), out, self.tokenizer, overwrite=overwrite, extra=extra)
             remove_work_dir(self.work)
         self.accelerator.wait_for_everyone()
         return result
@@ -515,7 +603,9 @@ def finetune(
     device: str | torch.device | None = "auto",
     tensorboard: bool | str | Path = False,
 ) -> dict:
-    """Fine-tune the LoRA adapter of the lowbit ``checkpoint`` into the checkpoint ``out``; returns the metrics.
+    """Fine-tune the adapter (``config.method``) of the lowbit ``checkpoint`` into the checkpoint ``out``; returns
+    the metrics. With PaFi or HiWi, ``checkpoint`` may also be a full-precision model (folder or GGUF file): ``out``
+    is then that model with the adapter merged, a plain Hugging Face folder (see :func:`save_merged_model`).
 
     ``on_step(step)`` is called after each optimizer step (and its save), for callers that watch progress.
     ``device``: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N`` (a multi-process launch gives each
@@ -526,6 +616,8 @@ def finetune(
     """
     config = config or TrainConfig()
     checkpoint, out = Path(checkpoint), Path(out)
+    if config.method != "lora" and not is_lowbit_checkpoint(checkpoint):
+        checkpoint = resolve_model_path(checkpoint)  # a full-precision base: a model folder, or a GGUF file converted
     work = work_dir(out)
     # Before any loading, and also when resuming: a non-empty --out is never replaced without --overwrite.
     check_output_dir(out, overwrite, (checkpoint,))

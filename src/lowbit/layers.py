@@ -8,6 +8,9 @@ at most one dequantized weight at a time, not one per layer.
 The output is ``x W^T + b + scaling * dropout(x) A^T B^T`` with ``W = dequant(Q)``, which is PEFT's LoRA on a
 base whose weight is ``dequant(Q)``: the adapter saved by :mod:`lowbit.checkpoint` loads with PEFT onto the
 dense base that :func:`lowbit.layers.to_dense` produces.
+
+A PaFi or HiWi adapter (:mod:`lowbit.adapters`) instead adds ``x delta^T``, a learned delta of the layer's effective
+weight, and merges into it as ``W + delta``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit import kernels
+from lowbit.adapters import LORA_KEYS, WeightAdapter, is_weight_adapter_tensor
 from lowbit.quant import (
     QuantizedWeight,
     QuantSpec,
@@ -31,7 +35,7 @@ from lowbit.quant import (
 
 
 class QuantLinear(nn.Module):
-    """Packed low-bit linear layer plus LoRA (``rank`` 0 means no adapter)."""
+    """Packed low-bit linear layer plus LoRA (``rank`` 0 means no adapter) and/or a weight-space adapter."""
 
     def __init__(
         self,
@@ -64,6 +68,7 @@ class QuantLinear(nn.Module):
         self.lora_B: nn.Parameter | None = None
         self.scaling = 0.0
         self.lora_dropout: nn.Module = nn.Identity()
+        self.adapter: WeightAdapter | None = None  # PaFi/HiWi: a learned delta of base_weight()
         if rank:
             self.add_lora(rank, alpha, dropout)
 
@@ -143,6 +148,13 @@ class QuantLinear(nn.Module):
             return None
         return self.scaling * (self.lora_B @ self.lora_A)
 
+    def base_weight(self) -> torch.Tensor:
+        """The frozen effective weight a weight-space adapter reads and merges into: ``dequant(Q) + s B A``
+        (without LoRA: ``dequant(Q)``), float32 ``[out, in]``."""
+        weight = self.dequantized_weight(torch.float32)
+        delta = self.lora_delta()
+        return weight if delta is None else weight + delta.float()
+
     # ----- forward ------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The base product runs on the kernel selected for this call (lowbit.kernels): the reference on the CPU,
@@ -153,6 +165,8 @@ class QuantLinear(nn.Module):
         if self.lora_A is not None:
             lora = F.linear(F.linear(self.lora_dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
             y = y + self.scaling * lora
+        if self.adapter is not None:
+            y = y + self.adapter.output_delta(x, self.base_weight, self.bias)
         return y
 
     def extra_repr(self) -> str:
@@ -185,40 +199,92 @@ def is_linear(module: nn.Module) -> bool:
 def dense_module(layer: QuantLinear, merge_lora: bool = False) -> nn.Module:
     """A plain ``nn.Linear`` (or ``Conv1D`` where the layer came from one) with weight ``dequant(Q)``.
 
-    With ``merge_lora`` the LoRA product is added to the weight: ``W = dequant(Q) + scaling * B A``.
+    With ``merge_lora`` the trained adapters are merged: the LoRA product is added to the weight, ``W = dequant(Q)
+    + scaling * B A``, and a PaFi/HiWi adapter's delta over that, or over the bias for HiWi's bias variant (see
+    :meth:`WeightAdapter.merged`).
     """
-    weight = layer.dequantized_weight(torch.float32)
-    delta = layer.lora_delta() if merge_lora else None
-    if delta is not None:
-        weight = weight + delta.float()
-    if layer.fan_in_fan_out:
+    weight = layer.base_weight() if merge_lora else layer.dequantized_weight(torch.float32)
+    bias = layer.bias.detach().clone() if layer.bias is not None else None
+    if merge_lora and layer.adapter is not None:
+        weight, bias = layer.adapter.merge(weight, bias)
+    return plain_linear(weight, bias, layer.fan_in_fan_out)
+
+
+def plain_linear(weight: torch.Tensor, bias: torch.Tensor | None, fan_in_fan_out: bool) -> nn.Module:
+    """An ``nn.Linear`` with ``weight [out, in]`` and ``bias``, or GPT-2's ``Conv1D`` (``fan_in_fan_out``), which
+    stores the weight transposed and always has a bias."""
+    out_features, in_features = weight.shape
+    if fan_in_fan_out:
         from transformers.pytorch_utils import Conv1D
 
-        dense = Conv1D(layer.out_features, layer.in_features)
+        dense = Conv1D(out_features, in_features)
         dense.weight.data = weight.t().contiguous()
-        dense.bias.data = layer.bias.detach().clone() if layer.bias is not None else torch.zeros(layer.out_features)
+        dense.bias.data = bias if bias is not None else torch.zeros(out_features, dtype=weight.dtype)
         return dense
-    dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=weight.device)
+    dense = nn.Linear(in_features, out_features, bias=bias is not None, device=weight.device, dtype=weight.dtype)
     dense.weight.data = weight
-    if layer.bias is not None:
-        dense.bias.data = layer.bias.detach().clone()
+    if bias is not None:
+        dense.bias.data = bias
     return dense
 
 
-LORA_KEYS = ("lora_A", "lora_B")  # the adapter's parameter names in a QuantLinear (and in PEFT's state dicts)
+class AdaptedLinear(nn.Module):
+    """A full-precision linear layer (``nn.Linear``, or GPT-2's ``Conv1D``) with a PaFi/HiWi adapter: what
+    :class:`QuantLinear` is to a packed base, for fine-tuning a full-precision model with a method that merges into
+    its weights. The base stays frozen; :meth:`merged` gives the plain layer the model is saved with."""
+
+    def __init__(self, base: nn.Module, adapter: WeightAdapter | None = None) -> None:
+        super().__init__()
+        self.fan_in_fan_out = is_conv1d(base)
+        self.base = base.requires_grad_(False)
+        rows, cols = base.weight.shape  # nn.Linear: [out, in]; Conv1D: [in, out]
+        self.in_features, self.out_features = (rows, cols) if self.fan_in_fan_out else (cols, rows)
+        self.adapter = adapter
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def base_weight(self) -> torch.Tensor:
+        """The frozen weight, float32 ``[out, in]`` (Conv1D's transposed back)."""
+        weight = self.base.weight.float()
+        return weight.t() if self.fan_in_fan_out else weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.adapter is not None:
+            y = y + self.adapter.output_delta(x, self.base_weight, self.bias)
+        return y
+
+    @torch.no_grad()
+    def merged(self) -> nn.Module:
+        """The plain layer with the adapter merged, in the base's dtype."""
+        dtype = self.base.weight.dtype
+        bias = self.bias.detach().float().clone() if self.bias is not None else None
+        weight = self.base_weight().detach().clone()
+        if self.adapter is not None:
+            weight, bias = self.adapter.merge(weight, bias)
+        return plain_linear(weight.to(dtype), bias.to(dtype) if bias is not None else None, self.fan_in_fan_out)
 
 
-def train_only_lora(model: nn.Module) -> None:
-    """Make the LoRA factors the only trainable parameters, as PEFT's ``get_peft_model`` does: embeddings, head
-    and norms left trainable would be trained by any optimizer given ``model.parameters()`` -- more memory and
-    work, and a fine-tune that silently changes the base."""
+def train_only_adapter(model: nn.Module) -> None:
+    """Make the adapter the only trainable parameters, as PEFT's ``get_peft_model`` does: embeddings, head and
+    norms left trainable would be trained by any optimizer given ``model.parameters()`` -- more memory and work,
+    and a fine-tune that silently changes the base. The adapter is the PaFi/HiWi one where a layer has one (a LoRA
+    start, such as ApiQ's, is then part of the frozen base it reads), else the LoRA factors."""
+    weight_adapter = any(isinstance(m, WeightAdapter) for m in model.modules())
     for name, p in model.named_parameters():
-        p.requires_grad_(name.rsplit(".", 1)[-1] in LORA_KEYS)
+        p.requires_grad_(is_weight_adapter_tensor(name) if weight_adapter else name.rsplit(".", 1)[-1] in LORA_KEYS)
 
 
 def quant_layers(model: nn.Module) -> dict[str, QuantLinear]:
     """All QuantLinear modules of ``model`` by qualified name, in registration order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def adapter_layers(model: nn.Module) -> dict[str, QuantLinear | AdaptedLinear]:
+    """The layers that can carry a PaFi/HiWi adapter: the quantized ones, or a full-precision model's wrapped ones."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear | AdaptedLinear)}
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
