@@ -25,12 +25,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lowbit.arch import block_linears
 from lowbit.config import MethodOptions, option
-from lowbit.init.base import BlockContext, Initializer
+from lowbit.init.base import BlockContext, Initializer, block_loss, train_block
 from lowbit.init.fakequant import FakeQuantLinear
 from lowbit.init.gptq import GPTQ, gptq_codes
 from lowbit.init.wsvd import WSVD, layer_grams, wsvd_factors
@@ -97,14 +96,6 @@ def gptq_start(block: nn.Module, ctx: BlockContext, options: ApiQBlockwise.Optio
     return [p for m in quant_layers(block).values() for p in (m.lora_A, m.lora_B)]
 
 
-def block_loss(block: nn.Module, ctx: BlockContext, idx: torch.Tensor, second: bool, yq: torch.Tensor | None):
-    out = ctx.forward(block, ctx.window(ctx.xq, idx))
-    loss = F.mse_loss(out, ctx.window(ctx.y, idx))
-    if second:
-        loss = loss + F.mse_loss(out, ctx.window(yq, idx))
-    return loss
-
-
 class ApiQBlockwise(Initializer):
     name = "apiq-bw"
     needs_data = True
@@ -144,21 +135,8 @@ class ApiQBlockwise(Initializer):
             clip_params = [p for f in fakes.values() for p in f.clip_parameters()]
             lora_params = [p for f in fakes.values() for p in f.lora_parameters()]
         opt = optimizer(opts, clip_params, lora_params)
-        n = ctx.xq.shape[0]
-        epoch_losses = []
-        for epoch in range(opts.epochs):
-            order = torch.randperm(n, generator=ctx.generator)
-            total = 0.0
-            for s in range(0, n, batch):
-                loss = block_loss(block, ctx, order[s : s + batch], second, yq)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"apiq-bw loss became {loss.item()} in epoch {epoch + 1}")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += loss.item() * len(order[s : s + batch])
-            epoch_losses.append(total / n)
-            ctx.report({"epoch": epoch + 1, "loss": total / n})
+        loss_of = lambda idx: block_loss(block, ctx, idx, yq)  # noqa: E731 (yq: the second loss's target, if any)
+        epoch_losses = train_block(ctx, opt, loss_of, opts.epochs, batch, self.name)
         for name, fake in fakes.items():
             set_module(block, name, fake.to_quant())
         # The final block-output MSE is not recomputed here: the engine measures it (``mse``) on the same

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lowbit.config import LoraSpec, MethodOptions
@@ -53,6 +54,48 @@ class BlockContext:
         w = t[i.to(t.device) if isinstance(i, torch.Tensor) else i]
         w = w.unsqueeze(0) if w.dim() == 2 else w
         return w.to(self.device, non_blocking=True).to(dtype)
+
+
+def block_loss(block: nn.Module, ctx: BlockContext, idx: torch.Tensor, yq: torch.Tensor | None = None) -> torch.Tensor:
+    """ApiQ's block objective on windows ``idx``: ``MSE(block(Xq), Y)``, the quantized block on its own inputs against
+    the full-precision block's outputs, plus ``MSE(block(Xq), Yq)`` when ``yq`` (the full-precision block's outputs
+    on the quantized inputs) is given."""
+    out = ctx.forward(block, ctx.window(ctx.xq, idx))
+    loss = F.mse_loss(out, ctx.window(ctx.y, idx))
+    if yq is not None:
+        loss = loss + F.mse_loss(out, ctx.window(yq, idx))
+    return loss
+
+
+def train_block(
+    ctx: BlockContext,
+    opt: torch.optim.Optimizer,
+    loss_of: Callable[[torch.Tensor], torch.Tensor],
+    epochs: int,
+    batch: int,
+    method: str,
+) -> list[float]:
+    """The block-wise training loop the trained initializers share (``apiq-bw``, ``blockap``): ``epochs`` passes
+    over the calibration windows in an order drawn from ``ctx.generator``, one ``opt`` step per ``batch`` windows on
+    ``loss_of(window indices)``; returns each epoch's mean loss, also reported to ``ctx`` as it ends. A loss that is
+    not finite stops the block with the method's name and the epoch (the engine adds the block)."""
+    n = ctx.xq.shape[0]
+    losses = []
+    for epoch in range(epochs):
+        order = torch.randperm(n, generator=ctx.generator)
+        total = 0.0
+        for s in range(0, n, batch):
+            idx = order[s : s + batch]
+            loss = loss_of(idx)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{method} loss became {loss.item()} in epoch {epoch + 1}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        losses.append(total / n)
+        ctx.report({"epoch": epoch + 1, "loss": total / n})
+    return losses
 
 
 class Initializer(ABC):

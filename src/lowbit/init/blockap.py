@@ -33,7 +33,7 @@ from torch import nn
 from lowbit.arch import block_linears
 from lowbit.config import option
 from lowbit.errors import LowbitError
-from lowbit.init.base import BlockContext, Initializer
+from lowbit.init.base import BlockContext, Initializer, block_loss, train_block
 from lowbit.init.gptq import GPTQ, gptq_codes
 from lowbit.init.wsvd import WSVD, layer_grams, wsvd_factors
 from lowbit.layers import QuantLinear, linear_weight, set_module
@@ -148,21 +148,4 @@ class BlockAP(Initializer):
             {"params": [p for f in fakes.values() for p in f.qparams()], "lr": opts.qparam_lr},
         ]
         opt = torch.optim.AdamW(groups, weight_decay=opts.weight_decay)
-        batch = opts.batch
-        n = ctx.xq.shape[0]
-        losses = []
-        for epoch in range(opts.epochs):
-            order = torch.randperm(n, generator=ctx.generator)
-            total = 0.0
-            for s in range(0, n, batch):
-                idx = order[s : s + batch]
-                loss = F.mse_loss(ctx.forward(block, ctx.window(ctx.xq, idx)), ctx.window(ctx.y, idx))
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"blockap loss became {loss.item()} in epoch {epoch + 1}")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += loss.item() * len(idx)
-            losses.append(total / n)
-            ctx.report({"epoch": epoch + 1, "loss": total / n})
-        return losses
+        return train_block(ctx, opt, lambda idx: block_loss(block, ctx, idx), opts.epochs, opts.batch, self.name)
