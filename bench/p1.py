@@ -151,6 +151,7 @@ def run_row(name: str, windows: int, keep: Path | None = None, bible_column: boo
                     fp, _ = lowbit.load_model(folder)
                     calib = self_calibration(fp, tokenizer, n, SEQLEN, CALIB_SEED, progress=sys.stderr.isatty())
                     row["calib_seconds"] = round(time.perf_counter() - start, 2)
+                    config.options.update(calib_temperature=1.0)
                     del fp
                 else:
                     if calib_source == "bible":

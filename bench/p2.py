@@ -359,7 +359,9 @@ def main() -> None:
         print(benchlib.stored_table(RESULTS, list(ROWS), table))
         return
     if args.methods_table:
-        compared = [f"lowbit-{s}{m}" for s in WEIGHT_METHOD_STARTS for m in ("", *(f"-{w}" for w in WEIGHT_METHODS))]
+        suffixes = ("", *(f"-{w}" for w in WEIGHT_METHODS))
+        compared = [f"fp-{m}" for m in ("lora", *WEIGHT_METHODS)]
+        compared += [f"lowbit-{s}{m}" for s in WEIGHT_METHOD_STARTS for m in suffixes]
         print(benchlib.stored_table(RESULTS, [n for n in ROWS if n in compared], methods_table))
         return
     if args.worker:

@@ -366,3 +366,40 @@ def test_adapted_full_precision_layer_forward_equals_its_merge(conv1d: bool) -> 
         assert type(merged) is type(base) and merged.weight.shape == base.weight.shape
         assert torch.allclose(merged(x), layer(x), atol=1e-5)
         assert not any(p.requires_grad for p in layer.base.parameters())
+
+
+@pytest.mark.parametrize("kind", ["pafi", "hiwi", "hiwi-bias"])
+def test_recomputed_delta_gives_plain_autograds_gradients(kind: str) -> None:
+    """The training form rebuilds the delta in backward (no per-layer dense copy kept); its gradients are those of
+    the plain computation ``x (W + delta)^T + b``."""
+    torch.manual_seed(0)
+    layer = QuantLinear.from_linear(torch.nn.Linear(64, 48), QuantSpec(4, 32))
+    torch.nn.init.normal_(layer.bias, std=0.1)
+    layer.bias.requires_grad_(False)
+    layer.adapter = {"pafi": lambda: PaFi.from_weight(layer.base_weight(), 0.1), "hiwi": lambda: HiWi(64, 4),
+                     "hiwi-bias": lambda: HiWi(48, 4, "bias")}[kind]()  # fmt: skip
+    for p in layer.adapter.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    layer(x).square().sum().backward()
+    got = [p.grad.clone() for p in layer.adapter.parameters()] + [x.grad.clone()]
+    for p in [*layer.adapter.parameters(), x]:
+        p.grad = None
+    weight, bias = layer.base_weight(), layer.bias.detach().float()
+    if kind == "hiwi-bias":
+        bias = bias + layer.adapter.delta(bias)
+    else:
+        weight = weight + layer.adapter.delta(weight)
+    F.linear(x, weight, bias).square().sum().backward()
+    expected = [p.grad for p in layer.adapter.parameters()] + [x.grad]
+    assert all(torch.allclose(g, e, rtol=1e-4, atol=1e-5) for g, e in zip(got, expected, strict=True))
+    assert all(g.abs().sum() > 0 for g in got)
+
+
+def test_adapter_trained_in_bf16_is_saved_as_float32(tmp_path: Path) -> None:
+    ckpt = quantized(tmp_path)
+    config = small(text_file(tmp_path), samples=8, method="pafi", lora_dtype="bf16")
+    finetune(ckpt, tmp_path / "ft", config, progress=False)
+    stored = load_file(tmp_path / "ft" / ADAPTER_TENSORS)
+    assert {v.dtype for k, v in stored.items() if k.endswith(".values")} == {torch.float32}
+    assert {v.dtype for k, v in stored.items() if k.endswith(".index")} == {torch.int32}

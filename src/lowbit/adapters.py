@@ -30,6 +30,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lowbit.errors import LowbitError
 
@@ -67,7 +68,15 @@ class WeightAdapter(nn.Module):
         the weight or bias); ``weight()`` gives the layer's frozen ``[out, in]`` base weight, ``bias`` its bias."""
         if self.target == "bias":
             return self.delta(bias.detach()).to(x.dtype)
-        return F.linear(x, self.delta(weight().detach() if self.needs_weight else None).to(x.dtype))
+
+        def product(x: torch.Tensor) -> torch.Tensor:
+            return F.linear(x, self.delta(weight().detach() if self.needs_weight else None).to(x.dtype))
+
+        if not torch.is_grad_enabled():
+            return product(x)
+        # Recomputed in backward, not kept: autograd would otherwise hold every adapted layer's dense delta (and
+        # HiWi's input weight) until backward, a float32 copy of all adapted weights on top of the packed base.
+        return checkpoint(product, x, use_reentrant=False)
 
     def merge(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The layer's ``(weight [out, in], bias)`` with the adapter merged into the one it targets."""
@@ -201,15 +210,20 @@ def select_layers(names: list[str], pattern: str) -> list[str]:
     chosen = [n for n in names if re.search(pattern, n)] if pattern else list(names)
     if not chosen:
         shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
-        raise LowbitError(f"--adapter-layers {pattern!r} matches none of the {len(names)} quantized layers "
+        raise LowbitError(f"--adapter-layers {pattern!r} matches none of the {len(names)} linear layers "
                           f"({shown}): give a pattern such as 'mlp' or 'self_attn\\.(q|v)_proj'")  # fmt: skip
     return chosen
+
+
+def is_lora_tensor(name: str) -> bool:
+    """Whether state-dict entry ``name`` is a layer's LoRA factor."""
+    return name.rsplit(".", 1)[-1] in LORA_KEYS
 
 
 def is_adapter_tensor(name: str) -> bool:
     """Whether state-dict entry ``name`` belongs to a trained adapter (LoRA factors or a WeightAdapter's tensors),
     not to the base model."""
-    return name.rsplit(".", 1)[-1] in LORA_KEYS or is_weight_adapter_tensor(name)
+    return is_lora_tensor(name) or is_weight_adapter_tensor(name)
 
 
 def is_weight_adapter_tensor(name: str) -> bool:

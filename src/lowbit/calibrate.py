@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lowbit.adapters import LORA_KEYS
+from lowbit.adapters import is_lora_tensor
 from lowbit.api import check_shapes
 from lowbit.arch import find_blocks
 from lowbit.checkpoint import (
@@ -205,8 +205,8 @@ def calibrate(
 
     def finish_block(i: int, block: nn.Module, result: BlockResult, x, xq) -> None:
         tensors = {f"{prefix}.{i}.{k}": v.cpu().contiguous() for k, v in block.state_dict().items()}
-        base = {k: v.to(storage.get(k, v.dtype)) for k, v in tensors.items() if k.rsplit(".", 1)[-1] not in LORA_KEYS}
-        lora = {k: v for k, v in tensors.items() if k.rsplit(".", 1)[-1] in LORA_KEYS}
+        base = {k: v.to(storage.get(k, v.dtype)) for k, v in tensors.items() if not is_lora_tensor(k)}
+        lora = {k: v for k, v in tensors.items() if is_lora_tensor(k)}
         _save(base, work / f"model-block-{i:05d}.safetensors")
         if lora:
             _save(lora, work / f"lora-{i:05d}.safetensors")

@@ -238,8 +238,9 @@ def save_weight_adapter(model: nn.Module, folder: Path) -> bool:
     settings = {json.dumps(a.settings(), sort_keys=True) for a in layers.values()}
     if len(settings) > 1:
         raise LowbitError("layers have different weight-adapter settings; a checkpoint records one method")
-    tensors = {f"{name}.{k}": v.detach().contiguous().cpu() for name, a in layers.items()
-               for k, v in a.state_dict().items()}  # fmt: skip
+    # float32 values whatever they trained in (``--lora-dtype bf16``), as the LoRA adapter is saved; PaFi's index as is
+    tensors = {f"{name}.{k}": (v.float() if v.is_floating_point() else v).detach().contiguous().cpu()
+               for name, a in layers.items() for k, v in a.state_dict().items()}  # fmt: skip
     save_file(tensors, folder / ADAPTER_TENSORS, metadata={"format": "pt"})
     write_json(folder / ADAPTER_SETTINGS, {**json.loads(settings.pop()), "modules": sorted(layers)})
     return True
@@ -252,6 +253,24 @@ def write_extra(folder: Path, extra: dict[str, object] | None) -> None:
             (shutil.copytree if record.is_dir() else shutil.copyfile)(record, folder / name)
         else:
             write_json(folder / name, record)
+
+
+def read_weight_adapter(folder: Path) -> dict | None:
+    """The checkpoint's PaFi/HiWi settings (``weight_adapter.json``), or None when it has none; an unknown method or
+    a damaged file is a clear error."""
+    path = folder / ADAPTER_SETTINGS
+    if not path.is_file():
+        return None
+    try:
+        settings = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise LowbitError(f"{path} is damaged ({exc}): re-create the checkpoint") from None
+    if not isinstance(settings, dict) or not isinstance(settings.get("modules"), list):
+        raise LowbitError(f"{path} has no list of modules: it was edited or damaged; re-create the checkpoint")
+    if settings.get("method") not in ADAPTERS:
+        raise LowbitError(f"{path} names an unknown adapter method {settings.get('method')!r}: upgrade lowbit or "
+                          "re-create it")  # fmt: skip
+    return settings
 
 
 def save_checkpoint(
@@ -456,12 +475,8 @@ def load_checkpoint(folder: str | Path, verify: bool | None = None) -> tuple[nn.
         for key, value in lora.items():
             name = key.removeprefix(PEFT_PREFIX).removesuffix(".weight")  # "<module>.lora_A"
             tensors[name] = value
-    weight_adapter = None
-    if (folder / ADAPTER_SETTINGS).is_file():
-        weight_adapter = json.loads((folder / ADAPTER_SETTINGS).read_text())
-        if weight_adapter.get("method") not in ADAPTERS:
-            raise LowbitError(f"{folder / ADAPTER_SETTINGS} names an unknown adapter method "
-                              f"{weight_adapter.get('method')!r}: upgrade lowbit or re-create it")  # fmt: skip
+    weight_adapter = read_weight_adapter(folder)
+    if weight_adapter is not None:
         for key, value in _read_safetensors(folder / ADAPTER_TENSORS)[0].items():
             module, _, leaf = key.rpartition(".")
             tensors[f"{module}.{ADAPTER}.{leaf}"] = value
@@ -524,8 +539,8 @@ def checkpoint_info(folder: str | Path) -> dict:
         r = json.loads((folder / ADAPTER_CONFIG).read_text())["r"]
         lora_params = sum(r * (out_f + in_f) for out_f, in_f, *_ in qc["modules"].values())
     adapter_method, adapter_params = None, 0
-    if (folder / ADAPTER_SETTINGS).is_file():
-        settings = json.loads((folder / ADAPTER_SETTINGS).read_text())
+    settings = read_weight_adapter(folder)
+    if settings is not None:
         adapter_method = settings["method"]
         for name in settings["modules"]:  # the trained parameters of an empty adapter of each layer's shape
             out_f, in_f, *_ = qc["modules"][name]

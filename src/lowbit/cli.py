@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import os
 import resource
@@ -139,7 +140,10 @@ def cmd_quantize(args: argparse.Namespace) -> None:
             device = resolve_device(args.device)
             model, _ = load_model(source, torch.bfloat16 if device.type == "cuda" else torch.float32, device)
             calib = self_calibration(model, tokenizer, n, args.calib_seqlen, args.calib_seed, args.calib_temperature)
-            del model
+            del model  # freed before calibration sizes its device budget from the free memory
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
             config.options.update(calib_temperature=args.calib_temperature)
         else:
             wins = text_windows(args.calib, tokenizer, args.calib_seqlen, split="train")
@@ -202,6 +206,9 @@ def _export_calib(args: argparse.Namespace):
     from lowbit.data import sample_windows, text_windows
     from lowbit.models import load_tokenizer
 
+    if args.calib == "self":
+        raise LowbitError("export takes --calib ptb or a .txt/.jsonl file, not self: a fine-tuned model's own samples "
+                          "would echo its training data rather than cover the text it will see")  # fmt: skip
     wins = text_windows(args.calib, load_tokenizer(Path(args.dir)), args.calib_seqlen, split="train")
     return sample_windows(wins, args.calib_windows, args.calib_seed)
 

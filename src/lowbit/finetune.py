@@ -3,7 +3,8 @@
 Only the adapter trains: the LoRA factors, or with ``method`` pafi/hiwi the weight-space adapter of
 :mod:`lowbit.adapters` (a LoRA start the checkpoint has then stays frozen, as part of the base). The base stays
 packed: every :class:`~lowbit.layers.QuantLinear` rebuilds its weight for its own matmul and again in backward, so
-at most one layer's full-precision weight exists at a time (HiWi also rebuilds it for its adapter's input).
+at most one layer's full-precision weight exists at a time; a PaFi/HiWi delta (and HiWi's input, that weight) is
+likewise rebuilt in backward rather than kept per layer (:meth:`lowbit.adapters.WeightAdapter.output_delta`).
 
 The data order is a pure function of ``(seed, epoch, step)``: each epoch shuffles the examples with its own seeded
 generator, and step ``s`` takes the next ``batch_size`` of them. With ``P`` processes (``accelerate launch`` or
@@ -189,6 +190,7 @@ def is_full_precision(model: nn.Module) -> bool:
 def save_merged_model(model: nn.Module, out: Path, tokenizer, overwrite: bool, extra: dict[str, object]) -> None:
     """Save a fine-tuned full-precision base as a plain Hugging Face model with the adapter merged, so it runs at
     the base model's speed as it is, plus the adapter's own files (``weight_adapter.*``) and ``extra``."""
+    model.cpu()  # after a GPU run the frozen weights are back as their host copies; the adapter must join them
     with atomic_dir(out, overwrite) as tmp:
         save_weight_adapter(model, tmp)
         for name, layer in adapter_layers(model).items():

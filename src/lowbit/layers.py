@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit import kernels
-from lowbit.adapters import LORA_KEYS, WeightAdapter, is_weight_adapter_tensor
+from lowbit.adapters import WeightAdapter, is_lora_tensor, is_weight_adapter_tensor
 from lowbit.quant import (
     QuantizedWeight,
     QuantSpec,
@@ -233,13 +233,13 @@ class AdaptedLinear(nn.Module):
     :class:`QuantLinear` is to a packed base, for fine-tuning a full-precision model with a method that merges into
     its weights. The base stays frozen; :meth:`merged` gives the plain layer the model is saved with."""
 
-    def __init__(self, base: nn.Module, adapter: WeightAdapter | None = None) -> None:
+    def __init__(self, base: nn.Module) -> None:
         super().__init__()
         self.fan_in_fan_out = is_conv1d(base)
         self.base = base.requires_grad_(False)
         rows, cols = base.weight.shape  # nn.Linear: [out, in]; Conv1D: [in, out]
         self.in_features, self.out_features = (rows, cols) if self.fan_in_fan_out else (cols, rows)
-        self.adapter = adapter
+        self.adapter: WeightAdapter | None = None  # set by lowbit.finetune
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -274,7 +274,7 @@ def train_only_adapter(model: nn.Module) -> None:
     start, such as ApiQ's, is then part of the frozen base it reads), else the LoRA factors."""
     weight_adapter = any(isinstance(m, WeightAdapter) for m in model.modules())
     for name, p in model.named_parameters():
-        p.requires_grad_(is_weight_adapter_tensor(name) if weight_adapter else name.rsplit(".", 1)[-1] in LORA_KEYS)
+        p.requires_grad_(is_weight_adapter_tensor(name) if weight_adapter else is_lora_tensor(name))
 
 
 def quant_layers(model: nn.Module) -> dict[str, QuantLinear]:

@@ -76,24 +76,17 @@ def sample_batch(
     """Windows ``indices`` ``[len(indices), seqlen]``: ``start``, then ``seqlen - 1`` sampled tokens each; tokens in
     ``banned`` (the end of text) are never drawn, so every window is one running text. Decoding is transformers'
     own (``generate``, greedy over :class:`GumbelNoise`'s scores), with its KV cache."""
-    from transformers import LogitsProcessorList
+    from transformers import GenerationConfig, LogitsProcessorList
 
     device = next(model.parameters()).device
     noise = GumbelNoise([window_generator(seed, i) for i in indices], temperature, banned)
     ids = torch.full((len(indices), 1), start, dtype=torch.long, device=device)
-    out = model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        do_sample=False,
-        max_new_tokens=seqlen - 1,
-        min_new_tokens=seqlen - 1,
-        logits_processor=LogitsProcessorList([noise]),
-        pad_token_id=start,
-        top_k=None,
-        top_p=None,
-        temperature=None,
-    )
-    return out.cpu()
+    # A fresh config, not the model's generation_config: its repetition penalty, n-gram bans or sampling settings
+    # would bend the draw away from the model's own distribution.
+    config = GenerationConfig(do_sample=False, max_new_tokens=seqlen - 1, min_new_tokens=seqlen - 1,
+                              pad_token_id=start, eos_token_id=None)  # fmt: skip
+    mask, processors = torch.ones_like(ids), LogitsProcessorList([noise])
+    return model.generate(ids, attention_mask=mask, generation_config=config, logits_processor=processors).cpu()
 
 
 def self_calibration(
@@ -108,6 +101,8 @@ def self_calibration(
 ) -> torch.Tensor:
     """``n`` calibration windows ``[n, seqlen]`` sampled by the full-precision ``model`` itself (see the module
     docstring); deterministic for a given model, device, ``seed`` and ``temperature``."""
+    if tokenizer is None:
+        raise LowbitError("the model has no tokenizer files: copy the tokenizer into the model folder")
     if n < 1 or seqlen < 5:
         raise LowbitError(f"self-calibration needs at least 1 window of at least 5 tokens, got {n} x {seqlen}")
     if temperature <= 0:
@@ -121,19 +116,21 @@ def self_calibration(
     model.eval()
     bar = tqdm(total=n, desc="self-calibration", unit="window", disable=not progress)
     index = 0
-    while len(kept) < n:
-        if index >= budget:
-            raise LowbitError(f"the model's samples loop: {len(kept)} of {n} usable windows after {budget} draws; "
-                              "calibrate on text instead (--calib ptb or a .txt/.jsonl file)")  # fmt: skip
-        take = list(range(index, min(index + batch_size, index + n - len(kept), budget)))
-        index = take[-1] + 1
-        for window in sample_batch(model, start, take, seqlen, seed, temperature, banned):
-            key = window.numpy().tobytes()
-            if is_degenerate(window) or key in seen:
-                continue
-            seen.add(key)
-            kept.append(window)
-            bar.update(1)
-    bar.close()
-    model.train(was_training)
+    try:
+        while len(kept) < n:
+            if index >= budget:
+                raise LowbitError(f"the model's samples loop: {len(kept)} of {n} usable windows after {budget} "
+                                  "draws; calibrate on text instead (--calib ptb or a .txt/.jsonl file)")  # fmt: skip
+            take = list(range(index, min(index + batch_size, index + n - len(kept), budget)))
+            index = take[-1] + 1
+            for window in sample_batch(model, start, take, seqlen, seed, temperature, banned):
+                key = window.numpy().tobytes()
+                if is_degenerate(window) or key in seen:
+                    continue
+                seen.add(key)
+                kept.append(window)
+                bar.update(1)
+    finally:
+        bar.close()
+        model.train(was_training)
     return torch.stack(kept[:n])
