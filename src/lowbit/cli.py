@@ -544,8 +544,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     q.set_defaults(func=cmd_quantize)
 
-    f = add("finetune", "train the LoRA adapter of a lowbit checkpoint (packed base; resumable; accelerate/torchrun)")
-    f.add_argument("dir", help="lowbit checkpoint (from `lowbit quantize`)")
+    f = add("finetune", "train the adapter (LoRA, PaFi or HiWi) of a lowbit checkpoint (packed base; resumable; "
+            "accelerate/torchrun)")  # fmt: skip
+    f.add_argument("dir", help="lowbit checkpoint (from `lowbit quantize`); with --method pafi|hiwi also a "
+                   "full-precision model folder or .gguf file (OUT is then the merged plain model)")  # fmt: skip
     f.add_argument(
         "--data", default="ptb", help="clm: ptb, .txt or .jsonl text; sft: .jsonl prompt/response or messages"
     )
