@@ -215,7 +215,7 @@ def test_cli_finetune_and_export_plain_model(method: str, flag: str, tmp_path: P
         (["--method", "pafi", "--pafi-fraction", "1.5"], "--pafi-fraction must be in (0, 1], got 1.5"),
         (["--method", "hiwi", "--hiwi-dim", "0"], "--hiwi-dim must be at least 1, got 0"),
         (["--method", "hiwi", "--hiwi-target", "bias"], "--hiwi-target bias adapts layer biases, and none of the"),
-        (["--method", "pafi", "--adapter-layers", "nothing_here"], "matches none of the 14 quantized layers"),
+        (["--method", "pafi", "--adapter-layers", "nothing_here"], "matches none of the 14 linear layers"),
         (["--method", "pafi", "--adapter-layers", "mlp("], "is not a regular expression"),
         (["--adapter-layers", "mlp"], "--adapter-layers selects the layers of a pafi or hiwi adapter"),
     ],
