@@ -362,7 +362,9 @@ def main() -> None:
         suffixes = ("", *(f"-{w}" for w in WEIGHT_METHODS))
         compared = [f"fp-{m}" for m in ("lora", *WEIGHT_METHODS)]
         compared += [f"lowbit-{s}{m}" for s in WEIGHT_METHOD_STARTS for m in suffixes]
-        print(benchlib.stored_table(RESULTS, [n for n in ROWS if n in compared], methods_table))
+        stored = json.loads(RESULTS.read_text())["rows"] if RESULTS.is_file() else {}
+        measured = [n for n in ROWS if n in compared and "trainable_params" in stored.get(n, {})]
+        print(benchlib.stored_table(RESULTS, measured, methods_table))
         return
     if args.worker:
         print(json.dumps(run_row(args.worker, args.windows, args.micro_batch)))
