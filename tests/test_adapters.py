@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import lowbit
-from conftest import run_until_killed, save_tiny, tiny_tokenizer
+from conftest import save_tiny, tiny_tokenizer
 from lowbit.adapters import ADAPTER_SETTINGS, ADAPTER_TENSORS, HiWi, PaFi, pafi_count
 from lowbit.calibrate import calibrate
 from lowbit.checkpoint import ADAPTER_WEIGHTS, load_checkpoint
@@ -110,30 +110,6 @@ def test_resume_after_crash_gives_identical_weight_adapter(method: str, tmp_path
     ref, res = load_file(tmp_path / "a" / ADAPTER_TENSORS), load_file(tmp_path / "b" / ADAPTER_TENSORS)
     assert ref.keys() == res.keys() and all(torch.equal(ref[k], res[k]) for k in ref)
     assert resumed["adapter_sha256"] == reference["adapter_sha256"]
-
-
-def test_sigkill_then_resume_gives_identical_weight_adapter(tmp_path: Path) -> None:
-    ckpt = quantized(tmp_path)
-    config = small(text_file(tmp_path), save_every=2, method="pafi")
-    reference = finetune(ckpt, tmp_path / "a", config, progress=False)
-    run_until_killed(
-        tmp_path,
-        f"""
-        from test_finetune import small
-        from lowbit.finetune import finetune
-
-        def die(done):
-            if done == 5:
-                os.kill(os.getpid(), signal.SIGKILL)
-
-        finetune({str(ckpt)!r}, {str(tmp_path / "b")!r}, small({str(tmp_path / "train.txt")!r}, save_every=2,
-                 method="pafi"), progress=False, on_step=die)
-    """,
-    )
-    resumed = finetune(ckpt, tmp_path / "b", config, progress=False)
-    assert resumed["resumed_from_step"] == 4 and resumed["losses"] == reference["losses"]
-    ref, res = load_file(tmp_path / "a" / ADAPTER_TENSORS), load_file(tmp_path / "b" / ADAPTER_TENSORS)
-    assert all(torch.equal(ref[k], res[k]) for k in ref)
 
 
 @pytest.mark.parametrize("method", ["pafi", "hiwi"])

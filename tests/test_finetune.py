@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 import lowbit
 from conftest import run_until_killed, save_tiny, tiny_text, tiny_tokenizer
+from lowbit.adapters import ADAPTER_TENSORS
 from lowbit.calibrate import calibrate
 from lowbit.checkpoint import ADAPTER_WEIGHTS, load_checkpoint
 from lowbit.cli import main
@@ -103,10 +104,12 @@ def test_resume_after_crash_gives_identical_adapter(kw: dict, tmp_path: Path) ->
     assert not (tmp_path / ".b.partial").exists()
 
 
-def test_sigkill_then_resume_gives_identical_adapter(tmp_path: Path) -> None:
-    """A real ``kill -9`` (no exception handlers, no cleanup) after step 5, then the same call resumes from step 4."""
+@pytest.mark.parametrize("method", ["lora", "pafi"])
+def test_sigkill_then_resume_gives_identical_adapter(method: str, tmp_path: Path) -> None:
+    """A real ``kill -9`` (no exception handlers, no cleanup) after step 5, then the same call resumes from step 4;
+    for LoRA and for a weight-space adapter (PaFi), whose tensors a resume restores the same way."""
     ckpt = quantized(tmp_path)
-    config = small(text_file(tmp_path), save_every=2)
+    config = small(text_file(tmp_path), save_every=2, method=method)
     reference = finetune(ckpt, tmp_path / "a", config, progress=False)
     run_until_killed(
         tmp_path,
@@ -118,15 +121,17 @@ def test_sigkill_then_resume_gives_identical_adapter(tmp_path: Path) -> None:
             if done == 5:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-        finetune({str(ckpt)!r}, {str(tmp_path / "b")!r}, small({str(tmp_path / "train.txt")!r}, save_every=2),
-                 progress=False, on_step=die)
+        finetune({str(ckpt)!r}, {str(tmp_path / "b")!r}, small({str(tmp_path / "train.txt")!r}, save_every=2,
+                 method={method!r}), progress=False, on_step=die)
     """,
     )
     assert not (tmp_path / "b").exists()
     resumed = finetune(ckpt, tmp_path / "b", config, progress=False)
     assert resumed["resumed_from_step"] == 4
     assert resumed["losses"] == reference["losses"]
-    ref, res = adapter(tmp_path / "a"), adapter(tmp_path / "b")
+    trained = ADAPTER_WEIGHTS if method == "lora" else ADAPTER_TENSORS
+    ref, res = load_file(tmp_path / "a" / trained), load_file(tmp_path / "b" / trained)
+    assert ref.keys() == res.keys()
     assert all(torch.equal(ref[k], res[k]) for k in ref)
 
 
