@@ -9,8 +9,11 @@ is measured (they change no result: the method trains on the same 32); rows name
 on the English side of the P3 mono and train verses instead (disjoint from the Bible eval text), so a method that
 only learns its calibration text shows it; rows named ``...-calib-self`` calibrate on 36 windows the full-precision
 model samples itself from BOS at temperature 1 (``lowbit quantize --calib self``; data-free, the sampling time is
-part of the row's quantize time). LoRA r8/alpha16 on every block linear. The Bible text needs pysword
-and the Debian SWORD module (``apt-get install sword-text-web``).
+part of the row's quantize time); rows named ``...-calib-mix`` calibrate on 18 PTB windows and 18 self-sampled
+ones, alternating (``lowbit quantize --calib ptb,self``), so the Bible column is a domain neither saw; rows named
+``...val...`` hold the last 4 of the 32 windows back from the training steps and keep, per block, the epoch with the
+lowest loss on them (``--val-windows 4``). LoRA r8/alpha16 on every block linear. The Bible text needs pysword and
+the Debian SWORD module (``apt-get install sword-text-web``).
 
     python bench/p1.py                                  # all rows
     python bench/p1.py --rows fp32,rtn4,rtn3,rtn2,nf4 --results runs/demo/p1.json   # what `make demo` runs
@@ -45,9 +48,11 @@ CALIB_SEED = 0
 HOLDOUT_WINDOWS = 4
 BIBLE_EVAL_SPLITS = ("test", "valid")  # P3 verses whose English side is the Bible eval text
 BIBLE_CALIB_SPLITS = ("mono", "train")  # the other P3 verses: Bible calibration text, disjoint from the eval text
-CROSS_DOMAIN = ("gptq", "apiq-bw-gptq2", "blockap", "blockap-gptq")  # W2 rows also calibrated on the Bible
+# W2 rows also calibrated on the Bible, self-sampled text, and a mixture
+CROSS_DOMAIN = ("gptq", "apiq-bw-gptq2", "apiq-bw-gptq2val", "blockap", "blockap-gptq")
 PUBLISHED = {"epochs": 20, "clip_lr": 5e-3, "lora_lr": 5e-4, "weight_decay": 0.1, "batch": 1, "clip_init": 4.0}
 WARM_EPOCHS = 2
+VAL_WINDOWS = 4  # of the 32 calibration windows, held back from the steps of the ...val rows (they train on 28)
 
 
 def _rows() -> dict[str, tuple[str, dict | None]]:
@@ -76,6 +81,10 @@ def _rows() -> dict[str, tuple[str, dict | None]]:
             options = {**warm, "epochs": epochs, "warm_start": "gptq"}
             rows[f"apiq-bw-gptq{epochs}-w{b}"] = (f"ApiQ-bw GPTQ+wsvd start, {epochs} LoRA epochs {w} (lowbit)",
                                                   dict(bits=b, init="apiq-bw", options=options))  # fmt: skip
+        options = {**warm, "warm_start": "gptq", "val_windows": VAL_WINDOWS}  # each block keeps its best epoch
+        rows[f"apiq-bw-gptq2val-w{b}"] = (f"ApiQ-bw GPTQ+wsvd start, best of 2 LoRA epochs on {VAL_WINDOWS} "
+                                          f"validation windows {w} (lowbit)", dict(bits=b, init="apiq-bw",
+                                                                                  options=options))  # fmt: skip
         rows[f"blockap-w{b}"] = (f"Block-AP (EfficientQAT) min-max start, wsvd LoRA {w}", dict(bits=b, init="blockap"))
         rows[f"blockap-gptq-w{b}"] = (f"Block-AP (EfficientQAT) GPTQ start, wsvd LoRA {w}",
                                       dict(bits=b, init="blockap", options={"warm_start": "gptq"}))  # fmt: skip
@@ -83,6 +92,7 @@ def _rows() -> dict[str, tuple[str, dict | None]]:
         label, kwargs = rows[f"{name}-w2"]
         rows[f"{name}-w2-calib-bible"] = (f"{label}, calibrated on Bible text", {**kwargs, "calib": "bible"})
         rows[f"{name}-w2-calib-self"] = (f"{label}, self-calibrated (model-sampled text)", {**kwargs, "calib": "self"})
+        rows[f"{name}-w2-calib-mix"] = (f"{label}, PTB + self-sampled mixture", {**kwargs, "calib": "ptb,self"})
     return rows
 
 
@@ -107,7 +117,7 @@ def run_row(name: str, windows: int, keep: Path | None = None, bible_column: boo
     import lowbit
     from lowbit.calibrate import calibrate
     from lowbit.config import INITIALIZERS
-    from lowbit.data import sample_windows, text_windows
+    from lowbit.data import calib_sources, mixed_windows, sample_windows, text_windows
     from lowbit.engine import EngineOptions
     from lowbit.errors import LowbitError
     from lowbit.evaluate import perplexity
@@ -123,11 +133,12 @@ def run_row(name: str, windows: int, keep: Path | None = None, bible_column: boo
     tokenizer = load_tokenizer(folder)
     row: dict = {"row": name, "label": label}
     bible = None
-    if bible_column or calib_source == "bible":
+    bible_calib = "bible" in calib_sources(calib_source)
+    if bible_column or bible_calib:
         try:
             bible = bible_windows(tokenizer, BIBLE_EVAL_SPLITS, limit=windows)
         except LowbitError as exc:
-            if calib_source == "bible":  # the row is about Bible text: without it, one line and no work done
+            if bible_calib:  # the row is about Bible text: without it, one line and no work done
                 raise
             # a first run needs no Debian package: the Bible column is left empty, and said so
             print(f"[p1] {name}: no Bible perplexity ({exc})", file=sys.stderr, flush=True)
@@ -145,21 +156,24 @@ def run_row(name: str, windows: int, keep: Path | None = None, bible_column: boo
             config = lowbit.QuantConfig(group_size=64, rank=8, alpha=16.0, seed=CALIB_SEED, **kwargs)
             calib = None
             if INITIALIZERS[config.init].needs_data:
-                n = CALIB_WINDOWS + HOLDOUT_WINDOWS
+                sources = calib_sources(calib_source)
                 start = time.perf_counter()
-                if calib_source == "self":  # sampled by the full-precision model (lowbit.selfcal), timed with the row
-                    fp, _ = lowbit.load_model(folder)
-                    calib = self_calibration(fp, tokenizer, n, SEQLEN, CALIB_SEED, progress=sys.stderr.isatty())
-                    row["calib_seconds"] = round(time.perf_counter() - start, 2)
-                    config.options.update(calib_temperature=1.0)
-                    del fp
-                else:
-                    if calib_source == "bible":
+
+                def draw(source: str, count: int) -> torch.Tensor:
+                    if source == "self":  # sampled by the full-precision model (lowbit.selfcal), timed with the row
+                        fp, _ = lowbit.load_model(folder)
+                        return self_calibration(fp, tokenizer, count, SEQLEN, CALIB_SEED, progress=sys.stderr.isatty())
+                    if source == "bible":
                         train = bible_windows(tokenizer, BIBLE_CALIB_SPLITS)
                     else:
-                        train = text_windows("ptb", tokenizer, SEQLEN, split="train")
+                        train = text_windows(source, tokenizer, SEQLEN, split="train")
                     # one draw: its first CALIB_WINDOWS are the windows P1 always trained on, the rest held out
-                    calib = sample_windows(train, n, CALIB_SEED)
+                    return sample_windows(train, count, CALIB_SEED)
+
+                calib = mixed_windows(sources, CALIB_WINDOWS + HOLDOUT_WINDOWS, draw)
+                if "self" in sources:
+                    row["calib_seconds"] = round(time.perf_counter() - start, 2)
+                    config.options.update(calib_temperature=1.0)
                 config.options.update(calib=calib_source, holdout_windows=HOLDOUT_WINDOWS)
             row["calib"] = calib_source if calib is not None else None
             start = time.perf_counter() - row.get("calib_seconds", 0.0)
@@ -224,7 +238,7 @@ HEADER = ("| method | calib | PTB-test ppl | Bible ppl | quantize s | peak RSS M
           "|---|---|---:|---:|---:|---:|---:|")  # fmt: skip
 
 
-CALIB_NAMES = {"ptb": "PTB", "bible": "Bible", "self": "self (model-sampled)", None: "—"}
+CALIB_NAMES = {"ptb": "PTB", "bible": "Bible", "self": "self (model-sampled)", "ptb,self": "PTB + self", None: "—"}
 
 
 def table_row(r: dict) -> str:

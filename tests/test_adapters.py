@@ -215,6 +215,26 @@ def test_another_method_on_a_weight_adapter_checkpoint_is_refused(tmp_path: Path
             finetune(tmp_path / "ft", tmp_path / method, small(data, samples=8, method=method), progress=False)
 
 
+def test_settings_that_would_change_an_existing_adapter_are_named_as_unused(tmp_path: Path, capsys) -> None:
+    """Training a PaFi checkpoint further keeps its mask: a different --pafi-fraction or --adapter-layers changes
+    nothing, and stderr says so; the same settings say nothing."""
+    ckpt = quantized(tmp_path)
+    data = text_file(tmp_path)
+    finetune(ckpt, tmp_path / "ft", small(data, samples=8, method="pafi", pafi_fraction=0.02), progress=False)
+    mask = load_file(tmp_path / "ft" / ADAPTER_TENSORS)
+    capsys.readouterr()
+    finetune(tmp_path / "ft", tmp_path / "same", small(data, samples=8, method="pafi", pafi_fraction=0.02),
+             progress=False)  # fmt: skip
+    assert "note" not in capsys.readouterr().err
+    config = small(data, samples=8, method="pafi", pafi_fraction=0.1, adapter_layers="mlp")
+    finetune(tmp_path / "ft", tmp_path / "more", config, progress=False)
+    err = capsys.readouterr().err
+    assert "the checkpoint's pafi adapter (fraction 0.02, 14 layers) is trained further as it is" in err
+    assert "--pafi-fraction 0.1, --adapter-layers 'mlp' not used" in err
+    again = load_file(tmp_path / "more" / ADAPTER_TENSORS)
+    assert all(torch.equal(again[k], v) for k, v in mask.items() if k.endswith(".index"))
+
+
 def test_adapter_layers_selects_the_layers_that_train(tmp_path: Path) -> None:
     ckpt = quantized(tmp_path)
     config = small(text_file(tmp_path), samples=8, method="hiwi", adapter_layers=r"mlp\.(up|down)_proj")

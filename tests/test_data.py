@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import tiny_model, tiny_tokenizer
-from lowbit.data import bos_id, load_text, sample_windows, windows
+from lowbit.data import bos_id, calib_sources, load_text, mixed_windows, sample_windows, windows
 from lowbit.errors import LowbitError
 from lowbit.evaluate import perplexity
 
@@ -39,6 +39,36 @@ def test_sample_windows_deterministic_without_replacement() -> None:
     assert not torch.equal(a, sample_windows(w, 10, seed=1))
     with pytest.raises(LowbitError, match="only 50"):
         sample_windows(w, 51, seed=0)
+
+
+def test_calib_sources_split_a_mixture_and_reject_empty_or_repeated_names(tmp_path) -> None:
+    odd = tmp_path / "a,b.txt"  # an existing file is one source, comma or not
+    odd.write_text("text")
+    assert calib_sources("ptb") == ["ptb"] and calib_sources(" ptb , self") == ["ptb", "self"]
+    assert calib_sources(str(odd)) == [str(odd)]
+    with pytest.raises(LowbitError, match="has an empty source"):
+        calib_sources("ptb,")
+    with pytest.raises(LowbitError, match="names ptb more than once"):
+        calib_sources("ptb,self,ptb")
+
+
+def test_mixed_windows_alternate_and_keep_each_sources_prefix() -> None:
+    """Window j comes from source j % k, and drawing more windows leaves the first ones as they were."""
+    pools = {"a": torch.arange(0, 40).view(10, 4), "b": torch.arange(100, 140).view(10, 4)}
+    asked = []
+
+    def draw(source: str, count: int) -> torch.Tensor:
+        asked.append((source, count))
+        return sample_windows(pools[source], count, seed=0)
+
+    five = mixed_windows(["a", "b"], 5, draw)
+    assert asked == [("a", 3), ("b", 2)]
+    assert torch.equal(five[0::2], sample_windows(pools["a"], 3, 0))
+    assert torch.equal(five[1::2], sample_windows(pools["b"], 2, 0))
+    assert torch.equal(mixed_windows(["a", "b"], 8, draw)[:5], five)
+    assert torch.equal(mixed_windows(["a"], 4, draw), sample_windows(pools["a"], 4, 0))  # one source: its own draw
+    with pytest.raises(LowbitError, match="mixture of 2 calibration sources needs at least 2 windows, got 1"):
+        mixed_windows(["a", "b"], 1, draw)
 
 
 def test_perplexity_is_exp_mean_nll() -> None:

@@ -1,6 +1,7 @@
 """Self-calibration (lowbit.selfcal): windows sampled by the model itself -- their start, determinism, the prefix
 property held-out windows rely on, the loop filter, and ``lowbit quantize --calib self`` end to end."""
 
+import argparse
 import json
 from pathlib import Path
 
@@ -8,7 +9,8 @@ import pytest
 import torch
 
 from conftest import VOCAB, save_tiny, tiny_model, tiny_tokenizer
-from lowbit.cli import main
+from lowbit.cli import _calib_windows, main
+from lowbit.data import sample_windows, text_windows
 from lowbit.errors import LowbitError
 from lowbit.selfcal import is_degenerate, sample_batch, self_calibration
 
@@ -89,3 +91,24 @@ def test_cli_quantize_with_self_calibration(tmp_path: Path, capsys) -> None:
                  "--out", str(tmp_path / "bad")])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and "--calib-temperature must be positive, got 0.0" in err and err.count("\n") == 1, err
+
+
+def test_a_mixture_alternates_text_and_self_sampled_windows(tmp_path: Path, capsys) -> None:
+    """``--calib FILE,self``: even windows are the file's own draw, odd ones the model's own samples, both with the
+    calibration seed; the mixture is recorded in the checkpoint, and export (which may not self-sample) refuses it."""
+    folder = save_tiny(tmp_path / "fp")
+    text = tmp_path / "notes.txt"
+    text.write_text(" ".join(f"word{i % 50}" for i in range(3000)))
+    tok = tiny_tokenizer()
+    args = argparse.Namespace(calib=f"{text},self", calib_seqlen=16, calib_seed=2, calib_temperature=1.0, device="cpu")
+    wins = _calib_windows(args, folder, tok, 5)
+    assert torch.equal(wins[0::2], sample_windows(text_windows(str(text), tok, 16, split="train"), 3, 2))
+    assert torch.equal(wins[1::2], self_calibration(tiny_model("llama"), tok, 2, 16, seed=2, progress=False))
+    with pytest.raises(LowbitError, match="not self"):
+        _calib_windows(args, folder, tok, 4, export=True)
+    out = tmp_path / "q"
+    code = main(["quantize", str(folder), "--bits", "2", "--group-size", "32", "--init", "gptq", "--calib",
+                 f"{text},self", "--calib-windows", "3", "--calib-seqlen", "16", "--out", str(out)])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    recorded = json.loads((out / "config.json").read_text())["quantization_config"]["options"]
+    assert recorded["calib"] == f"{text},self" and recorded["calib_temperature"] == 1.0

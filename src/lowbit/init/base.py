@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.config import LoraSpec, MethodOptions
+from lowbit.config import LoraSpec, MethodOptions, option
+from lowbit.errors import LowbitError
 from lowbit.quant import QuantSpec
 
 
@@ -67,25 +68,63 @@ def block_loss(block: nn.Module, ctx: BlockContext, idx: torch.Tensor, yq: torch
     return loss
 
 
+@dataclass(frozen=True)
+class BlockTrainOptions(MethodOptions):
+    """The options of :func:`train_block`, shared by the block-wise trained initializers."""
+
+    batch: int = option(1, "windows per step")
+    val_windows: int = option(
+        0,
+        "calibration windows held back from the steps: each block keeps its parameters from the epoch (0: the "
+        "start) with the lowest loss on them (0: keep the last epoch)",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check_at_least(1, "batch")
+        self.check_at_least(0, "val_windows")
+
+
 def train_block(
     ctx: BlockContext,
     opt: torch.optim.Optimizer,
     loss_of: Callable[[torch.Tensor], torch.Tensor],
     epochs: int,
-    batch: int,
+    options: BlockTrainOptions,
     method: str,
-) -> list[float]:
+) -> dict[str, list[float] | int]:
     """The block-wise training loop the trained initializers share (``apiq-bw``, ``blockap``): ``epochs`` passes
-    over the calibration windows in an order drawn from ``ctx.generator``, one ``opt`` step per ``batch`` windows on
-    ``loss_of(window indices)``; returns each epoch's mean loss, also reported to ``ctx`` as it ends. A loss that is
-    not finite stops the block with the method's name and the epoch (the engine adds the block)."""
-    n = ctx.xq.shape[0]
+    over the calibration windows in an order drawn from ``ctx.generator``, one ``opt`` step per ``options.batch``
+    windows on ``loss_of(window indices)``. Returns each epoch's mean loss (``epoch_losses``, also reported to ``ctx``
+    as each epoch ends), and with validation windows their loss before training and after each epoch
+    (``val_losses``) and the epoch kept (``best_epoch``). A loss that is not finite stops the block with the
+    method's name and the epoch (the engine adds the block).
+
+    Why validation windows: a block trained on a few dozen windows learns them -- its error on text it never saw
+    rises above the untrained start's while its training loss still falls -- so with ``options.val_windows`` the
+    last windows are held back from the steps and the block keeps the parameters of the epoch (0: the start) where
+    their loss was lowest.
+    """
+    val = options.val_windows
+    n = ctx.xq.shape[0] - val
+    if n < 1:
+        raise LowbitError(f"--val-windows {val} leaves no calibration window to train on ({ctx.xq.shape[0]} given): "
+                          "lower --val-windows or give more --calib-windows")  # fmt: skip
+    params = [p for group in opt.param_groups for p in group["params"]]
+    held = torch.arange(n, n + val)
+
+    def held_loss() -> float:
+        with torch.no_grad():
+            return loss_of(held).item()
+
+    val_losses = [held_loss()] if val else []
+    best = [p.detach().clone() for p in params] if val else []
     losses = []
     for epoch in range(epochs):
         order = torch.randperm(n, generator=ctx.generator)
         total = 0.0
-        for s in range(0, n, batch):
-            idx = order[s : s + batch]
+        for s in range(0, n, options.batch):
+            idx = order[s : s + options.batch]
             loss = loss_of(idx)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{method} loss became {loss.item()} in epoch {epoch + 1}")
@@ -94,8 +133,20 @@ def train_block(
             opt.step()
             total += loss.item() * len(idx)
         losses.append(total / n)
-        ctx.report({"epoch": epoch + 1, "loss": total / n})
-    return losses
+        stats = {"epoch": epoch + 1, "loss": total / n}
+        if val:
+            val_losses.append(held_loss())
+            stats["val_loss"] = val_losses[-1]
+            if val_losses[-1] < min(val_losses[:-1]):
+                best = [p.detach().clone() for p in params]
+        ctx.report(stats)
+    result: dict[str, list[float] | int] = {"epoch_losses": losses}
+    if val:
+        with torch.no_grad():
+            for p, kept in zip(params, best, strict=True):
+                p.copy_(kept)
+        result.update(val_losses=val_losses, best_epoch=val_losses.index(min(val_losses)))
+    return result
 
 
 class Initializer(ABC):

@@ -33,7 +33,7 @@ from torch import nn
 from lowbit.arch import block_linears
 from lowbit.config import option
 from lowbit.errors import LowbitError
-from lowbit.init.base import BlockContext, Initializer, block_loss, train_block
+from lowbit.init.base import BlockContext, BlockTrainOptions, Initializer, block_loss, train_block
 from lowbit.init.gptq import GPTQ, gptq_codes
 from lowbit.init.wsvd import WSVD, layer_grams, wsvd_factors
 from lowbit.layers import QuantLinear, linear_weight, set_module
@@ -102,14 +102,13 @@ class BlockAP(Initializer):
     needs_lora = True
 
     @dataclass(frozen=True)
-    class Options(GPTQ.Options, WSVD.Options):
+    class Options(BlockTrainOptions, GPTQ.Options, WSVD.Options):
         """Block-AP's training, its start, and the options of the ``gptq`` start and the ``wsvd`` LoRA."""
 
         epochs: int = option(2, "epochs per block")
         weight_lr: float = option(1e-4, "weight learning rate")
         qparam_lr: float = option(5e-4, "scale/zero-point learning rate")
         weight_decay: float = option(0.0, "AdamW weight decay")
-        batch: int = option(1, "windows per step")
         warm_start: Literal["none", "gptq"] = option(
             "none", "start: none (min-max grid) or gptq (weights and grid from GPTQ codes)"
         )
@@ -117,7 +116,6 @@ class BlockAP(Initializer):
         def __post_init__(self) -> None:
             super().__post_init__()
             self.check_at_least(0, "epochs", "weight_lr", "qparam_lr", "weight_decay")
-            self.check_at_least(1, "batch")
 
     options: Options
 
@@ -129,7 +127,7 @@ class BlockAP(Initializer):
         fakes = {name: BlockAPLinear(m, ctx.spec, starts.get(name)) for name, m in originals.items()}
         for name, fake in fakes.items():
             set_module(block, name, fake)
-        epoch_losses = self.train(block, fakes, ctx)
+        stats = self.train(block, fakes, ctx)
         codes = {name: fake.frozen() for name, fake in fakes.items()}
         for name, module in originals.items():  # wsvd below measures the residual against the original weights
             set_module(block, name, module)
@@ -138,9 +136,9 @@ class BlockAP(Initializer):
             factors = wsvd_factors(w, codes[name], gqq, gqx, ctx, self.options.wsvd_damp)
             layer.set_lora(*factors, ctx.lora.alpha, ctx.lora.dropout)
             set_module(block, name, layer)
-        return {"epoch_losses": epoch_losses}
+        return stats
 
-    def train(self, block: nn.Module, fakes: dict[str, BlockAPLinear], ctx: BlockContext) -> list[float]:
+    def train(self, block: nn.Module, fakes: dict[str, BlockAPLinear], ctx: BlockContext) -> dict:
         """AdamW on weights (one group) and scales/zero points (another) against the block's fp outputs."""
         opts = self.options
         groups = [
@@ -148,4 +146,4 @@ class BlockAP(Initializer):
             {"params": [p for f in fakes.values() for p in f.qparams()], "lr": opts.qparam_lr},
         ]
         opt = torch.optim.AdamW(groups, weight_decay=opts.weight_decay)
-        return train_block(ctx, opt, lambda idx: block_loss(block, ctx, idx), opts.epochs, opts.batch, self.name)
+        return train_block(ctx, opt, lambda idx: block_loss(block, ctx, idx), opts.epochs, opts, self.name)
