@@ -366,8 +366,8 @@ def test_adapted_full_precision_layer_forward_equals_its_merge(conv1d: bool) -> 
 
 @pytest.mark.parametrize("kind", ["pafi", "hiwi", "hiwi-bias"])
 def test_recomputed_delta_gives_plain_autograds_gradients(kind: str) -> None:
-    """The training form rebuilds the delta in backward (no per-layer dense copy kept); its gradients are those of
-    the plain computation ``x (W + delta)^T + b``."""
+    """The training form rebuilds the merged weight in backward (no per-layer dense copy kept); its gradients are
+    those of the plain computation ``x (W + delta)^T + b``."""
     torch.manual_seed(0)
     layer = QuantLinear.from_linear(torch.nn.Linear(64, 48), QuantSpec(4, 32))
     torch.nn.init.normal_(layer.bias, std=0.1)

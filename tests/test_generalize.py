@@ -74,20 +74,31 @@ def test_held_out_error_is_measured_on_held_out_windows() -> None:
 @pytest.mark.parametrize("init,options", [("apiq-bw", {"lora_lr": 1e-3, "weight_decay": 0.0}),
                                           ("blockap", {"weight_lr": 1e-3, "qparam_lr": 1e-3})])  # fmt: skip
 def test_validation_windows_keep_the_epoch_with_the_lowest_validation_loss(init: str, options: dict) -> None:
-    """Trained long on 2 windows, a block's loss on 4 validation windows it never steps on turns up; the block
-    keeps the parameters of the epoch where it was lowest: exactly the block that training for that many epochs
-    gives (block 0, whose inputs do not depend on the epochs chosen before it)."""
+    """Trained long on 2 windows, a block's loss on 4 validation windows it never sees turns up; the block keeps
+    the parameters of the epoch where it was lowest: exactly the block that training on the 2 windows alone for
+    that many epochs gives (block 0, whose inputs do not depend on the epochs chosen before it) -- so neither the
+    start nor the steps used the validation windows."""
     calib = CALIB[:6]
     model = quantized("llama", init, calib, epochs=12, val_windows=4, **options)
     block0 = stats(model)[0]
     val, best = block0["val_losses"], block0["best_epoch"]
     assert len(val) == 13 and len(block0["epoch_losses"]) == 12 and val[best] == min(val)
     assert 0 < best < 12, val  # this setting overfits: the last epoch is not the best
-    stopped = quantized("llama", init, calib, epochs=best, val_windows=4, **options)
+    stopped = quantized("llama", init, calib[:2], epochs=best, **options)
     kept = {k: v for k, v in model.state_dict().items() if ".layers.0." in k}
     assert kept and all(torch.equal(v, stopped.state_dict()[k]) for k, v in kept.items())
     with pytest.raises(LowbitError, match="--val-windows 6 leaves no calibration window to train on"):
         quantized("llama", init, calib, epochs=1, val_windows=6)
+
+
+@pytest.mark.parametrize("init", ["apiq-bw", "blockap"])
+def test_a_gptq_start_never_sees_the_validation_windows(init: str) -> None:
+    with_val = quantized("llama", init, CALIB[:6], epochs=0, warm_start="gptq", val_windows=4)
+    alone = quantized("llama", init, CALIB[:2], epochs=0, warm_start="gptq")
+    assert stats(with_val)[0]["best_epoch"] == 0
+    for (k, a), b in zip(with_val.state_dict().items(), alone.state_dict().values(), strict=True):
+        if ".layers.0." in k:
+            assert torch.equal(a, b), k
 
 
 def test_holdout_needs_more_windows_than_it_holds_out() -> None:

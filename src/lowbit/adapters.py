@@ -16,8 +16,9 @@ HiWi's bias variant, of its bias; ``target``). The base weight
 ``W`` they read is the layer's frozen effective weight ``dequant(Q) (+ s B A`` of a frozen LoRA start such as
 ApiQ's): on a low-bit base the delta is kept in full precision over ``dequant(Q)`` during training, and
 ``lowbit export --merged/--requantize`` (and the serving exports, through the merge) write ``W + delta`` as a plain
-weight, so the deployed model runs at the base model's speed. During training the layer adds ``x delta^T`` to its
-base product; that costs one dense matmul and one weight-sized tensor per layer, which the merge removes.
+weight, so the deployed model runs at the base model's speed. Until then the layer computes ``x merged(W)^T`` as one
+matmul on the merged weight, rebuilt in backward rather than kept (:class:`MergedLinear`); the merge removes the
+rebuild.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from lowbit.errors import LowbitError
 
@@ -46,43 +46,40 @@ class WeightAdapter(nn.Module):
     """A trainable delta of a layer's weight, ``W' = merged(W)``, given the frozen base weight ``W [out, in]`` -- or
     of its bias ``b [out]`` where ``target`` is ``"bias"``.
 
-    A subclass names its ``method``, says whether :meth:`delta` reads the base tensor (``needs_weight``: the layer
-    then rebuilds the weight each forward), keeps its trained tensors as parameters and the fixed ones as buffers,
-    and records what rebuilds its shapes in :meth:`settings` (for :meth:`empty`, which a checkpoint load fills).
+    A subclass names its ``method``, gives :meth:`delta` (and may override :meth:`merged`), keeps its trained
+    tensors as parameters and the fixed ones as buffers, and records what rebuilds its shapes in :meth:`settings`
+    (for :meth:`empty`, which a checkpoint load fills).
     """
 
     method: ClassVar[str]
-    needs_weight: ClassVar[bool]
     target: str = "weight"  # the layer tensor the delta is added to: "weight" or "bias"
 
-    def delta(self, base: torch.Tensor | None) -> torch.Tensor:
-        """The delta added to the ``base`` tensor, of its shape (None when ``needs_weight`` is False)."""
+    def delta(self, base: torch.Tensor) -> torch.Tensor:
+        """The delta added to the ``base`` tensor, of its shape."""
         raise NotImplementedError
 
     def merged(self, base: torch.Tensor) -> torch.Tensor:
-        """The merged tensor ``base + delta(base)`` in ``base``'s dtype."""
+        """The merged tensor ``base + delta(base)`` in ``base``'s dtype (differentiable in the adapter's parameters)."""
         return base + self.delta(base).to(base.dtype)
 
-    def output_delta(self, x: torch.Tensor, weight: Callable[[], torch.Tensor], bias: torch.Tensor | None):
-        """What the adapter adds to a layer's output for input ``x`` while it trains (the merge later folds it into
-        the weight or bias); ``weight()`` gives the layer's frozen ``[out, in]`` base weight, ``bias`` its bias."""
-        if self.target == "bias":
-            return self.delta(bias.detach()).to(x.dtype)
-
-        def product(x: torch.Tensor) -> torch.Tensor:
-            return F.linear(x, self.delta(weight().detach() if self.needs_weight else None).to(x.dtype))
-
+    def linear(self, x: torch.Tensor, weight: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``x merged(W)^T`` for input ``x``, where ``weight()`` gives the layer's frozen ``[out, in]`` base weight
+        (a weight-targeting adapter: the layer adds its bias)."""
         if not torch.is_grad_enabled():
-            return product(x)
-        # Recomputed in backward, not kept: autograd would otherwise hold every adapted layer's dense delta (and
-        # HiWi's input weight) until backward, a float32 copy of all adapted weights on top of the packed base.
-        return checkpoint(product, x, use_reentrant=False)
+            return F.linear(x, self.merged(weight()).to(x.dtype))
+        params = [p for p in self.parameters() if p.requires_grad]
+        return MergedLinear.apply(x, self, weight, *params)
+
+    def bias_delta(self, bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """What a bias-targeting adapter adds to the layer's output: ``delta(b)``, in ``dtype``."""
+        return self.delta(bias.detach()).to(dtype)
 
     def merge(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The layer's ``(weight [out, in], bias)`` with the adapter merged into the one it targets."""
-        if self.target == "bias":
-            return weight, self.merged(bias)
-        return self.merged(weight), bias
+        with torch.no_grad():
+            if self.target == "bias":
+                return weight, self.merged(bias)
+            return self.merged(weight), bias
 
     def settings(self) -> dict:
         """The method's settings as recorded in the checkpoint (shared by every layer)."""
@@ -109,7 +106,6 @@ class PaFi(WeightAdapter):
     """
 
     method = "pafi"
-    needs_weight = False
 
     def __init__(self, out_features: int, in_features: int, index: torch.Tensor, fraction: float) -> None:
         super().__init__()
@@ -131,16 +127,15 @@ class PaFi(WeightAdapter):
         k = pafi_count(settings["fraction"], out_features * in_features)
         return cls(out_features, in_features, torch.zeros(k, dtype=torch.int32), settings["fraction"])
 
-    def delta(self, weight: torch.Tensor | None) -> torch.Tensor:
+    def delta(self, weight: torch.Tensor) -> torch.Tensor:
         flat = torch.zeros(self.shape[0] * self.shape[1], dtype=self.values.dtype, device=self.values.device)
         return flat.index_put((self.index.long(),), self.values).view(self.shape)
 
     def merged(self, weight: torch.Tensor) -> torch.Tensor:
         """``W`` with the trained values added at the mask only: every other entry stays bit-identical."""
-        flat = weight.flatten().clone()
+        flat = weight.flatten()
         index = self.index.long()
-        flat[index] = flat[index] + self.values.detach().to(weight.dtype)
-        return flat.view(weight.shape)
+        return flat.index_put((index,), flat[index] + self.values.to(weight.dtype)).view(weight.shape)
 
     def settings(self) -> dict:
         return {"method": self.method, "fraction": self.fraction}
@@ -157,7 +152,6 @@ class HiWi(WeightAdapter):
     generator, so every device starts the same."""
 
     method = "hiwi"
-    needs_weight = True
 
     def __init__(
         self, features: int, dim: int, target: str = "weight", generator: torch.Generator | None = None
@@ -173,7 +167,7 @@ class HiWi(WeightAdapter):
         target = settings.get("target", "weight")  # checkpoints before the bias variant: weight
         return cls(in_features if target == "weight" else out_features, settings["dim"], target)
 
-    def delta(self, base: torch.Tensor | None) -> torch.Tensor:
+    def delta(self, base: torch.Tensor) -> torch.Tensor:
         return F.relu(base.to(self.down.dtype) @ self.down) @ self.up
 
     def settings(self) -> dict:
@@ -181,6 +175,43 @@ class HiWi(WeightAdapter):
 
 
 ADAPTERS: dict[str, type[WeightAdapter]] = {PaFi.method: PaFi, HiWi.method: HiWi}
+
+
+class MergedLinear(torch.autograd.Function):
+    """``y = x merged(W)^T`` for a weight-targeting adapter, keeping only ``x`` for backward.
+
+    Why not plain autograd: it would hold every adapted layer's merged weight (a float32 copy of all adapted
+    weights) from forward to backward. Why not a delta beside the base product (``x W^T + x delta^T``, the delta
+    recomputed in backward): that is five weight-sized matmuls per layer and step. Here forward is one matmul on the
+    merged weight; backward rebuilds it (an elementwise pass, plus HiWi's thin ``relu(W D) U``) and does two,
+    ``grad_x = grad W'`` and the weight gradient ``grad^T x``, which autograd then carries to the adapter's
+    parameters (PaFi: its values, gathered at the mask; HiWi: ``D`` and ``U``). Under autocast both passes run in
+    the autocast dtype, as ``F.linear`` would.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, adapter: WeightAdapter, weight: Callable[[], torch.Tensor], *params):
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        ctx.adapter, ctx.weight, ctx.dtype = adapter, weight, dtype
+        ctx.save_for_backward(x)
+        with torch.no_grad():
+            merged = adapter.merged(weight())
+        with torch.autocast(device, enabled=False):
+            return F.linear(x.to(dtype), merged.to(dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        params = [p for p in ctx.adapter.parameters() if p.requires_grad]  # as forward got them
+        with torch.enable_grad():
+            merged = ctx.adapter.merged(ctx.weight().detach())
+        with torch.autocast(x.device.type, enabled=False):
+            g = grad.to(ctx.dtype)
+            grad_x = (g @ merged.detach().to(ctx.dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
+            grad_w = g.reshape(-1, g.shape[-1]).t() @ x.to(ctx.dtype).reshape(-1, x.shape[-1])
+        grads = torch.autograd.grad(merged, params, grad_w.to(merged.dtype)) if params else ()
+        return (grad_x, None, None, *grads)
 
 
 def check_settings(method: str, pafi_fraction: float, hiwi_dim: int, hiwi_target: str, layers: str) -> None:

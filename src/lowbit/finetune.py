@@ -3,8 +3,8 @@
 Only the adapter trains: the LoRA factors, or with ``method`` pafi/hiwi the weight-space adapter of
 :mod:`lowbit.adapters` (a LoRA start the checkpoint has then stays frozen, as part of the base). The base stays
 packed: every :class:`~lowbit.layers.QuantLinear` rebuilds its weight for its own matmul and again in backward, so
-at most one layer's full-precision weight exists at a time; a PaFi/HiWi delta (and HiWi's input, that weight) is
-likewise rebuilt in backward rather than kept per layer (:meth:`lowbit.adapters.WeightAdapter.output_delta`).
+at most one layer's full-precision weight exists at a time; a PaFi/HiWi layer's merged weight is likewise rebuilt
+in backward rather than kept (:class:`lowbit.adapters.MergedLinear`).
 
 The data order is a pure function of ``(seed, epoch, step)``: each epoch shuffles the examples with its own seeded
 generator, and step ``s`` takes the next ``batch_size`` of them. With ``P`` processes (``accelerate launch`` or

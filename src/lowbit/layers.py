@@ -157,6 +157,10 @@ class QuantLinear(nn.Module):
 
     # ----- forward ------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.adapter is not None and self.adapter.target == "weight":
+            # PaFi / HiWi on the weight: one matmul on merged(dequant(Q) + s B A), the frozen LoRA start included
+            y = self.adapter.linear(x, self.base_weight)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
         # The base product runs on the kernel selected for this call (lowbit.kernels): the reference on the CPU,
         # fused Triton kernels on CUDA where they support the format and shape.
         y = kernels.select(self, x, torch.is_grad_enabled() and x.requires_grad).matmul(self, x)
@@ -165,8 +169,8 @@ class QuantLinear(nn.Module):
         if self.lora_A is not None:
             lora = F.linear(F.linear(self.lora_dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
             y = y + self.scaling * lora
-        if self.adapter is not None:
-            y = y + self.adapter.output_delta(x, self.base_weight, self.bias)
+        if self.adapter is not None:  # HiWi's bias variant
+            y = y + self.adapter.bias_delta(self.bias, y.dtype)
         return y
 
     def extra_repr(self) -> str:
@@ -251,10 +255,12 @@ class AdaptedLinear(nn.Module):
         return weight.t() if self.fan_in_fan_out else weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        if self.adapter is not None:
-            y = y + self.adapter.output_delta(x, self.base_weight, self.bias)
-        return y
+        if self.adapter is None:
+            return self.base(x)
+        if self.adapter.target == "bias":
+            return self.base(x) + self.adapter.bias_delta(self.bias, x.dtype)
+        y = self.adapter.linear(x, self.base_weight)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     @torch.no_grad()
     def merged(self) -> nn.Module:

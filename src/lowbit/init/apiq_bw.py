@@ -119,13 +119,14 @@ class ApiQBlockwise(Initializer):
         if second:  # the full-precision block's outputs on the quantized inputs, before any layer is replaced
             with torch.no_grad():
                 yq = torch.cat([ctx.forward(block, ctx.window(ctx.xq, i)) for i in range(ctx.xq.shape[0])])
+        fit = opts.fitting(ctx)  # the start never sees the validation windows either
         if opts.warm_start == "gptq":  # fixed GPTQ codes with the wsvd LoRA; only the LoRA factors are trained
-            fakes, clip_params, lora_params = {}, [], gptq_start(block, ctx, opts)
+            fakes, clip_params, lora_params = {}, [], gptq_start(block, fit, opts)
         else:
             originals = block_linears(block)
             clips = None
             if opts.warm_start == "wsvd":
-                clips = WSVD(opts).fit(block, ctx, clip_max=float(clip_factors(torch.tensor(clip_init))))
+                clips = WSVD(opts).fit(block, fit, clip_max=float(clip_factors(torch.tensor(clip_init))))
             fakes = to_fake(block, ctx, clip_init, originals, clips)
             clip_params = [p for f in fakes.values() for p in f.clip_parameters()]
             lora_params = [p for f in fakes.values() for p in f.lora_parameters()]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import torch
@@ -56,6 +56,11 @@ class BlockContext:
         w = w.unsqueeze(0) if w.dim() == 2 else w
         return w.to(self.device, non_blocking=True).to(dtype)
 
+    def first(self, n: int) -> BlockContext:
+        """This context with only the first ``n`` windows of each activation stream (views, nothing is copied)."""
+        cut = lambda t: None if t is None else t[:n]  # noqa: E731
+        return replace(self, x=cut(self.x), xq=cut(self.xq), y=cut(self.y))
+
 
 def block_loss(block: nn.Module, ctx: BlockContext, idx: torch.Tensor, yq: torch.Tensor | None = None) -> torch.Tensor:
     """ApiQ's block objective on windows ``idx``: ``MSE(block(Xq), Y)``, the quantized block on its own inputs against
@@ -84,6 +89,16 @@ class BlockTrainOptions(MethodOptions):
         self.check_at_least(1, "batch")
         self.check_at_least(0, "val_windows")
 
+    def fitting(self, ctx: BlockContext) -> BlockContext:
+        """``ctx`` without the validation windows: what a method may fit to (its start and its training steps), so
+        the validation loss stays a measure on windows it never saw."""
+        n = ctx.xq.shape[0] - self.val_windows
+        if n < 1:
+            raise LowbitError(f"--val-windows {self.val_windows} leaves no calibration window to train on "
+                              f"({ctx.xq.shape[0]} given): lower --val-windows or give more "
+                              "--calib-windows")  # fmt: skip
+        return ctx.first(n)
+
 
 def train_block(
     ctx: BlockContext,
@@ -102,14 +117,11 @@ def train_block(
 
     Why validation windows: a block trained on a few dozen windows learns them -- its error on text it never saw
     rises above the untrained start's while its training loss still falls -- so with ``options.val_windows`` the
-    last windows are held back from the steps and the block keeps the parameters of the epoch (0: the start) where
-    their loss was lowest.
+    last windows are held back from the steps (and from the start: see :meth:`BlockTrainOptions.fitting`) and the
+    block keeps the parameters of the epoch (0: the start) where their loss was lowest.
     """
     val = options.val_windows
-    n = ctx.xq.shape[0] - val
-    if n < 1:
-        raise LowbitError(f"--val-windows {val} leaves no calibration window to train on ({ctx.xq.shape[0]} given): "
-                          "lower --val-windows or give more --calib-windows")  # fmt: skip
+    n = options.fitting(ctx).xq.shape[0]
     params = [p for group in opt.param_groups for p in group["params"]]
     held = torch.arange(n, n + val)
 

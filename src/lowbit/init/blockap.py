@@ -123,7 +123,8 @@ class BlockAP(Initializer):
         if ctx.spec.format != "int":
             raise LowbitError(f"init blockap learns uniform grids: use --format int, not {ctx.spec.format}")
         originals = block_linears(block)
-        starts = gptq_starts(block, ctx, self.options) if self.options.warm_start == "gptq" else {}
+        fit = self.options.fitting(ctx)  # neither the start nor the LoRA sees the validation windows
+        starts = gptq_starts(block, fit, self.options) if self.options.warm_start == "gptq" else {}
         fakes = {name: BlockAPLinear(m, ctx.spec, starts.get(name)) for name, m in originals.items()}
         for name, fake in fakes.items():
             set_module(block, name, fake)
@@ -131,7 +132,7 @@ class BlockAP(Initializer):
         codes = {name: fake.frozen() for name, fake in fakes.items()}
         for name, module in originals.items():  # wsvd below measures the residual against the original weights
             set_module(block, name, module)
-        for name, module, w, gqq, gqx in layer_grams(block, ctx):
+        for name, module, w, gqq, gqx in layer_grams(block, fit):
             layer = QuantLinear.from_linear(module, ctx.spec, codes[name])
             factors = wsvd_factors(w, codes[name], gqq, gqx, ctx, self.options.wsvd_damp)
             layer.set_lora(*factors, ctx.lora.alpha, ctx.lora.dropout)
