@@ -62,13 +62,14 @@ class WeightAdapter(nn.Module):
         """The merged tensor ``base + delta(base)`` in ``base``'s dtype (differentiable in the adapter's parameters)."""
         return base + self.delta(base).to(base.dtype)
 
-    def linear(self, x: torch.Tensor, weight: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """``x merged(W)^T`` for input ``x``, where ``weight()`` gives the layer's frozen ``[out, in]`` base weight
-        (a weight-targeting adapter: the layer adds its bias)."""
+    def linear(self, x: torch.Tensor, weight: Callable[[], torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
+        """A weight-targeting adapter's layer output ``x merged(W)^T + b``, where ``weight()`` gives the layer's frozen
+        ``[out, in]`` base weight and ``bias`` is its bias."""
         if not torch.is_grad_enabled():
-            return F.linear(x, self.merged(weight()).to(x.dtype))
-        params = [p for p in self.parameters() if p.requires_grad]
-        return MergedLinear.apply(x, self, weight, *params)
+            y = F.linear(x, self.merged(weight()).to(x.dtype))
+        else:
+            y = MergedLinear.apply(x, self, weight, *[p for p in self.parameters() if p.requires_grad])
+        return y if bias is None else y + bias.to(y.dtype)
 
     def bias_delta(self, bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """What a bias-targeting adapter adds to the layer's output: ``delta(b)``, in ``dtype``."""
@@ -182,7 +183,7 @@ class MergedLinear(torch.autograd.Function):
 
     Why not plain autograd: it would hold every adapted layer's merged weight (a float32 copy of all adapted
     weights) from forward to backward. Why not a delta beside the base product (``x W^T + x delta^T``, the delta
-    recomputed in backward): that is five weight-sized matmuls per layer and step. Here forward is one matmul on the
+    recomputed in backward): that is six weight-sized matmuls per layer and step. Here forward is one matmul on the
     merged weight; backward rebuilds it (an elementwise pass, plus HiWi's thin ``relu(W D) U``) and does two,
     ``grad_x = grad W'`` and the weight gradient ``grad^T x``, which autograd then carries to the adapter's
     parameters (PaFi: its values, gathered at the mask; HiWi: ``D`` and ``U``). Under autocast both passes run in

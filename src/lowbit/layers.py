@@ -159,8 +159,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.adapter is not None and self.adapter.target == "weight":
             # PaFi / HiWi on the weight: one matmul on merged(dequant(Q) + s B A), the frozen LoRA start included
-            y = self.adapter.linear(x, self.base_weight)
-            return y if self.bias is None else y + self.bias.to(y.dtype)
+            return self.adapter.linear(x, self.base_weight, self.bias)
         # The base product runs on the kernel selected for this call (lowbit.kernels): the reference on the CPU,
         # fused Triton kernels on CUDA where they support the format and shape.
         y = kernels.select(self, x, torch.is_grad_enabled() and x.requires_grad).matmul(self, x)
@@ -259,8 +258,7 @@ class AdaptedLinear(nn.Module):
             return self.base(x)
         if self.adapter.target == "bias":
             return self.base(x) + self.adapter.bias_delta(self.bias, x.dtype)
-        y = self.adapter.linear(x, self.base_weight)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        return self.adapter.linear(x, self.base_weight, self.bias)
 
     @torch.no_grad()
     def merged(self) -> nn.Module:
