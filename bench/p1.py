@@ -117,7 +117,7 @@ def run_row(name: str, windows: int, keep: Path | None = None, bible_column: boo
     import lowbit
     from lowbit.calibrate import calibrate
     from lowbit.config import INITIALIZERS
-    from lowbit.data import calib_sources, mixed_windows, sample_windows, text_windows
+    from lowbit.data import calib_sources, calibration_windows, text_windows
     from lowbit.engine import EngineOptions
     from lowbit.errors import LowbitError
     from lowbit.evaluate import perplexity
@@ -159,18 +159,20 @@ def run_row(name: str, windows: int, keep: Path | None = None, bible_column: boo
                 sources = calib_sources(calib_source)
                 start = time.perf_counter()
 
-                def draw(source: str, count: int) -> torch.Tensor:
-                    if source == "self":  # sampled by the full-precision model (lowbit.selfcal), timed with the row
-                        fp, _ = lowbit.load_model(folder)
-                        return self_calibration(fp, tokenizer, count, SEQLEN, CALIB_SEED, progress=sys.stderr.isatty())
-                    if source == "bible":
-                        train = bible_windows(tokenizer, BIBLE_CALIB_SPLITS)
-                    else:
-                        train = text_windows(source, tokenizer, SEQLEN, split="train")
-                    # one draw: its first CALIB_WINDOWS are the windows P1 always trained on, the rest held out
-                    return sample_windows(train, count, CALIB_SEED)
+                def sample_self(count: int) -> torch.Tensor:  # timed with the row
+                    fp, _ = lowbit.load_model(folder)
+                    return self_calibration(fp, tokenizer, count, SEQLEN, CALIB_SEED, progress=sys.stderr.isatty())
 
-                calib = mixed_windows(sources, CALIB_WINDOWS + HOLDOUT_WINDOWS, draw)
+                # one draw: its first CALIB_WINDOWS are the windows P1 always trained on, the rest held out
+                calib = calibration_windows(
+                    calib_source,
+                    tokenizer,
+                    CALIB_WINDOWS + HOLDOUT_WINDOWS,
+                    SEQLEN,
+                    CALIB_SEED,
+                    sample_self,
+                    {"bible": lambda: bible_windows(tokenizer, BIBLE_CALIB_SPLITS)},
+                )
                 if "self" in sources:
                     row["calib_seconds"] = round(time.perf_counter() - start, 2)
                     config.options.update(calib_temperature=1.0)

@@ -9,15 +9,15 @@ Rows (each in its own subprocess, so peak RSS is the row's own):
 
 - ``fp-lora``: PEFT LoRA on the full-precision model (the quality ceiling);
 - ``bnb-qlora``: PEFT LoRA on bitsandbytes NF4 ``Linear4bit`` (blocksize 64, double quantization): the peer;
-- ``lowbit-{qlora,loftq,apiq,gptq}-w{4,3,2}``: ``lowbit.finetune`` on the packed checkpoint from P1's start of
-  that name (``rtnB``, ``loftq1-wB`` -- PEFT's default of one LoftQ iteration -- ``apiq-bw-warm-wB`` and
-  ``gptq-wB``). ``gptq`` is GPTQ-LoRA, the strongest simple start: P1's adapter-free GPTQ codes, to which
+- ``lowbit-{qlora,loftq,apiq,apiq-gptq,gptq}-w{4,3,2}``: ``lowbit.finetune`` on the packed checkpoint from P1's
+  start of that name (``rtnB``, ``loftq1-wB`` -- PEFT's default of one LoftQ iteration -- ``apiq-bw-warm-wB``,
+  ``apiq-bw-gptq2-wB``, P1's best, and ``gptq-wB``). ``gptq`` is GPTQ-LoRA, the strongest simple start: P1's adapter-free GPTQ codes, to which
   ``lowbit.finetune`` adds the QLoRA adapter start (A Kaiming-uniform, B = 0), so "the start matters after
   fine-tuning" is tested against better codes and not only against RTN and LoftQ. Starts are made once with
   ``bench/p1.py --keep`` into ``bench/.starts`` and reused. The trained checkpoint is kept in ``bench/.p2/ROW``;
 - ``lowbit-...-requant``: that trained row merged and re-quantized to the same format with no adapter
   (``lowbit export --requantize``: GPTQ on 32 PTB-train windows), perplexity only;
-- ``fp-{pafi,hiwi}`` and ``lowbit-{qlora-w4,apiq-w2}-{pafi,hiwi}``: ``lowbit finetune --method pafi|hiwi`` on the
+- ``fp-{pafi,hiwi}`` and ``lowbit-{qlora-w4,apiq-gptq-w2}-{pafi,hiwi}``: ``lowbit finetune --method pafi|hiwi`` on the
   full-precision model (its output is the merged plain model) or from that start, at the
   LoRA rows' number of trainable parameters (PaFi: the fraction ``lora_params / quantized_params`` of each layer;
   HiWi: the bottleneck width whose ``2 * in * dim`` per layer comes nearest), the start's LoRA frozen in the base.
@@ -56,9 +56,10 @@ STARTS = benchlib.ROOT / "bench" / ".starts"
 TRAINED = benchlib.ROOT / "bench" / ".p2"  # trained lowbit rows, kept for their -requant rows
 EVAL_WINDOWS = 64
 EVAL_SEQLEN = 512
-START_ROWS = {"qlora": "rtn{b}", "loftq": "loftq1-w{b}", "apiq": "apiq-bw-warm-w{b}", "gptq": "gptq-w{b}"}
+START_ROWS = {"qlora": "rtn{b}", "loftq": "loftq1-w{b}", "apiq": "apiq-bw-warm-w{b}", "apiq-gptq": "apiq-bw-gptq2-w{b}",
+              "gptq": "gptq-w{b}"}  # fmt: skip
 WEIGHT_METHODS = ("pafi", "hiwi")  # issue 16: fine-tuning that merges into the weights, beside LoRA
-WEIGHT_METHOD_STARTS = ("qlora-w4", "apiq-w2")
+WEIGHT_METHOD_STARTS = ("qlora-w4", "apiq-gptq-w2")
 
 
 def _rows() -> dict[str, str]:
@@ -72,7 +73,7 @@ def _rows() -> dict[str, str]:
         rows[f"fp-{method}"] = f"full precision, lowbit {method} (LoRA's size)"
     for start in WEIGHT_METHOD_STARTS:
         for method in WEIGHT_METHODS:
-            kind, bits = start.split("-")
+            kind, bits = start.rsplit("-", 1)
             rows[f"lowbit-{start}-{method}"] = f"lowbit {bits.upper()}g64 from the {kind} start, {method} (LoRA's size)"
     return rows
 

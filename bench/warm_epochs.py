@@ -38,6 +38,12 @@ RECIPES = {
     "gptq": {"init": "gptq"},  # GPTQ codes alone, no adapter
     "blockap": {"init": "blockap"},
     "blockap-gptq": {"init": "blockap", "warm_start": "gptq"},
+    # Block-AP from GPTQ codes at lower learning rates: at the defaults (weight 1e-4, scales/zeros 5e-4) the full P1
+    # row's training loss rose in the second epoch (block 0: 0.167 -> 0.306)
+    "blockap-gptq-paper": {"init": "blockap", "warm_start": "gptq", "weight_lr": 2e-5, "qparam_lr": 1e-4},
+    "blockap-gptq-slow": {"init": "blockap", "warm_start": "gptq", "weight_lr": 5e-6, "qparam_lr": 2.5e-5},
+    "blockap-gptq-weights": {"init": "blockap", "warm_start": "gptq", "weight_lr": 2e-5, "qparam_lr": 0.0},
+    "blockap-gptq-grid": {"init": "blockap", "warm_start": "gptq", "weight_lr": 0.0, "qparam_lr": 1e-4},
 }
 
 

@@ -6,7 +6,16 @@ import pytest
 import torch
 
 from conftest import tiny_model, tiny_tokenizer
-from lowbit.data import bos_id, calib_sources, load_text, mixed_windows, sample_windows, windows
+from lowbit.data import (
+    bos_id,
+    calib_sources,
+    calibration_windows,
+    load_text,
+    mixed_windows,
+    sample_windows,
+    text_windows,
+    windows,
+)
 from lowbit.errors import LowbitError
 from lowbit.evaluate import perplexity
 
@@ -69,6 +78,28 @@ def test_mixed_windows_alternate_and_keep_each_sources_prefix() -> None:
     assert torch.equal(mixed_windows(["a"], 4, draw), sample_windows(pools["a"], 4, 0))  # one source: its own draw
     with pytest.raises(LowbitError, match="mixture of 2 calibration sources needs at least 2 windows, got 1"):
         mixed_windows(["a", "b"], 1, draw)
+
+
+def test_calibration_windows_draw_text_pools_and_self_with_one_seed(tmp_path) -> None:
+    """Text sources and named pools are drawn with the seed; ``self`` is asked for its share of the windows; a
+    mixture with ``self`` and no sampler is refused with a message that names what is missing."""
+    tok = tiny_tokenizer()
+    text = tmp_path / "notes.txt"
+    text.write_text(" ".join(f"word{i % 50}" for i in range(4000)), encoding="utf-8")
+    pool = torch.arange(0, 80).view(20, 4)
+    asked = []
+
+    def sample_self(count: int) -> torch.Tensor:
+        asked.append(count)
+        return torch.full((count, 4), -1)
+
+    got = calibration_windows("bible,self", tok, 5, 4, seed=3, sample_self=sample_self, pools={"bible": lambda: pool})
+    assert asked == [2]
+    assert torch.equal(got[0::2], sample_windows(pool, 3, 3)) and torch.equal(got[1::2], torch.full((2, 4), -1))
+    from_file = calibration_windows(str(text), tok, 3, 8, seed=1)
+    assert torch.equal(from_file, sample_windows(text_windows(str(text), tok, 8, split="train"), 3, 1))
+    with pytest.raises(LowbitError, match="'self' needs sample_self"):
+        calibration_windows("bible,self", tok, 4, 4, seed=0, pools={"bible": lambda: pool})
 
 
 def test_perplexity_is_exp_mean_nll() -> None:

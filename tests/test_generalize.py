@@ -91,6 +91,23 @@ def test_validation_windows_keep_the_epoch_with_the_lowest_validation_loss(init:
         quantized("llama", init, calib, epochs=1, val_windows=6)
 
 
+def test_patience_stops_a_block_after_epochs_without_a_lower_validation_loss() -> None:
+    """The stopped run is the full run cut short: the same validation losses up to the stop, which comes
+    ``patience`` epochs after the lowest one so far, and the parameters of that epoch."""
+    options = {"lora_lr": 1e-3, "weight_decay": 0.0}
+    full = stats(quantized("llama", "apiq-bw", CALIB[:6], epochs=12, val_windows=4, **options))[0]
+    model = quantized("llama", "apiq-bw", CALIB[:6], epochs=12, val_windows=4, patience=2, **options)
+    block0 = stats(model)[0]
+    val, best = block0["val_losses"], block0["best_epoch"]
+    assert len(val) < 13, "this setting overfits, so the block stops early"
+    assert val == full["val_losses"][: len(val)] and len(val) - 1 == best + 2 and val[best] == min(val)
+    stopped = quantized("llama", "apiq-bw", CALIB[:2], epochs=best, **options)
+    kept = {k: v for k, v in model.state_dict().items() if ".layers.0." in k}
+    assert kept and all(torch.equal(v, stopped.state_dict()[k]) for k, v in kept.items())
+    with pytest.raises(LowbitError, match="--patience 2 needs validation windows to watch"):
+        lowbit.QuantConfig(bits=2, init="apiq-bw", options={"patience": 2})
+
+
 @pytest.mark.parametrize("init", ["apiq-bw", "blockap"])
 def test_a_gptq_start_never_sees_the_validation_windows(init: str) -> None:
     with_val = quantized("llama", init, CALIB[:6], epochs=0, warm_start="gptq", val_windows=4)

@@ -187,24 +187,18 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def _calib_windows(args: argparse.Namespace, source: Path, tokenizer, n: int, export: bool = False):
-    """``n`` calibration windows from ``--calib`` (one source or a comma-separated mixture, see
-    :func:`lowbit.data.mixed_windows`): text sources from their train split, ``self`` sampled by the full-precision
-    model at ``source`` (:mod:`lowbit.selfcal`), each drawn with ``--calib-seed``."""
+    """``n`` calibration windows from ``--calib`` (:func:`lowbit.data.calibration_windows`), ``self`` sampled by the
+    full-precision model at ``source`` (:mod:`lowbit.selfcal`), each source drawn with ``--calib-seed``."""
     import torch
 
-    from lowbit.data import calib_sources, mixed_windows, sample_windows, text_windows
+    from lowbit.data import calib_sources, calibration_windows
 
-    sources = calib_sources(args.calib)
-    if export and "self" in sources:
+    if export and "self" in calib_sources(args.calib):
         raise LowbitError("export takes --calib ptb or a .txt/.jsonl file (or a mixture of them), not self: a "
                           "fine-tuned model's own samples would echo its training data rather than cover the text it "
                           "will see")  # fmt: skip
 
-    def draw(name: str, count: int) -> torch.Tensor:
-        if name != "self":
-            wins = text_windows(name, tokenizer, args.calib_seqlen, split="train")
-            # one draw of calib + holdout windows: its first --calib-windows are the ones drawn without holdout
-            return sample_windows(wins, count, args.calib_seed)
+    def sample_self(count: int) -> torch.Tensor:
         from lowbit.api import load_model
         from lowbit.device import resolve_device
         from lowbit.selfcal import self_calibration
@@ -218,7 +212,7 @@ def _calib_windows(args: argparse.Namespace, source: Path, tokenizer, n: int, ex
             torch.cuda.empty_cache()
         return wins
 
-    return mixed_windows(sources, n, draw)
+    return calibration_windows(args.calib, tokenizer, n, args.calib_seqlen, args.calib_seed, sample_self)
 
 
 def _export_calib(args: argparse.Namespace):

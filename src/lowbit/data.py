@@ -156,6 +156,39 @@ def mixed_windows(sources: list[str], n: int, draw: Callable[[str, int], torch.T
     return out
 
 
+def calibration_windows(
+    spec: str,
+    tokenizer,
+    n: int,
+    seqlen: int,
+    seed: int,
+    sample_self: Callable[[int], torch.Tensor] | None = None,
+    pools: dict[str, Callable[[], torch.Tensor]] | None = None,
+) -> torch.Tensor:
+    """``n`` calibration windows from a ``--calib`` value (one source or a mixture, see :func:`mixed_windows`).
+
+    A text source is windowed from its train split and drawn with ``seed`` (:func:`sample_windows`, so the first
+    windows do not change when held-out ones are added); ``self`` asks ``sample_self(count)`` for windows the
+    full-precision model samples (:mod:`lowbit.selfcal`: the caller owns the model); ``pools`` names extra sources
+    by the windows they draw from (a benchmark's corpus that is not a file). One function for the CLI and the
+    benchmarks, so a benchmark row calibrates on exactly the windows the command would.
+    """
+    pools = pools or {}
+
+    def draw(source: str, count: int) -> torch.Tensor:
+        if source == "self":
+            if sample_self is None:
+                raise LowbitError(
+                    "calibration source 'self' needs sample_self: a function that samples windows from "
+                    "the full-precision model (lowbit.selfcal.self_calibration)"
+                )
+            return sample_self(count)
+        wins = pools[source]() if source in pools else text_windows(source, tokenizer, seqlen, split="train")
+        return sample_windows(wins, count, seed)
+
+    return mixed_windows(calib_sources(spec), n, draw)
+
+
 # ----- supervised fine-tuning examples ---------------------------------------------------------------------------
 @dataclass
 class Example:

@@ -83,11 +83,20 @@ class BlockTrainOptions(MethodOptions):
         "calibration windows held back from the steps: each block keeps its parameters from the epoch (0: the "
         "start) with the lowest loss on them (0: keep the last epoch)",
     )
+    patience: int = option(
+        0,
+        "with --val-windows: stop a block's training after this many epochs without a lower validation loss "
+        "(0: train every epoch)",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check_at_least(1, "batch")
         self.check_at_least(0, "val_windows")
+        self.check_at_least(0, "patience")
+        if self.patience and not self.val_windows:
+            raise LowbitError(f"--patience {self.patience} needs validation windows to watch: add --val-windows "
+                              "(e.g. --val-windows 4) or drop --patience")  # fmt: skip
 
     def fitting(self, ctx: BlockContext) -> BlockContext:
         """``ctx`` without the validation windows: what a method may fit to (its start and its training steps), so
@@ -118,7 +127,9 @@ def train_block(
     Why validation windows: a block trained on a few dozen windows learns them -- its error on text it never saw
     rises above the untrained start's while its training loss still falls -- so with ``options.val_windows`` the
     last windows are held back from the steps (and from the start: see :meth:`BlockTrainOptions.fitting`) and the
-    block keeps the parameters of the epoch (0: the start) where their loss was lowest.
+    block keeps the parameters of the epoch (0: the start) where their loss was lowest. With ``options.patience``
+    the block also stops after that many epochs without a new lowest loss: more epochs than the first blocks need
+    can then be given without paying for them on every block.
     """
     val = options.val_windows
     n = options.fitting(ctx).xq.shape[0]
@@ -152,6 +163,8 @@ def train_block(
             if val_losses[-1] < min(val_losses[:-1]):
                 best = [p.detach().clone() for p in params]
         ctx.report(stats)
+        if options.patience and epoch + 1 - val_losses.index(min(val_losses)) >= options.patience:
+            break
     result: dict[str, list[float] | int] = {"epoch_losses": losses}
     if val:
         with torch.no_grad():
