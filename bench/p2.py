@@ -11,10 +11,11 @@ Rows (each in its own subprocess, so peak RSS is the row's own):
 - ``bnb-qlora``: PEFT LoRA on bitsandbytes NF4 ``Linear4bit`` (blocksize 64, double quantization): the peer;
 - ``lowbit-{qlora,loftq,apiq,apiq-gptq,gptq}-w{4,3,2}``: ``lowbit.finetune`` on the packed checkpoint from P1's
   start of that name (``rtnB``, ``loftq1-wB`` -- PEFT's default of one LoftQ iteration -- ``apiq-bw-warm-wB``,
-  ``apiq-bw-gptq2-wB``, P1's best, and ``gptq-wB``). ``gptq`` is GPTQ-LoRA, the strongest simple start: P1's adapter-free GPTQ codes, to which
-  ``lowbit.finetune`` adds the QLoRA adapter start (A Kaiming-uniform, B = 0), so "the start matters after
-  fine-tuning" is tested against better codes and not only against RTN and LoftQ. Starts are made once with
-  ``bench/p1.py --keep`` into ``bench/.starts`` and reused. The trained checkpoint is kept in ``bench/.p2/ROW``;
+  ``apiq-bw-gptq2-wB``, P1's best, and ``gptq-wB``). ``gptq`` is GPTQ-LoRA, the strongest simple start: P1's
+  adapter-free GPTQ codes, to which ``lowbit.finetune`` adds the QLoRA adapter start (A Kaiming-uniform, B = 0),
+  so "the start matters after fine-tuning" is tested against better codes and not only against RTN and LoftQ.
+  Starts are made once with ``bench/p1.py --keep`` into ``bench/.starts`` and reused. The trained checkpoint is
+  kept in ``bench/.p2/ROW``;
 - ``lowbit-...-requant``: that trained row merged and re-quantized to the same format with no adapter
   (``lowbit export --requantize``: GPTQ on 32 PTB-train windows), perplexity only;
 - ``fp-{pafi,hiwi}`` and ``lowbit-{qlora-w4,apiq-gptq-w2}-{pafi,hiwi}``: ``lowbit finetune --method pafi|hiwi`` on the
