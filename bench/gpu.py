@@ -6,7 +6,8 @@ activations under autocast. Rows:
 - ``layer-<in>x<out>-<method>``: one linear layer of Llama-2-7B shape (4096->4096, 4096->11008, 11008->4096);
   median ms of forward at M = 1 and 16 tokens and of forward + backward (grad_x and the LoRA grads) at M = 2048.
   Methods: ``dense-bf16`` (``nn.Linear``), ``bnb-nf4`` (``Linear4bit``, blocksize 64, double quantization, bf16
-  compute), ``lowbit-w4/w3/w2`` (g64 asymmetric, r16 LoRA, the kernels :func:`lowbit.kernels.select` picks),
+  compute), ``bnb-nf4-lora`` (the same with PEFT's r16 LoRA layer on it: the peer of the lowbit rows, which carry
+  one), ``lowbit-w4/w3/w2`` (g64 asymmetric, r16 LoRA, the kernels :func:`lowbit.kernels.select` picks),
   ``lowbit-w4-base`` (no LoRA: the kernel alone), ``lowbit-w4-gemm`` / ``lowbit-w4-dequant`` (every size on that
   one kernel: where does each win?) and ``lowbit-w4-reference`` (pinned to the reference kernel: lowbit before the
   fused kernels). lowbit rows also record the kernel used at each size and its largest error against the
@@ -47,7 +48,7 @@ import benchlib
 
 RESULTS = benchlib.ROOT / "bench" / "results" / "gpu.json"
 SHAPES = {"4096x4096": (4096, 4096), "4096x11008": (4096, 11008), "11008x4096": (11008, 4096)}
-LAYER_METHODS = ("dense-bf16", "bnb-nf4", "lowbit-w4", "lowbit-w3", "lowbit-w2", "lowbit-w4-base",
+LAYER_METHODS = ("dense-bf16", "bnb-nf4", "bnb-nf4-lora", "lowbit-w4", "lowbit-w3", "lowbit-w2", "lowbit-w4-base",
                  "lowbit-w4-gemm", "lowbit-w4-dequant", "lowbit-w4-reference")  # fmt: skip
 # Layer methods that run on one kernel only, with its row limit lifted (which kernel is faster at which M?).
 ONLY_KERNEL = {"lowbit-w4-gemm": "triton-gemm", "lowbit-w4-dequant": "triton-dequant"}
@@ -154,8 +155,15 @@ def make_layer(method: str, in_f: int, out_f: int, setup: Setup):
     linear = nn.Linear(in_f, out_f, bias=False, device=setup.device)
     if method == "dense-bf16":
         return linear.to(torch.bfloat16).requires_grad_(False)
-    if method == "bnb-nf4":
-        return bnb_linear(linear, setup.device)
+    if method.startswith("bnb-nf4"):
+        layer = bnb_linear(linear, setup.device)
+        if method.endswith("-lora"):
+            from peft import LoraConfig, inject_adapter_in_model
+
+            layer = inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["0"]),
+                                            nn.Sequential(layer))  # fmt: skip
+            nn.init.normal_(layer[0].lora_B["default"].weight, std=0.01)
+        return layer
     layer = QuantLinear.from_linear(linear, lowbit_spec(method))
     if not method.endswith("-base"):
         layer.add_lora(RANK, ALPHA)

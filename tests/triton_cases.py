@@ -91,9 +91,12 @@ def test_grad_x_matches_reference(bits: int, group: int, symmetric: bool, dtype)
 
 
 def test_odd_shapes_and_formats() -> None:
-    """Input widths that no tile divides, 8-bit codes, NormalFloat codebooks, float16 and a split-K reduction
-    (1024 inputs: two splits) all match."""
+    """Input widths that no tile divides, 8-bit codes, NormalFloat codebooks, float16, a split-K reduction
+    (1024 inputs: two splits) and a group size that neither divides nor is divided by the tile (96: per-element
+    scales beside word-read codes) all match."""
     for layer, dtype in ((_layer(3, -1, in_f=100, out_f=19), torch.float32),
+                         (_layer(3, 96, in_f=192, out_f=11), torch.bfloat16),
+                         (_layer(2, 96, in_f=192, out_f=11, symmetric=True), torch.float32),
                          (_layer(8, 32, in_f=96, out_f=5), torch.float16),
                          (_layer(4, 64, fmt="nf"), torch.bfloat16),
                          (_layer(3, 32, fmt="nf", in_f=96), torch.float32),

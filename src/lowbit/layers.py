@@ -166,8 +166,16 @@ class QuantLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         if self.lora_A is not None:
-            lora = F.linear(F.linear(self.lora_dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
-            y = y + self.scaling * lora
+            h = F.linear(self.lora_dropout(x), self.lora_A.to(x.dtype))
+            if y.is_cuda:
+                # One cuBLAS call adds scaling * h @ B^T into y: no output-sized temporaries for the product, the
+                # scaling and the sum, in forward or backward (at training sizes those passes cost as much as the
+                # quantized matmul). The CPU keeps the separate ops, so its numbers stay bit for bit.
+                y2 = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]),
+                                 self.lora_B.to(h.dtype).t(), alpha=self.scaling)  # fmt: skip
+                y = y2.reshape(y.shape)
+            else:
+                y = y + self.scaling * F.linear(h, self.lora_B.to(x.dtype))
         if self.adapter is not None:  # HiWi's bias variant
             y = y + self.adapter.bias_delta(self.bias, y.dtype)
         return y

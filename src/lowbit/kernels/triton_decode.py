@@ -52,7 +52,7 @@ def split_k(in_features: int) -> int:
 def _decode_kernel(
     x, qweight, scales, qzeros, codebook, partial, M, N, K, n_groups, SPLIT_K,
     BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, NF: tl.constexpr, IEEE: tl.constexpr,
-    ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ALIGNED: tl.constexpr, WORDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """``partial[s] [M, N] = x[:, chunk s] @ dequant(Q)[:, chunk s]^T`` for ``s < SPLIT_K`` (``[M, N]``: one)."""
     pid_n = tl.program_id(0)
@@ -71,13 +71,13 @@ def _decode_kernel(
             # GEMV: [1, BLOCK_K] * [BLOCK_N, BLOCK_K], reduced over k, in float32 throughout. The tile is [n, k] so
             # that k -- the direction the packed codes run in memory -- is the fast one across a warp's threads
             # (coalesced byte loads, not one row per thread).
-            w = weight_tile(qweight, scales, qzeros, codebook, offs_n[:, None], offs_k[None, :], k_start, N, K,
-                            n_groups, BITS, GROUP, SYMMETRIC, NF, BLOCK_K, ALIGNED)  # fmt: skip
+            w = weight_tile(qweight, scales, qzeros, codebook, offs_n, offs_k, k_start, N, K,
+                            n_groups, BITS, GROUP, SYMMETRIC, NF, BLOCK_N, BLOCK_K, ALIGNED, WORDS)  # fmt: skip
             acc += tl.sum(w * a.to(tl.float32), axis=1)[None, :]
         else:
-            w = weight_tile(qweight, scales, qzeros, codebook, offs_n[None, :], offs_k[:, None], k_start, N, K,
-                            n_groups, BITS, GROUP, SYMMETRIC, NF, BLOCK_K, ALIGNED)  # fmt: skip
-            acc = mma(a, w.to(a.dtype), acc, IEEE)
+            w = weight_tile(qweight, scales, qzeros, codebook, offs_n, offs_k, k_start, N, K,
+                            n_groups, BITS, GROUP, SYMMETRIC, NF, BLOCK_N, BLOCK_K, ALIGNED, WORDS)  # fmt: skip
+            acc = mma(a, tl.trans(w.to(a.dtype)), acc, IEEE)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     out = partial + pid_s * M * N + offs_m[:, None] * N + offs_n[None, :]
     tl.store(out, acc.to(partial.dtype.element_ty), mask=mask)

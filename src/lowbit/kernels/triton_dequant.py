@@ -39,14 +39,15 @@ def _dequant_kernel(
     qweight, scales, qzeros, codebook, w, N, K, n_groups,
     BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, NF: tl.constexpr, IEEE: tl.constexpr,
     ALIGNED: tl.constexpr,
+    WORDS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """``w [N, K] = dequant(Q)`` in ``w``'s dtype."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k_start = tl.program_id(1) * BLOCK_K
     offs_k = k_start + tl.arange(0, BLOCK_K)
-    tile = weight_tile(qweight, scales, qzeros, codebook, offs_n[:, None], offs_k[None, :], k_start, N, K, n_groups,
-                       BITS, GROUP, SYMMETRIC, NF, BLOCK_K, ALIGNED)  # fmt: skip
+    tile = weight_tile(qweight, scales, qzeros, codebook, offs_n, offs_k, k_start, N, K, n_groups,
+                       BITS, GROUP, SYMMETRIC, NF, BLOCK_N, BLOCK_K, ALIGNED, WORDS)  # fmt: skip
     mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
     tl.store(w + offs_n[:, None].to(tl.int64) * K + offs_k[None, :], tile.to(w.dtype.element_ty), mask=mask)
 

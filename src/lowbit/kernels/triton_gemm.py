@@ -76,7 +76,8 @@ _NO_SPECIALIZE = ["M", "n_groups", "M_BUCKET"]
 def _forward_kernel(
     x, qweight, scales, qzeros, codebook, y, M, N, K, n_groups, M_BUCKET,
     BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, NF: tl.constexpr, IEEE: tl.constexpr,
-    ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    ALIGNED: tl.constexpr, WORDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """``y [M, N] = x [M, K] @ dequant(Q)^T``."""
     pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -90,9 +91,9 @@ def _forward_kernel(
             mask=(offs_m[:, None] < M) & (offs_k[None, :] < K),
             other=0.0,
         )
-        w = weight_tile(qweight, scales, qzeros, codebook, offs_n[None, :], offs_k[:, None], k_start, N, K, n_groups,
-                        BITS, GROUP, SYMMETRIC, NF, BLOCK_K, ALIGNED)  # fmt: skip
-        acc = mma(a, w.to(a.dtype), acc, IEEE)
+        w = weight_tile(qweight, scales, qzeros, codebook, offs_n, offs_k, k_start, N, K, n_groups,
+                        BITS, GROUP, SYMMETRIC, NF, BLOCK_N, BLOCK_K, ALIGNED, WORDS)  # fmt: skip
+        acc = mma(a, tl.trans(w.to(a.dtype)), acc, IEEE)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     tl.store(y + offs_m[:, None].to(tl.int64) * N + offs_n[None, :], acc.to(y.dtype.element_ty), mask=mask)
 
@@ -102,7 +103,8 @@ def _forward_kernel(
 def _grad_x_kernel(
     g, qweight, scales, qzeros, codebook, dx, M, N, K, n_groups, M_BUCKET,
     BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, NF: tl.constexpr, IEEE: tl.constexpr,
-    ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    ALIGNED: tl.constexpr, WORDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """``dx [M, K] = g [M, N] @ dequant(Q)``: tiles of dx, reducing over the output features."""
     pid_m, pid_k = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
@@ -117,8 +119,8 @@ def _grad_x_kernel(
             mask=(offs_m[:, None] < M) & (offs_n[None, :] < N),
             other=0.0,
         )
-        w = weight_tile(qweight, scales, qzeros, codebook, offs_n[:, None], offs_k[None, :], k_start, N, K, n_groups,
-                        BITS, GROUP, SYMMETRIC, NF, BLOCK_K, ALIGNED)  # fmt: skip
+        w = weight_tile(qweight, scales, qzeros, codebook, offs_n, offs_k, k_start, N, K, n_groups,
+                        BITS, GROUP, SYMMETRIC, NF, BLOCK_N, BLOCK_K, ALIGNED, WORDS)  # fmt: skip
         acc = mma(a, w.to(a.dtype), acc, IEEE)
     mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
     tl.store(dx + offs_m[:, None].to(tl.int64) * K + offs_k[None, :], acc.to(dx.dtype.element_ty), mask=mask)

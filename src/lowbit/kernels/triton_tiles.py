@@ -45,6 +45,8 @@ def constexprs(bits: int, mode: int, in_features: int, n_groups: int, dtype: tor
         "NF": mode == NORMALFLOAT,
         "IEEE": dtype == torch.float32,
         "ALIGNED": in_features % 8 == 0,  # every row of codes starts on a byte
+        # every row starts on a 4-byte word (the packed buffers are whole allocations, so word-aligned themselves)
+        "WORDS": in_features % 32 == 0,
     }
 
 
@@ -67,13 +69,47 @@ def packed_codes(ptr, idx, mask, BITS: tl.constexpr):
 
 
 @triton.jit
+def word_codes(qweight, offs_n, k_start, N, K, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The ``[BLOCK_N, BLOCK_K]`` int32 codes of rows ``offs_n``, columns ``k_start + arange(BLOCK_K)``, read as
+    32-bit words (``K % 32 == 0`` and ``BLOCK_K % 32 == 0``: every row, and every tile of a row, starts on a word).
+
+    One load brings ``32 // BITS`` codes (2-, 4-, 8-bit) and shifts in registers unpack them, where the byte path
+    loads one byte per code. 3-bit codes come in runs of 32 codes in three words; the two codes that straddle a word
+    boundary (10 and 21) take their high bits from the next word.
+    """
+    row = qweight.to(tl.pointer_type(tl.int32)) + offs_n.to(tl.int64)[:, None] * (K // 32 * BITS)
+    n_ok = (offs_n < N)[:, None]
+    if BITS == 3:
+        RUNS: tl.constexpr = BLOCK_K // 32
+        run = k_start // 32 + tl.arange(0, RUNS)
+        at = row + run[None, :] * 3
+        ok = n_ok & (run[None, :] < K // 32)
+        w0 = tl.load(at, mask=ok, other=0).to(tl.uint32, bitcast=True)[:, :, None]
+        w1 = tl.load(at + 1, mask=ok, other=0).to(tl.uint32, bitcast=True)[:, :, None]
+        w2 = tl.load(at + 2, mask=ok, other=0).to(tl.uint32, bitcast=True)[:, :, None]
+        bit = (tl.arange(0, 32) * 3)[None, None, :]
+        word = bit // 32
+        shift = (bit % 32).to(tl.uint32)
+        this = tl.where(word == 0, w0, tl.where(word == 1, w1, w2))
+        nxt = tl.where(word == 0, w1, w2)
+        high = tl.where(shift > 29, nxt << (32 - tl.maximum(shift, 1)), 0)  # shift <= 29: no straddle
+        codes = (((this >> shift) | high) & 7).to(tl.int32)
+    else:
+        PER: tl.constexpr = 32 // BITS
+        idx = k_start // PER + tl.arange(0, BLOCK_K // PER)
+        words = tl.load(row + idx[None, :], mask=n_ok & (idx[None, :] < K // PER), other=0)
+        codes = (words[:, :, None] >> (tl.arange(0, PER) * BITS)[None, None, :]) & ((1 << BITS) - 1)
+    return tl.reshape(codes, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
 def weight_tile(
     qweight,
     scales,
     qzeros,
     codebook,
-    n2,
-    k2,
+    offs_n,
+    offs_k,
     k_start,
     N,
     K,
@@ -82,35 +118,64 @@ def weight_tile(
     GROUP: tl.constexpr,
     SYMMETRIC: tl.constexpr,
     NF: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     ALIGNED: tl.constexpr,
+    WORDS: tl.constexpr,
 ):
-    """The float32 weights ``dequant(Q)[n, k]`` for broadcastable index tiles ``n2`` and ``k2``.
+    """The float32 ``[BLOCK_N, BLOCK_K]`` tile ``dequant(Q)[offs_n, offs_k]`` (``offs_k = k_start + arange``);
+    callers that need ``[BLOCK_K, BLOCK_N]`` (``x @ W^T``) transpose it with ``tl.trans``.
 
-    ``n2``/``k2`` are ``offs[None, :]``/``offs[:, None]`` (a ``[BLOCK_K, BLOCK_N]`` tile for ``x @ W^T``) or the
-    transpose (``[BLOCK_N, BLOCK_K]`` for ``grad @ W``). The tile's k indices are ``k_start + arange(BLOCK_K)``;
-    when the group size is a multiple of ``BLOCK_K`` the whole tile lies in one group, so scales and zeros are read
-    once per row (a vector) instead of once per element. Out-of-range elements are 0. ``ALIGNED`` (``K % 8 == 0``:
-    every row starts on a byte) lets the 64-bit arithmetic stay per row (a row pointer) and the per-element bit
-    offsets be 32-bit; per-element 64-bit indices cost so many registers that every tile spilled on sm_90.
+    Codes come as 32-bit words where rows start on one (``WORDS``: :func:`word_codes`), else byte by byte
+    (``ALIGNED``, ``K % 8 == 0``: 64-bit arithmetic per row, 32-bit per element -- per-element 64-bit indices cost
+    so many registers that every tile spilled on sm_90; otherwise flat indices). Scales and zero points are read
+    once per row when the tile lies in one group (the group size a multiple of ``BLOCK_K``), once per (row, group)
+    when the tile holds whole groups (the tile is viewed as ``[BLOCK_N, groups, GROUP]``), else per element.
+    Out-of-range elements are finite and meet zeros or masked stores in every caller.
     """
+    n2 = offs_n[:, None]
+    k2 = offs_k[None, :]
     mask = (n2 < N) & (k2 < K)
-    if ALIGNED:
+    if WORDS:
+        q = word_codes(qweight, offs_n, k_start, N, K, BITS, BLOCK_N, BLOCK_K)
+    elif ALIGNED:
         q = codes_at(qweight + n2.to(tl.int64) * ((K // 8) * BITS), k2 * BITS, mask, BITS)
     else:
         q = packed_codes(qweight, n2.to(tl.int64) * K + k2, mask, BITS)
-    if GROUP % BLOCK_K == 0:
-        g_idx = n2 * n_groups + k_start // GROUP
-        g_mask = n2 < N
-    else:
-        g_idx = n2 * n_groups + k2 // GROUP
-        g_mask = mask
-    s = tl.load(scales + g_idx, mask=g_mask, other=0.0).to(tl.float32)
+    # One return at the end: Triton compiles the code after a return inside a (constexpr) branch as well.
+    if GROUP % BLOCK_K == 0 or not (WORDS and BLOCK_K % GROUP == 0):
+        if GROUP % BLOCK_K == 0:
+            g_idx = n2 * n_groups + k_start // GROUP
+            g_mask = n2 < N
+        else:
+            g_idx = n2 * n_groups + k2 // GROUP
+            g_mask = mask
+        w = dequant_codes(q, qzeros, codebook, tl.load(scales + g_idx, mask=g_mask, other=0.0), g_idx, g_mask, BITS,
+                          SYMMETRIC, NF)  # fmt: skip
+    else:  # whole groups (GROUP divides a power of two: a power of two itself)
+        G: tl.constexpr = BLOCK_K // GROUP
+        g = k_start // GROUP + tl.arange(0, G)[None, :]
+        g_idx = n2 * n_groups + g
+        g_mask = (n2 < N) & (g < n_groups)
+        s = tl.load(scales + g_idx, mask=g_mask, other=0.0)
+        w3 = dequant_codes(tl.reshape(q, (BLOCK_N, G, GROUP)), qzeros, codebook, s[:, :, None], g_idx[:, :, None],
+                           g_mask[:, :, None], BITS, SYMMETRIC, NF)  # fmt: skip
+        w = tl.reshape(w3, (BLOCK_N, BLOCK_K))
+    return w
+
+
+@triton.jit
+def dequant_codes(q, qzeros, codebook, s, g_idx, g_mask, BITS: tl.constexpr, SYMMETRIC: tl.constexpr,
+                  NF: tl.constexpr):  # fmt: skip
+    """Float32 weights of codes ``q`` with scales ``s`` (broadcastable); zero points at ``g_idx`` of ``qzeros``."""
+    s = s.to(tl.float32)
     if NF:
-        return tl.load(codebook + q, mask=mask, other=0.0) * s
-    if SYMMETRIC:
-        return (q - (1 << (BITS - 1))).to(tl.float32) * s
-    return (q - packed_codes(qzeros, g_idx, g_mask, BITS)).to(tl.float32) * s
+        w = tl.load(codebook + q) * s
+    elif SYMMETRIC:
+        w = (q - (1 << (BITS - 1))).to(tl.float32) * s
+    else:
+        w = (q - packed_codes(qzeros, g_idx, g_mask, BITS)).to(tl.float32) * s
+    return w
 
 
 def direct(kernel):
