@@ -12,6 +12,10 @@ activations under autocast. Rows:
   one kernel: where does each win?) and ``lowbit-w4-reference`` (pinned to the reference kernel: lowbit before the
   fused kernels). lowbit rows also record the kernel used at each size and its largest error against the
   reference at full size (``max_rel_err``: relative to the output's largest magnitude).
+- ``graph-<in>x<out>-<method>``: the same layers' forward at M = 1 and 16 captured in a CUDA graph and replayed
+  (``triton.testing.do_bench_cudagraph``): device time without Python and launch overhead, as in graph-captured
+  decoding; for lowbit also the dequantization kernel alone (``dequant_us``: the transient weight of
+  ``triton-dequant``). Methods: ``dense-bf16``, ``bnb-nf4``, ``lowbit-w4/w3/w2-base`` and ``lowbit-w4`` (LoRA).
 - ``train-<method>``: LoRA r16/alpha 32 training of a TinyLlama-1.1B-shaped Llama (all 7 linears of each block) at
   batch 4 x 512 tokens: tokens/s over 8 AdamW steps after 2 warm-up steps, and peak allocated memory. Methods:
   ``bf16-lora`` (PEFT on the bf16 model), ``bnb-qlora`` (PEFT + bitsandbytes NF4), ``lowbit-w4/w3/w2``.
@@ -51,6 +55,7 @@ SHAPES = {"4096x4096": (4096, 4096), "4096x11008": (4096, 11008), "11008x4096": 
 LAYER_METHODS = ("dense-bf16", "bnb-nf4", "bnb-nf4-lora", "lowbit-w4", "lowbit-w3", "lowbit-w2", "lowbit-w4-base",
                  "lowbit-w4-gemm", "lowbit-w4-dequant", "lowbit-w4-reference")  # fmt: skip
 # Layer methods that run on one kernel only, with its row limit lifted (which kernel is faster at which M?).
+GRAPH_METHODS_LAYER = ("dense-bf16", "bnb-nf4", "lowbit-w4-base", "lowbit-w3-base", "lowbit-w2-base", "lowbit-w4")
 ONLY_KERNEL = {"lowbit-w4-gemm": "triton-gemm", "lowbit-w4-dequant": "triton-dequant"}
 TRAIN_METHODS = ("bf16-lora", "bnb-qlora", "lowbit-w4", "lowbit-w3", "lowbit-w2")
 DECODE_METHODS = ("bf16", "bnb-nf4", "lowbit-w4", "lowbit-w3", "lowbit-w2")
@@ -62,6 +67,8 @@ RANK, ALPHA, GROUP = 16, 32.0, 64
 
 def _rows() -> dict[str, str]:
     rows = {f"layer-{s}-{m}": f"layer {s.replace('x', '->')}, {m}" for s in SHAPES for m in LAYER_METHODS}
+    rows.update({f"graph-{s}-{m}": f"layer {s.replace('x', '->')}, {m}, CUDA graph" for s in SHAPES
+                 for m in GRAPH_METHODS_LAYER})  # fmt: skip
     rows.update({f"train-{m}": f"TinyLlama-1.1B LoRA training, {m}" for m in TRAIN_METHODS})
     rows.update({f"decode-{m}": f"TinyLlama-1.1B greedy decoding, {m}, eager" for m in DECODE_METHODS})
     rows.update({f"decode-{m}-graphs": f"TinyLlama-1.1B greedy decoding, {m}, CUDA graphs" for m in GRAPH_METHODS})
@@ -205,6 +212,34 @@ def layer_row(name: str, setup: Setup) -> dict:
         if method.startswith("lowbit") and not method.endswith("-reference"):
             row.update(kernel_check(layer, xs, x_big, grad, setup))
     row["fwdbwd_m"] = setup.big_m
+    return row
+
+
+def graph_row(name: str, setup: Setup) -> dict:
+    """Device time of one forward (and of lowbit's dequantization kernel) from a replayed CUDA graph, in us."""
+    import torch
+
+    shape, method = name.removeprefix("graph-").split("-", 1)
+    in_f, out_f = (setup.width(d) for d in SHAPES[shape])
+    layer = make_layer(method, in_f, out_f, setup)
+    row: dict = {"row": name, "label": ROWS[name], "in": in_f, "out": out_f}
+
+    def bench(fn: Callable[[], object]) -> float:
+        if setup.dry_run:
+            return timed_ms(setup, fn) * 1e3
+        from triton.testing import do_bench_cudagraph
+
+        fn()  # autotuning and allocation happen outside the capture
+        return do_bench_cudagraph(fn, rep=100) * 1e3
+
+    with torch.no_grad(), torch.autocast(setup.device.type, dtype=torch.bfloat16):
+        for m in (1, 16):
+            x = torch.randn(m, in_f, device=setup.device, dtype=torch.bfloat16)
+            row[f"fwd_m{m}_us"] = round(bench(lambda x=x: layer(x)), 2)
+        if method.startswith("lowbit") and not setup.dry_run:
+            from lowbit.kernels import triton_dequant
+
+            row["dequant_us"] = round(bench(lambda: triton_dequant._weight(layer, torch.bfloat16)), 2)
     return row
 
 
@@ -365,6 +400,8 @@ def run_row(name: str, setup: Setup) -> dict | None:
     try:
         if name.startswith("layer-"):
             row = layer_row(name, setup)
+        elif name.startswith("graph-"):
+            row = graph_row(name, setup)
         elif name.startswith("train-"):
             row = train_row(name, setup)
         else:
@@ -417,7 +454,17 @@ def table(rows: list[dict]) -> str:
             used = "error: " + r["error"][:80] if "error" in r else "/".join(r.get("kernels", {}).values()) or "—"
             lines.append(f"| {shape.replace('x', '->')} | {method} | {_ms(r, 'fwd_m1_ms')} | {_ms(r, 'fwd_m16_ms')} "
                          f"| {_ms(r, 'fwdbwd_ms')} | {used} |")  # fmt: skip
-    other = [r for r in rows if not r["row"].startswith(("layer-", "calib"))]
+    graphs = [r for r in rows if r["row"].startswith("graph-")]
+    if graphs:
+        lines += ["", "| layer | method (CUDA graph) | fwd M=1 us | fwd M=16 us | dequantize us |",
+                  "|---|---|---:|---:|---:|"]  # fmt: skip
+        for r in graphs:
+            shape, method = r["row"].removeprefix("graph-").split("-", 1)
+            cells = [f"{r[k]:.1f}" if k in r else "—" for k in ("fwd_m1_us", "fwd_m16_us", "dequant_us")]
+            if "error" in r:
+                cells = ["error: " + r["error"][:80], "", ""]
+            lines.append(f"| {shape.replace('x', '->')} | {method} | {' | '.join(cells)} |")
+    other = [r for r in rows if not r["row"].startswith(("layer-", "graph-", "calib"))]
     if other:
         lines += ["", "| row | tokens/s | peak allocated MiB |", "|---|---:|---:|"]
         for r in other:
