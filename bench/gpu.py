@@ -9,13 +9,17 @@ activations under autocast. Rows:
   compute), ``bnb-nf4-lora`` (the same with PEFT's r16 LoRA layer on it: the peer of the lowbit rows, which carry
   one), ``lowbit-w4/w3/w2`` (g64 asymmetric, r16 LoRA, the kernels :func:`lowbit.kernels.select` picks),
   ``lowbit-w4-base`` (no LoRA: the kernel alone), ``lowbit-w4-gemm`` / ``lowbit-w4-dequant`` (every size on that
-  one kernel: where does each win?) and ``lowbit-w4-reference`` (pinned to the reference kernel: lowbit before the
-  fused kernels). lowbit rows also record the kernel used at each size and its largest error against the
-  reference at full size (``max_rel_err``: relative to the output's largest magnitude).
+  one kernel: where does each win?), ``lowbit-w4-reference`` (pinned to the reference kernel: lowbit before the
+  fused kernels) and ``gemlite-w4/w2`` (GemLite's ``GemLiteLinear`` packed with the same layer's lowbit codes,
+  scales and zero points -- its format is lowbit's ``(q - z) * s`` -- forward only: GemLite has no backward and no
+  3-bit; the library the kernel seam would call if it won). lowbit rows also record the kernel used at each size
+  and its largest error against the reference at full size (``max_rel_err``: relative to the output's largest
+  magnitude).
 - ``graph-<in>x<out>-<method>``: the same layers' forward at M = 1 and 16 captured in a CUDA graph and replayed
   (``triton.testing.do_bench_cudagraph``): device time without Python and launch overhead, as in graph-captured
   decoding; for lowbit also the dequantization kernel alone (``dequant_us``: the transient weight of
-  ``triton-dequant``). Methods: ``dense-bf16``, ``bnb-nf4``, ``lowbit-w4/w3/w2-base`` and ``lowbit-w4`` (LoRA).
+  ``triton-dequant``). Methods: ``dense-bf16``, ``bnb-nf4``, ``lowbit-w4/w3/w2-base``, ``lowbit-w4`` (LoRA) and
+  ``gemlite-w4/w2``.
 - ``train-<method>``: LoRA r16/alpha 32 training of a TinyLlama-1.1B-shaped Llama (all 7 linears of each block) at
   batch 4 x 512 tokens: tokens/s over 8 AdamW steps after 2 warm-up steps, and peak allocated memory. Methods:
   ``bf16-lora`` (PEFT on the bf16 model), ``bnb-qlora`` (PEFT + bitsandbytes NF4), ``lowbit-w4/w3/w2``.
@@ -53,9 +57,10 @@ import benchlib
 RESULTS = benchlib.ROOT / "bench" / "results" / "gpu.json"
 SHAPES = {"4096x4096": (4096, 4096), "4096x11008": (4096, 11008), "11008x4096": (11008, 4096)}
 LAYER_METHODS = ("dense-bf16", "bnb-nf4", "bnb-nf4-lora", "lowbit-w4", "lowbit-w3", "lowbit-w2", "lowbit-w4-base",
-                 "lowbit-w4-gemm", "lowbit-w4-dequant", "lowbit-w4-reference")  # fmt: skip
+                 "lowbit-w4-gemm", "lowbit-w4-dequant", "lowbit-w4-reference", "gemlite-w4", "gemlite-w2")  # fmt: skip
 # Layer methods that run on one kernel only, with its row limit lifted (which kernel is faster at which M?).
-GRAPH_METHODS_LAYER = ("dense-bf16", "bnb-nf4", "lowbit-w4-base", "lowbit-w3-base", "lowbit-w2-base", "lowbit-w4")
+GRAPH_METHODS_LAYER = ("dense-bf16", "bnb-nf4", "lowbit-w4-base", "lowbit-w3-base", "lowbit-w2-base", "lowbit-w4",
+                       "gemlite-w4", "gemlite-w2")  # fmt: skip
 ONLY_KERNEL = {"lowbit-w4-gemm": "triton-gemm", "lowbit-w4-dequant": "triton-dequant"}
 TRAIN_METHODS = ("bf16-lora", "bnb-qlora", "lowbit-w4", "lowbit-w3", "lowbit-w2")
 DECODE_METHODS = ("bf16", "bnb-nf4", "lowbit-w4", "lowbit-w3", "lowbit-w2")
@@ -146,6 +151,21 @@ def bnb_linear(linear, device):
     return layer.to(device)  # quantizes
 
 
+def gemlite_linear(linear, spec):
+    """GemLite's layer holding lowbit's RTN codes of ``linear`` (bf16 in and out, fma mode: ``q * s - z * s``)."""
+    import torch
+    from gemlite import DType, GemLiteLinear
+
+    from lowbit.layers import QuantLinear
+
+    q = QuantLinear.from_linear(linear, spec).quantized()
+    layer = GemLiteLinear(spec.bits, group_size=spec.group_size, in_features=linear.in_features,
+                          out_features=linear.out_features, input_dtype=DType.BF16,
+                          output_dtype=DType.BF16)  # fmt: skip
+    layer.pack(q.codes, q.scales.to(torch.bfloat16), q.zeros.to(torch.bfloat16), None)
+    return layer
+
+
 def lowbit_spec(method: str):
     from lowbit.quant import QuantSpec
 
@@ -162,6 +182,8 @@ def make_layer(method: str, in_f: int, out_f: int, setup: Setup):
     linear = nn.Linear(in_f, out_f, bias=False, device=setup.device)
     if method == "dense-bf16":
         return linear.to(torch.bfloat16).requires_grad_(False)
+    if method.startswith("gemlite"):
+        return gemlite_linear(linear, lowbit_spec(method.replace("gemlite", "lowbit")))
     if method.startswith("bnb-nf4"):
         layer = bnb_linear(linear, setup.device)
         if method.endswith("-lora"):
@@ -208,7 +230,8 @@ def layer_row(name: str, setup: Setup) -> dict:
             x_big.grad = None
             layer.zero_grad(set_to_none=True)
 
-        row["fwdbwd_ms"] = round(timed_ms(setup, step), 4)
+        if not method.startswith("gemlite"):  # forward only
+            row["fwdbwd_ms"] = round(timed_ms(setup, step), 4)
         if method.startswith("lowbit") and not method.endswith("-reference"):
             row.update(kernel_check(layer, xs, x_big, grad, setup))
     row["fwdbwd_m"] = setup.big_m
@@ -389,7 +412,8 @@ def decode_row(name: str, setup: Setup) -> dict:
 # ----- driver -----------------------------------------------------------------------------------------------------
 def run_row(name: str, setup: Setup) -> dict | None:
     """One row, or None where a peer library is missing (the row is left out, with a note)."""
-    needs = "bitsandbytes" if "bnb" in name else "peft" if name.startswith("train-") else None
+    needs = ("bitsandbytes" if "bnb" in name else "gemlite" if "gemlite" in name
+             else "peft" if name.startswith("train-") else None)  # fmt: skip
     if needs:
         try:
             __import__(needs)
