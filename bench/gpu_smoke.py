@@ -3,7 +3,10 @@
 Runs the CLI in-process with ``--device`` (default ``cuda``): quantize (gptq with the activation streams on the
 GPU; apiq-bw gptq-warm with ``--act-budget 0``, i.e. pinned host streams), finetune (bf16 precision, bf16 LoRA
 factors, gradient checkpointing), eval (the same checkpoint on the CPU too: perplexities compared), generate,
-translate, report and ``export --requantize``. Prints one JSON object: each command's exit status and output.
+translate, report and ``export --requantize``; generate again with ``--static-cache`` (CUDA graphs on a GPU: the
+same tokens); and the apiq-bw quantize once more in a child process killed with
+SIGKILL right after its first block is committed, then resumed here: the checkpoint must equal the uninterrupted
+run's byte for byte. Prints one JSON object: each command's exit status and output.
 CI has no GPU; ``--device cpu`` runs the same script here in about a minute.
 
     python bench/gpu_smoke.py [--device cuda] [--out smoke.json]
@@ -13,8 +16,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import io
 import json
+import os
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -43,11 +50,54 @@ def run(argv: list) -> dict:
     return result
 
 
+def tensor_digests(folder: Path) -> dict[str, tuple]:
+    """Each safetensors file's metadata and the SHA-256 of each of its tensors' bytes (the header's order is not
+    fixed, and the JSON files beside them record timings)."""
+    import torch
+    from safetensors import safe_open
+
+    def sha(t: torch.Tensor) -> str:
+        return hashlib.sha256(t.contiguous().view(-1).view(torch.uint8).numpy()).hexdigest()
+
+    out = {}
+    for p in sorted(folder.glob("*.safetensors")):
+        with safe_open(p, "pt") as f:
+            out[p.name] = (f.metadata(), {k: sha(f.get_tensor(k)) for k in sorted(f.keys())})
+    return out
+
+
+def killed_then_resumed(argv: list, twin: Path) -> dict:
+    """``quantize argv`` in a child process, killed with SIGKILL once its first block is committed (block 1's shard
+    exists: block 0's commit point was written before block 1 began; no handler or cleanup runs), then the same
+    command in this process, which resumes; every tensor must equal ``twin``'s (the same command, uninterrupted)
+    bit for bit."""
+    import torch
+
+    out = Path(argv[argv.index("--out") + 1])
+    second_block = out.parent / f".{out.name}.partial" / "model-block-00001.safetensors"
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # the CPU's sums in this process's order
+    child = subprocess.Popen([sys.executable, "-m", "lowbit.cli", *map(str, argv)], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 600
+    while child.poll() is None and not second_block.exists() and time.monotonic() < deadline:
+        time.sleep(0.002)
+    killed = child.poll() is None
+    if killed:
+        child.send_signal(signal.SIGKILL)
+    child.wait()
+    result = run(argv)
+    resumed_from = result.get("json", {}).get("resumed_from_block", 0)
+    identical = result["code"] == 0 and tensor_digests(out) == tensor_digests(twin)
+    result.update(killed=killed, resumed_from_block=resumed_from, identical_to_uninterrupted=identical)
+    result["code"] = 0 if killed and resumed_from > 0 and identical else 1
+    return result
+
+
 def smoke(device: str, folder: Path) -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import save_tiny, tiny_text
 
-    source = save_tiny(folder / "fp", "llama")
+    source = save_tiny(folder / "fp", "llama", layers=4)  # blocks enough for a kill between two of them
     text = folder / "text.txt"
     text.write_text(tiny_text(4000))
     lines = folder / "src.txt"
@@ -66,16 +116,24 @@ def smoke(device: str, folder: Path) -> dict:
         "eval": ["eval", folder / "ft", "--ppl", text, "--seqlen", "64", *dev],
         "eval-cpu": ["eval", folder / "ft", "--ppl", text, "--seqlen", "64", "--device", "cpu", "--json"],
         "generate": ["generate", folder / "ft", "w1 w2 w3", "--max-new-tokens", "8", *dev],
+        "generate-static-cache": ["generate", folder / "ft", "w1 w2 w3", "--max-new-tokens", "8", "--static-cache",
+                                  *dev],
         "translate": ["translate", folder / "ft", "--input", lines, "--max-new-tokens", "8", *dev],
         "report": ["report", folder / "gptq", "--base", source, "--data", text, "--seqlen", "64", "--windows", "2",
                    *dev],
         "export-requantize": ["export", folder / "ft", "--requantize", folder / "rq", *calib, *dev],
     }  # fmt: skip
     results = {name: run(argv) for name, argv in steps.items()}
+    apiq = steps["quantize-apiq-host-streams"]
+    killed = [folder / "apiq-killed" if a == folder / "apiq" else a for a in apiq]
+    results["quantize-apiq-killed-then-resumed"] = killed_then_resumed(killed, folder / "apiq")
     ppl = {k: results[k].get("json", {}).get("ppl") for k in ("eval", "eval-cpu")}
     if None not in ppl.values():
         results["eval_ppl_rel_diff_device_vs_cpu"] = abs(ppl["eval"] - ppl["eval-cpu"]) / ppl["eval-cpu"]
-    results["all_ok"] = all(r["code"] == 0 for r in results.values() if isinstance(r, dict))
+    graphs, eager = (results[k].get("json") for k in ("generate-static-cache", "generate"))
+    results["static_cache_same_tokens"] = graphs is not None and graphs == eager
+    codes_ok = all(r["code"] == 0 for r in results.values() if isinstance(r, dict))
+    results["all_ok"] = codes_ok and results["static_cache_same_tokens"]
     return results
 
 

@@ -51,6 +51,8 @@ def test_quantize_info_eval_generate_json(tiny_folder: Path, tmp_path: Path, cap
     code, out, _ = run(capsys, "generate", out_dir, "w1 w2 w3", "--max-new-tokens", "5", "--json")
     gen = json.loads(out)
     assert code == 0 and gen["new_tokens"] <= 5 and isinstance(gen["completion"], str)
+    code, out, _ = run(capsys, "generate", out_dir, "w1 w2 w3", "--max-new-tokens", "5", "--static-cache", "--json")
+    assert code == 0 and json.loads(out) == gen  # a static cache changes speed, not tokens
 
 
 def test_jsonl_data(ckpt: Path, tmp_path: Path, capsys) -> None:

@@ -6,12 +6,13 @@ from pathlib import Path
 
 import pytest
 
+import lowbit
 import lowbit.parallel as parallel
 from conftest import save_tiny, tiny_model, tiny_text, tiny_tokenizer
 from lowbit.cli import main
 from lowbit.errors import LowbitError
 from lowbit.parallel import Pair, VerseRef, clean_verse, p3_split, read_monolingual, read_pairs
-from lowbit.translate import prompt, score, sft_record, translate
+from lowbit.translate import cache_kwargs, prompt, score, sft_record, translate
 
 # Verse markup as the installed SWORD modules return it (clean=False), shortened.
 WEB_JOHN_3_16 = (
@@ -176,6 +177,16 @@ def test_translate_is_batch_invariant_and_one_line() -> None:
     assert one == many and len(one) == 4  # left padding: a batch gives each segment's own greedy output
     assert all(isinstance(h, str) and "\n" not in h for h in one)
     assert tok.padding_side == "right"  # restored
+
+
+def test_static_cache_gives_the_same_translations_on_a_quantized_model() -> None:
+    """The static KV cache (compiled into CUDA graphs on a GPU) changes speed, not tokens -- through QuantLinear."""
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    lowbit.quantize(model, lowbit.QuantConfig(bits=3, group_size=32, init="qlora"), progress=False)
+    sources = ["w1 w2 w3", "w4", "w5 w6 w7 w8 w9 w10"]
+    dynamic = translate(model, tok, sources, batch_size=2, max_new_tokens=6)
+    assert translate(model, tok, sources, batch_size=2, max_new_tokens=6, static_cache=True) == dynamic
+    assert cache_kwargs(True) == {"cache_implementation": "static"} and cache_kwargs(False) == {}
 
 
 def _files(tmp_path: Path) -> dict[str, Path]:

@@ -69,8 +69,10 @@ def translate(
     beams: int = 1,
     max_new_tokens: int = 128,
     progress: bool = False,
+    static_cache: bool = False,
 ) -> list[str]:
-    """Translations of ``sources``, in order (greedy when ``beams`` is 1)."""
+    """Translations of ``sources``, in order (greedy when ``beams`` is 1); ``static_cache``: see
+    :func:`cache_kwargs`."""
     if tokenizer is None:
         raise LowbitError("the model has no tokenizer files: copy the tokenizer into the model folder")
     if batch_size < 1 or beams < 1:
@@ -90,6 +92,7 @@ def translate(
             gen = model.generate(
                 **{k: v.to(device) for k, v in enc.items()}, max_new_tokens=max_new_tokens, do_sample=False,
                 num_beams=beams, eos_token_id=list(_line_end_ids(tokenizer)), pad_token_id=pad,
+                **cache_kwargs(static_cache),
             )  # fmt: skip
             for row in gen[:, enc["input_ids"].shape[1] :]:
                 out.append(tokenizer.decode(row, skip_special_tokens=True).split("\n")[0].strip())
@@ -98,6 +101,18 @@ def translate(
     finally:
         tokenizer.padding_side = side
     return out
+
+
+def cache_kwargs(static: bool) -> dict[str, str]:
+    """``generate`` keyword arguments for a static KV cache (or none).
+
+    With fixed-size cache buffers every decoding step has the same shapes, so on a CUDA GPU transformers compiles
+    the step (``torch.compile``, CUDA graphs) and replays it: Python and kernel-launch overhead, most of a low-bit
+    model's decoding time when eager (P4: a 1.1B W4 model decodes 17 tokens/s eager, 123 with graphs), is gone,
+    at the price of a compilation up front. Elsewhere the cache is static and nothing is compiled. Greedy tokens do
+    not depend on it.
+    """
+    return {"cache_implementation": "static"} if static else {}
 
 
 @dataclass(frozen=True)
