@@ -18,8 +18,9 @@ activations under autocast. Rows:
 - ``graph-<in>x<out>-<method>``: the same layers' forward at M = 1 and 16 captured in a CUDA graph and replayed
   (``triton.testing.do_bench_cudagraph``): device time without Python and launch overhead, as in graph-captured
   decoding; for lowbit also the dequantization kernel alone (``dequant_us``: the transient weight of
-  ``triton-dequant``). Methods: ``dense-bf16``, ``bnb-nf4``, ``lowbit-w4/w3/w2-base``, ``lowbit-w4`` (LoRA) and
-  ``gemlite-w4/w2``.
+  ``triton-dequant``). Methods: ``dense-bf16``, ``bnb-nf4``, ``lowbit-w4/w3/w2-base``, ``lowbit-w4`` (LoRA),
+  ``lowbit-w4/w3/w2-gemv`` (no LoRA, pinned to ``triton-gemv``: M = 1 only, with its largest error against the
+  reference, ``max_rel_err``) and ``gemlite-w4/w2``.
 - ``train-<method>``: LoRA r16/alpha 32 training of a TinyLlama-1.1B-shaped Llama (all 7 linears of each block) at
   batch 4 x 512 tokens: tokens/s over 8 AdamW steps after 2 warm-up steps, and peak allocated memory. Methods:
   ``bf16-lora`` (PEFT on the bf16 model), ``bnb-qlora`` (PEFT + bitsandbytes NF4), ``lowbit-w4/w3/w2``.
@@ -60,7 +61,7 @@ LAYER_METHODS = ("dense-bf16", "bnb-nf4", "bnb-nf4-lora", "lowbit-w4", "lowbit-w
                  "lowbit-w4-gemm", "lowbit-w4-dequant", "lowbit-w4-reference", "gemlite-w4", "gemlite-w2")  # fmt: skip
 # Layer methods that run on one kernel only, with its row limit lifted (which kernel is faster at which M?).
 GRAPH_METHODS_LAYER = ("dense-bf16", "bnb-nf4", "lowbit-w4-base", "lowbit-w3-base", "lowbit-w2-base", "lowbit-w4",
-                       "gemlite-w4", "gemlite-w2")  # fmt: skip
+                       "lowbit-w4-gemv", "lowbit-w3-gemv", "lowbit-w2-gemv", "gemlite-w4", "gemlite-w2")  # fmt: skip
 ONLY_KERNEL = {"lowbit-w4-gemm": "triton-gemm", "lowbit-w4-dequant": "triton-dequant"}
 TRAIN_METHODS = ("bf16-lora", "bnb-qlora", "lowbit-w4", "lowbit-w3", "lowbit-w2")
 DECODE_METHODS = ("bf16", "bnb-nf4", "lowbit-w4", "lowbit-w3", "lowbit-w2")
@@ -194,7 +195,7 @@ def make_layer(method: str, in_f: int, out_f: int, setup: Setup):
             nn.init.normal_(layer[0].lora_B["default"].weight, std=0.01)
         return layer
     layer = QuantLinear.from_linear(linear, lowbit_spec(method))
-    if not method.endswith("-base"):
+    if not method.endswith(("-base", "-gemv")):
         layer.add_lora(RANK, ALPHA)
         nn.init.normal_(layer.lora_B, std=0.01)  # a trained-looking adapter (B = 0 would be the same work)
     return layer
@@ -242,6 +243,8 @@ def graph_row(name: str, setup: Setup) -> dict:
     """Device time of one forward (and of lowbit's dequantization kernel) from a replayed CUDA graph, in us."""
     import torch
 
+    from lowbit import kernels
+
     shape, method = name.removeprefix("graph-").split("-", 1)
     in_f, out_f = (setup.width(d) for d in SHAPES[shape])
     layer = make_layer(method, in_f, out_f, setup)
@@ -255,10 +258,18 @@ def graph_row(name: str, setup: Setup) -> dict:
         fn()  # autotuning and allocation happen outside the capture
         return do_bench_cudagraph(fn, rep=100) * 1e3
 
-    with torch.no_grad(), torch.autocast(setup.device.type, dtype=torch.bfloat16):
-        for m in (1, 16):
+    gemv = method.endswith("-gemv")
+    pin = kernels.pinned("triton-gemv") if gemv else contextlib.nullcontext()
+    with pin, torch.no_grad(), torch.autocast(setup.device.type, dtype=torch.bfloat16):
+        for m in (1,) if gemv else (1, 16):
             x = torch.randn(m, in_f, device=setup.device, dtype=torch.bfloat16)
             row[f"fwd_m{m}_us"] = round(bench(lambda x=x: layer(x)), 2)
+        if gemv:
+            row["kernel"] = kernels.select(layer, x, training=False).name
+            y = layer(x).float()
+            with kernels.pinned("reference"):
+                y_ref = layer(x).float()
+            row["max_rel_err"] = float(f"{(y - y_ref).abs().max().item() / y_ref.abs().max().item():.3g}")
         if method.startswith("lowbit") and not setup.dry_run:
             from lowbit.kernels import triton_dequant
 

@@ -32,16 +32,17 @@ from lowbit.quant import QuantSpec
 def fast(monkeypatch: pytest.MonkeyPatch) -> tuple[kernels.Kernel, ...]:
     """The Triton kernels' declarations, allowed on the CPU, as what :func:`kernels.select` chooses from."""
     pytest.importorskip("triton")
-    from lowbit.kernels import triton_decode, triton_dequant, triton_gemm
+    from lowbit.kernels import triton_decode, triton_dequant, triton_gemm, triton_gemv
 
-    found = tuple(dataclasses.replace(m.KERNEL, devices=("cpu",)) for m in (triton_decode, triton_gemm, triton_dequant))
+    modules = (triton_decode, triton_gemm, triton_dequant, triton_gemv)
+    found = tuple(dataclasses.replace(m.KERNEL, devices=("cpu",)) for m in modules)
     monkeypatch.setattr(kernels, "_fast_kernels", lambda device: {k.name: k for k in found})
     return found
 
 
-def _layer(bits: int, group: int, fmt: str = "int", rank: int = 0) -> QuantLinear:
+def _layer(bits: int, group: int, fmt: str = "int", rank: int = 0, in_f: int = 128) -> QuantLinear:
     torch.manual_seed(bits * 1000 + group)
-    layer = QuantLinear.from_linear(nn.Linear(128, 37), QuantSpec(bits=bits, group_size=group, format=fmt))
+    layer = QuantLinear.from_linear(nn.Linear(in_f, 37), QuantSpec(bits=bits, group_size=group, format=fmt))
     if rank:
         layer.add_lora(rank, 2.0 * rank)
         nn.init.normal_(layer.lora_B, std=0.1)
@@ -87,8 +88,9 @@ def test_select_cpu_is_reference_without_importing_triton_kernels() -> None:
 
 
 def test_select_by_rows_format_dtype_and_training(fast) -> None:
-    decode, gemm, dequant = fast
+    decode, gemm, dequant, _ = fast
     layer = _layer(4, 64)
+    assert kernels.select(layer, torch.randn(1, 128), training=False) is decode  # gemv: only when pinned
     assert kernels.select(layer, torch.randn(16, 128), training=False) is decode
     assert kernels.select(layer, torch.randn(2, 9, 128), training=False) is gemm  # 18 rows
     assert kernels.select(layer, torch.randn(2, 1024, 128), training=True) is dequant
@@ -104,9 +106,14 @@ def test_select_by_rows_format_dtype_and_training(fast) -> None:
 
 
 def test_pinning(fast, monkeypatch: pytest.MonkeyPatch) -> None:
-    decode, gemm, _ = fast
+    decode, gemm, _, gemv = fast
     layer = _layer(4, 64)
     x = torch.randn(1, 128)
+    with kernels.pinned("triton-gemv"):  # one row, forward, rows on 32-bit words: the reference elsewhere
+        assert kernels.select(layer, x, training=False) is gemv
+        assert kernels.select(layer, torch.randn(2, 128), training=False) is kernels.REFERENCE
+        assert kernels.select(layer, x, training=True) is kernels.REFERENCE
+        assert kernels.select(_layer(4, -1, in_f=100), torch.randn(1, 100), training=False) is kernels.REFERENCE
     with kernels.pinned("reference"):
         assert kernels.select(layer, x, training=False) is kernels.REFERENCE
     with kernels.pinned("triton-gemm"):

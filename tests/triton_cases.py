@@ -26,12 +26,13 @@ from lowbit.quant import QuantSpec
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("run with TRITON_INTERPRET=1 (tests/test_kernels.py does)", allow_module_level=True)
 pytest.importorskip("triton")
-from lowbit.kernels import triton_decode, triton_dequant, triton_gemm
+from lowbit.kernels import triton_decode, triton_dequant, triton_gemm, triton_gemv
 
 # The kernels declare CUDA only; here they run on CPU tensors.
 DECODE = dataclasses.replace(triton_decode.KERNEL, devices=("cpu",))
 GEMM = dataclasses.replace(triton_gemm.KERNEL, devices=("cpu",))
 DEQUANT = dataclasses.replace(triton_dequant.KERNEL, devices=("cpu",))
+GEMV = dataclasses.replace(triton_gemv.KERNEL, devices=("cpu",))
 # Float32 kernels accumulate in another order than the dense matmul; 16-bit ones also round the weight tile (and
 # the reference rounds scales to the activation dtype first): a few units in the last place of the output.
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
@@ -131,3 +132,21 @@ def test_autocast_computes_in_the_autocast_dtype() -> None:
         ours, ref = GEMM.matmul(layer, x), reference.matmul(layer, x)
     assert ours.dtype == torch.bfloat16
     _close(ours, ref, torch.bfloat16)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_gemv_matches_reference(bits: int) -> None:
+    """The one-row GEMV: every width, group sizes from 32 to a whole row, symmetric or not, NormalFloat, each
+    activation dtype, and widths whose last step is partial (160 = 5 words of 4-bit codes past a 16-word step)."""
+    cases = [(32, False, "int", torch.float32, 128), (64, True, "int", torch.bfloat16, 128),
+             (-1, False, "int", torch.float16, 160), (32, False, "int", torch.bfloat16, 544)]  # fmt: skip
+    if bits in (2, 3, 4):
+        cases.append((64, False, "nf", torch.bfloat16, 128))
+    for group, symmetric, fmt, dtype, in_f in cases:
+        layer = _layer(bits, group, symmetric, fmt, in_f=in_f, out_f=13)
+        x = torch.randn(1, in_f).to(dtype)
+        assert GEMV.supports(layer, x, training=False)
+        _close(GEMV.matmul(layer, x), reference.matmul(layer, x), dtype)
+    unaligned = _layer(bits, -1, in_f=100, out_f=5)
+    assert not GEMV.supports(unaligned, torch.randn(1, 100), training=False)
+    assert not GEMV.supports(_layer(bits, 32), torch.randn(2, 128), training=False)  # one row only

@@ -12,7 +12,9 @@ The Triton kernels are imported only when a CUDA tensor is seen, so CPU-only ins
 - ``triton-gemm`` (M <= 1024): fused dequantize + GEMM forward and ``grad_x`` backward, for prefill and small
   training batches;
 - ``triton-dequant`` (any M): one-kernel dequantization into a transient weight, then cuBLAS (forward and
-  backward), for large training batches, where the matmul is compute-bound.
+  backward), for large training batches, where the matmul is compute-bound;
+- ``triton-gemv`` (M = 1, forward): a GEMV laid out for bandwidth, last in the preference until it is measured
+  faster than ``triton-decode`` (pin it to use it).
 
 The M limits are first guesses, to be set from ``bench/gpu.py``'s pinned rows on a GPU. All three read the
 checkpoint's packed bytes in place (packing version 1, see :mod:`lowbit.quant.packing`): nothing is repacked or
@@ -85,7 +87,7 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 REFERENCE = Kernel("reference", reference.matmul)
 # Fast kernels in order of preference (the first that supports a call runs it); the reference comes last.
-PREFERENCE = ("triton-decode", "triton-gemm", "triton-dequant", "reference")
+PREFERENCE = ("triton-decode", "triton-gemm", "triton-dequant", "triton-gemv", "reference")
 
 _pinned: str | None = None  # set by ``pinned``
 _gpu_table: dict[str, Kernel] | None = None  # filled by ``_gpu_kernels`` on first use
@@ -99,11 +101,12 @@ def _gpu_kernels() -> dict[str, Kernel]:
     global _gpu_table
     if _gpu_table is None:
         try:
-            from lowbit.kernels import triton_decode, triton_dequant, triton_gemm
+            from lowbit.kernels import triton_decode, triton_dequant, triton_gemm, triton_gemv
         except ImportError:
             _gpu_table = {}
         else:
-            _gpu_table = {k.name: k for k in (triton_decode.KERNEL, triton_gemm.KERNEL, triton_dequant.KERNEL)}
+            found = (triton_decode.KERNEL, triton_gemm.KERNEL, triton_dequant.KERNEL, triton_gemv.KERNEL)
+            _gpu_table = {k.name: k for k in found}
     return _gpu_table
 
 
