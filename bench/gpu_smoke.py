@@ -3,10 +3,10 @@
 Runs the CLI in-process with ``--device`` (default ``cuda``): quantize (gptq with the activation streams on the
 GPU; apiq-bw gptq-warm with ``--act-budget 0``, i.e. pinned host streams), finetune (bf16 precision, bf16 LoRA
 factors, gradient checkpointing), eval (the same checkpoint on the CPU too: perplexities compared), generate,
-translate, report and ``export --requantize``; generate again with ``--static-cache`` (CUDA graphs on a GPU: the
-same tokens); and the apiq-bw quantize once more in a child process killed with
-SIGKILL right after its first block is committed, then resumed here: the checkpoint must equal the uninterrupted
-run's byte for byte. Prints one JSON object: each command's exit status and output.
+translate, report and ``export --requantize``; generate again with ``--static-cache`` (CUDA graphs on a GPU;
+whether the tokens equal eager decoding's is reported); and the apiq-bw quantize once more in a child process
+killed with SIGKILL right after its first block is committed, then resumed here: every tensor of the checkpoint
+must equal the uninterrupted run's bit for bit. Prints one JSON object: each command's exit status and output.
 CI has no GPU; ``--device cpu`` runs the same script here in about a minute.
 
     python bench/gpu_smoke.py [--device cuda] [--out smoke.json]
@@ -133,7 +133,7 @@ def smoke(device: str, folder: Path) -> dict:
     graphs, eager = (results[k].get("json") for k in ("generate-static-cache", "generate"))
     results["static_cache_same_tokens"] = graphs is not None and graphs == eager
     codes_ok = all(r["code"] == 0 for r in results.values() if isinstance(r, dict))
-    results["all_ok"] = codes_ok and results["static_cache_same_tokens"]
+    results["all_ok"] = codes_ok  # compiled kernels may round differently: equal tokens are reported, not required
     return results
 
 

@@ -135,6 +135,25 @@ def test_pinning(fast, monkeypatch: pytest.MonkeyPatch) -> None:
     assert kernels.kernel("reference") is kernels.REFERENCE
 
 
+def test_calibration_pins_the_kernel_without_tile_dependent_sums(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every quantized-layer call during calibration runs pinned to triton-dequant (the reference on the CPU), so
+    a resumed run cannot round differently from an uninterrupted one; outside calibration nothing is pinned."""
+    from lowbit.engine import CALIBRATION_KERNEL
+
+    seen = []
+    real = kernels.select
+    monkeypatch.setattr(kernels, "select", lambda *a: seen.append(kernels.pinned_name()) or real(*a))
+    model = tiny_model("llama")
+    calib = torch.randint(3, 100, (4, 16), generator=torch.Generator().manual_seed(0))
+    config = lowbit.QuantConfig(bits=2, group_size=32, init="apiq-bw", rank=4, options={"epochs": 1})
+    lowbit.quantize(model, config, calib=calib, progress=False)
+    assert CALIBRATION_KERNEL == "triton-dequant" and seen and set(seen) == {CALIBRATION_KERNEL}
+    seen.clear()
+    with torch.no_grad():
+        model(calib[:1])
+    assert seen and set(seen) == {None}
+
+
 # ----- storage ----------------------------------------------------------------------------------------------------
 def test_packing_version_recorded_and_old_checkpoints_load(tmp_path: Path) -> None:
     model = tiny_model("llama")

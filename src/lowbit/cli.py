@@ -712,8 +712,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--static-cache", action="store_true",
                        help="keep the KV cache in fixed-size buffers: on a CUDA GPU transformers then compiles the "
                             "decoding step into CUDA graphs (a minute or two of warm-up for a 1B model, then several "
-                            "times faster; pays for long outputs and many segments); same tokens "
-                            "either way")  # fmt: skip
+                            "times faster; pays for long outputs and many segments); the same greedy decoding, "
+                            "though compiled kernels may round differently and flip a near tie")  # fmt: skip
     for p in (q, f, x, e, t, a, r, g):  # every command that computes
         p.add_argument("--device", default="auto", help=f"{DEVICE_CHOICES} (auto: CUDA when available)")
     for p in (q, x):  # the commands that calibrate

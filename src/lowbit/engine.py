@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit import kernels
 from lowbit.arch import find_blocks
 from lowbit.config import Calibration, LoraSpec
 from lowbit.device import DEVICE, HOST, SPILL, default_budget, exact_float32, resolve_device, stream_placement
@@ -267,7 +268,13 @@ class Engine:
                 load_block(i, block)
             home = tensors_device(block) or self.device
             block.to(self.device)
-            stats = self._init_block(i, block, x, xq, bar)
+            # Quantized layers run on the kernel whose numerics do not depend on autotuning: triton-dequant
+            # dequantizes element by element (no reduction whose order a tile choice could change) and hands the
+            # weight to the dense matmul, as the reference does (the reference itself where Triton is absent, and
+            # on the CPU). A resumed run, in another process with its own autotuning, then equals an uninterrupted
+            # one bit for bit on CUDA too.
+            with kernels.pinned(CALIBRATION_KERNEL):
+                stats = self._init_block(i, block, x, xq, bar)
             block.to(home)  # back to the CPU for saving, or to the caller's model device
             result = BlockResult(i, stats, time.perf_counter() - t0)
             results.append(result)
@@ -323,6 +330,9 @@ class Engine:
                 stats = {**stats, "mse": mse, "rel_error": rel_error}
             del y
         return stats
+
+
+CALIBRATION_KERNEL = "triton-dequant"
 
 
 def holdout_windows(options: dict, calib: torch.Tensor | None) -> int:

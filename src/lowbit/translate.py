@@ -109,8 +109,8 @@ def cache_kwargs(static: bool) -> dict[str, str]:
     With fixed-size cache buffers every decoding step has the same shapes, so on a CUDA GPU transformers compiles
     the step (``torch.compile``, CUDA graphs) and replays it: Python and kernel-launch overhead, most of a low-bit
     model's decoding time when eager (P4: a 1.1B W4 model decodes 17 tokens/s eager, 123 with graphs), is gone,
-    at the price of a compilation up front. Elsewhere the cache is static and nothing is compiled. Greedy tokens do
-    not depend on it.
+    at the price of a compilation up front. Elsewhere the cache is static and nothing is compiled, and greedy tokens
+    are the same; compiled kernels may round differently, which can flip a near tie.
     """
     return {"cache_implementation": "static"} if static else {}
 

@@ -141,10 +141,11 @@ def matmul(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
 
 
 class _Gemv(Kernel):
-    """The declaration, plus the one condition the fields cannot say: rows start on a 32-bit word."""
+    """The declaration, plus what the fields cannot say: exactly one row, and rows start on a 32-bit word."""
 
     def supports(self, layer: QuantLinear, x: torch.Tensor, training: bool) -> bool:
-        return layer.in_features % 32 == 0 and super().supports(layer, x, training)
+        one_row = x.numel() == x.shape[-1]  # max_m = 1 lets an empty x through
+        return one_row and layer.in_features % 32 == 0 and super().supports(layer, x, training)
 
 
 KERNEL = _Gemv(

@@ -77,6 +77,7 @@ def word_codes(qweight, offs_n, k_start, N, K, BITS: tl.constexpr, BLOCK_N: tl.c
     loads one byte per code. 3-bit codes come in runs of 32 codes in three words; the two codes that straddle a word
     boundary (10 and 21) take their high bits from the next word.
     """
+    tl.static_assert(BLOCK_K % 32 == 0, "word reads need tiles of whole words and 3-bit runs")
     row = qweight.to(tl.pointer_type(tl.int32)) + offs_n.to(tl.int64)[:, None] * (K // 32 * BITS)
     n_ok = (offs_n < N)[:, None]
     if BITS == 3:
