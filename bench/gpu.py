@@ -12,7 +12,10 @@ activations under autocast. Rows:
   one kernel: where does each win?), ``lowbit-w4-reference`` (pinned to the reference kernel: lowbit before the
   fused kernels) and ``gemlite-w4/w2`` (GemLite's ``GemLiteLinear`` packed with the same layer's lowbit codes,
   scales and zero points -- its format is lowbit's ``(q - z) * s`` -- forward only: GemLite has no backward and no
-  3-bit; the library the kernel seam would call if it won). lowbit rows also record the kernel used at each size
+  3-bit; the library the kernel seam would call if it won) and ``tinygemm-w4`` (PyTorch's own int4 kernel,
+  ``torch._weight_int4pack_mm``, which gpt-fast and torchao use, holding the same W4 codes: its ``(q - 8) s + m``
+  takes ``m = (8 - z) s``). The forward-only peers record their largest error against lowbit's reference kernel
+  on the same codes (``max_rel_err``), which checks the conversion. lowbit rows also record the kernel used at each size
   and its largest error against the reference at full size (``max_rel_err``: relative to the output's largest
   magnitude).
 - ``graph-<in>x<out>-<method>``: the same layers' forward at M = 1 and 16 captured in a CUDA graph and replayed
@@ -20,7 +23,7 @@ activations under autocast. Rows:
   decoding; for lowbit also the dequantization kernel alone (``dequant_us``: the transient weight of
   ``triton-dequant``). Methods: ``dense-bf16``, ``bnb-nf4``, ``lowbit-w4/w3/w2-base``, ``lowbit-w4`` (LoRA),
   ``lowbit-w4/w3/w2-gemv`` (no LoRA, pinned to ``triton-gemv``: M = 1 only, with its largest error against the
-  reference, ``max_rel_err``) and ``gemlite-w4/w2``.
+  reference, ``max_rel_err``), ``gemlite-w4/w2`` and ``tinygemm-w4``.
 - ``train-<method>``: LoRA r16/alpha 32 training of a TinyLlama-1.1B-shaped Llama (all 7 linears of each block) at
   batch 4 x 512 tokens: tokens/s over 8 AdamW steps after 2 warm-up steps, and peak allocated memory. Methods:
   ``bf16-lora`` (PEFT on the bf16 model), ``bnb-qlora`` (PEFT + bitsandbytes NF4), ``lowbit-w4/w3/w2``.
@@ -59,10 +62,13 @@ import benchlib
 RESULTS = benchlib.ROOT / "bench" / "results" / "gpu.json"
 SHAPES = {"4096x4096": (4096, 4096), "4096x11008": (4096, 11008), "11008x4096": (11008, 4096)}
 LAYER_METHODS = ("dense-bf16", "bnb-nf4", "bnb-nf4-lora", "lowbit-w4", "lowbit-w3", "lowbit-w2", "lowbit-w4-base",
-                 "lowbit-w4-gemm", "lowbit-w4-dequant", "lowbit-w4-reference", "gemlite-w4", "gemlite-w2")  # fmt: skip
+                 "lowbit-w4-gemm", "lowbit-w4-dequant", "lowbit-w4-reference", "gemlite-w4", "gemlite-w2",
+                 "tinygemm-w4")  # fmt: skip
+FORWARD_ONLY = ("gemlite", "tinygemm")  # peers without a backward: forward rows only, checked against lowbit
 # Layer methods that run on one kernel only, with its row limit lifted (which kernel is faster at which M?).
 GRAPH_METHODS_LAYER = ("dense-bf16", "bnb-nf4", "lowbit-w4-base", "lowbit-w3-base", "lowbit-w2-base", "lowbit-w4",
-                       "lowbit-w4-gemv", "lowbit-w3-gemv", "lowbit-w2-gemv", "gemlite-w4", "gemlite-w2")  # fmt: skip
+                       "lowbit-w4-gemv", "lowbit-w3-gemv", "lowbit-w2-gemv", "gemlite-w4", "gemlite-w2",
+                       "tinygemm-w4")  # fmt: skip
 ONLY_KERNEL = {"lowbit-w4-gemm": "triton-gemm", "lowbit-w4-dequant": "triton-dequant"}
 TRAIN_METHODS = ("bf16-lora", "bnb-qlora", "lowbit-w4", "lowbit-w3", "lowbit-w2")
 DECODE_METHODS = ("bf16", "bnb-nf4", "lowbit-w4", "lowbit-w3", "lowbit-w2")
@@ -168,6 +174,38 @@ def gemlite_linear(linear, spec):
     return layer
 
 
+class Int4Pack:
+    """PyTorch's tinygemm int4 layer (``torch._weight_int4pack_mm``; the CPU twin on the CPU) on lowbit's W4 codes.
+
+    tinygemm dequantizes ``(q - 8) * scale + m`` per group; lowbit's ``(q - z) * s`` is that with ``m = (8 - z) s``.
+    On CUDA the kernel takes bf16 activations and codes two to a byte (even column in the high nibble) and
+    retiles them itself; the CPU op takes the codes as int32.
+    """
+
+    def __init__(self, linear, spec) -> None:
+        import torch
+
+        from lowbit.layers import QuantLinear
+
+        q = QuantLinear.from_linear(linear, spec).quantized()
+        s, z = q.scales.float(), q.zeros.float()
+        self.group = spec.group_size
+        self.scales_and_zeros = torch.stack([s, (8 - z) * s], dim=2).transpose(0, 1).contiguous().to(torch.bfloat16)
+        if linear.weight.is_cuda:
+            codes = q.codes.to(torch.uint8)
+            self.packed = torch._convert_weight_to_int4pack((codes[:, ::2] << 4 | codes[:, 1::2]).contiguous(), 8)
+            self.mm = torch._weight_int4pack_mm
+        else:
+            self.packed = torch._convert_weight_to_int4pack_for_cpu(q.codes.to(torch.int32), 8)
+            self.mm = torch._weight_int4pack_mm_for_cpu
+
+    def __call__(self, x):
+        import torch
+
+        y = self.mm(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), self.packed, self.group, self.scales_and_zeros)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
 def lowbit_spec(method: str):
     from lowbit.quant import QuantSpec
 
@@ -186,6 +224,8 @@ def make_layer(method: str, in_f: int, out_f: int, setup: Setup):
         return linear.to(torch.bfloat16).requires_grad_(False)
     if method.startswith("gemlite"):
         return gemlite_linear(linear, lowbit_spec(method.replace("gemlite", "lowbit")))
+    if method.startswith("tinygemm"):
+        return Int4Pack(linear, lowbit_spec("lowbit-w4"))
     if method.startswith("bnb-nf4"):
         layer = bnb_linear(linear, setup.device)
         if method.endswith("-lora"):
@@ -232,7 +272,9 @@ def layer_row(name: str, setup: Setup) -> dict:
             x_big.grad = None
             layer.zero_grad(set_to_none=True)
 
-        if not method.startswith("gemlite"):  # forward only
+        if method.startswith(FORWARD_ONLY):
+            row["max_rel_err"] = peer_error(layer, method, in_f, out_f, xs[16], setup)
+        else:
             row["fwdbwd_ms"] = round(timed_ms(setup, step), 4)
         if method.startswith("lowbit") and not method.endswith("-reference"):
             row.update(kernel_check(layer, xs, x_big, grad, setup))
@@ -245,7 +287,7 @@ L2_FLUSH_BYTES = 128 * 2**20
 
 
 def weight_bytes(method: str, in_f: int, out_f: int) -> float:
-    """Bytes of one layer's weights: bf16 dense, 4-bit bitsandbytes, or lowbit/GemLite codes (scales aside)."""
+    """Bytes of one layer's weights: bf16 dense, 4-bit bitsandbytes, or lowbit/GemLite/tinygemm codes (scales aside)."""
     bits = 16 if method.startswith("dense") else 4 if method.startswith("bnb") else int(method.split("-w")[1][0])
     return in_f * out_f * bits / 8
 
@@ -297,6 +339,21 @@ def graph_row(name: str, setup: Setup) -> dict:
 
             row["dequant_us"] = round(bench(lambda one: triton_dequant._weight(one, torch.bfloat16)), 2)
     return row
+
+
+def peer_error(layer, method: str, in_f: int, out_f: int, x, setup: Setup) -> float:
+    """Largest error of a forward-only peer's output against lowbit's reference kernel on the same codes (relative
+    to the output's largest magnitude): ``make_layer`` seeds every method's layer alike, so the codes are equal."""
+    import torch
+
+    from lowbit import kernels
+
+    bits = method.split("-w")[1][0]
+    ours = make_layer(f"lowbit-w{bits}-base", in_f, out_f, setup)
+    with torch.no_grad(), kernels.pinned("reference"):
+        y_ref = ours(x).float()
+        y = layer(x).float()
+    return float(f"{(y - y_ref).abs().max().item() / y_ref.abs().max().item():.3g}")
 
 
 @contextlib.contextmanager

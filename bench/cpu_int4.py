@@ -1,0 +1,87 @@
+"""A lead for CPU decoding (issue 14): PyTorch's int4 CPU matmul on lowbit's W4 codes against lowbit's reference kernel.
+
+lowbit's reference kernel dequantizes the whole weight on every call, which at one token (decoding) costs far more
+than the product. PyTorch ships a CPU int4 matmul (``torch._weight_int4pack_mm_for_cpu``, the twin of the CUDA
+tinygemm kernel) that reads 4-bit codes directly; lowbit's ``(q - z) * s`` is its ``(q - 8) * scale + m`` with
+``m = (8 - z) * s``. Rows: ``<in>x<out>-m<M>``, median ms over 10 calls after one warm-up of
+
+- ``reference_fp32_ms``: lowbit's reference kernel, float32 (what CPU decoding runs today);
+- ``int4pack_bf16_ms``: the int4 op with bf16 activations (its fast path), and its error against the reference;
+- ``int4pack_fp32_ms``: the same op with float32 activations (a slow path, but lowbit's float32 numerics).
+
+    python bench/cpu_int4.py            # stores bench/results/cpu_int4.json
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import benchlib
+
+RESULTS = benchlib.ROOT / "bench" / "results" / "cpu_int4.json"
+SHAPES = ((576, 1536), (1536, 576), (4096, 11008))  # SmolLM2-135M's MLP, Llama-2-7B's up projection
+ROWS_M = (1, 4, 16, 64)
+
+
+def median_ms(fn, calls: int = 10) -> float:
+    fn()
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def shape_rows(in_f: int, out_f: int) -> list[dict]:
+    """The rows of one layer shape, at every M."""
+    import torch
+    from torch import nn
+
+    from lowbit.kernels import reference
+    from lowbit.layers import QuantLinear
+    from lowbit.quant import QuantSpec
+
+    torch.manual_seed(0)
+    layer = QuantLinear.from_linear(nn.Linear(in_f, out_f, bias=False), QuantSpec(bits=4, group_size=64))
+    q = layer.quantized()
+    s, z = q.scales.float(), q.zeros.float()
+    packed = torch._convert_weight_to_int4pack_for_cpu(q.codes.to(torch.int32), 8)
+    sz32 = torch.stack([s, (8 - z) * s], dim=2).transpose(0, 1).contiguous()
+    sz16 = sz32.to(torch.bfloat16)
+
+    def int4(x: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int4pack_mm_for_cpu(x, packed, 64, sz16 if x.dtype == torch.bfloat16 else sz32)
+
+    rows = []
+    for m in ROWS_M:
+        x = torch.randn(m, in_f, generator=torch.Generator().manual_seed(m))
+        xb = x.bfloat16()
+        with torch.no_grad():
+            ref = reference.matmul(layer, x)
+            err = ((int4(xb).float() - ref).abs().max() / ref.abs().max()).item()
+            row = {
+                "row": f"{in_f}x{out_f}-m{m}",
+                "reference_fp32_ms": round(median_ms(lambda x=x: reference.matmul(layer, x)), 3),
+                "int4pack_bf16_ms": round(median_ms(lambda xb=xb: int4(xb)), 3),
+                "int4pack_fp32_ms": round(median_ms(lambda x=x: int4(x)), 3),
+                "int4pack_bf16_rel_err": float(f"{err:.3g}"),
+            }
+        row["speedup_bf16"] = round(row["reference_fp32_ms"] / row["int4pack_bf16_ms"], 1)
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    env = benchlib.environment()
+    for in_f, out_f in SHAPES:
+        rows = shape_rows(in_f, out_f)
+        for row in rows:
+            print(row, flush=True)
+        benchlib.save_rows(RESULTS, rows, env, "cpu-int4")
+    print(f"\n{env['date']}, commit {env['commit']}, {env['machine']['cpu']}, torch {env['versions']['torch']}")
+
+
+if __name__ == "__main__":
+    main()
