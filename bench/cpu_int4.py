@@ -1,4 +1,5 @@
-"""A lead for CPU decoding (issue 14): PyTorch's int4 CPU matmul on lowbit's W4 codes against lowbit's reference kernel.
+"""CPU decoding (issue 14): PyTorch's int4 CPU matmul (kernel ``torch-int4``) on lowbit's W4 codes, against lowbit's
+reference kernel.
 
 lowbit's reference kernel dequantizes the whole weight on every call, which at one token (decoding) costs far more
 than the product. PyTorch ships a CPU int4 matmul (``torch._weight_int4pack_mm_for_cpu``, the twin of the CUDA
@@ -9,7 +10,12 @@ tinygemm kernel) that reads 4-bit codes directly; lowbit's ``(q - z) * s`` is it
 - ``int4pack_bf16_ms``: the int4 op with bf16 activations (its fast path), and its error against the reference;
 - ``int4pack_fp32_ms``: the same op with float32 activations (a slow path, but lowbit's float32 numerics).
 
-    python bench/cpu_int4.py            # stores bench/results/cpu_int4.json
+and ``decode-w4``: greedy decoding of 32 new tokens after a 16-token prompt with the default model
+(SmolLM2-135M-Instruct) quantized W4g64 (RTN, QLoRA start), on the reference kernel and on ``torch-int4``
+(``--kernel torch-int4``): tokens/s and whether the two runs chose the same tokens.
+
+    python bench/cpu_int4.py                  # all rows; stores bench/results/cpu_int4.json
+    python bench/cpu_int4.py --rows decode    # the decoding row only
 """
 
 from __future__ import annotations
@@ -73,13 +79,48 @@ def shape_rows(in_f: int, out_f: int) -> list[dict]:
     return rows
 
 
+def decode_row(new_tokens: int = 32) -> dict:
+    """Greedy decoding of the default model at W4g64 on the reference kernel and on torch-int4."""
+    import torch
+
+    import lowbit
+    from lowbit import kernels
+
+    model, tokenizer = lowbit.load_model(None)
+    lowbit.quantize(model, lowbit.QuantConfig(bits=4, group_size=64, init="qlora"), progress=False)
+    ids = tokenizer("The history of the English language begins with", return_tensors="pt").input_ids[:, :16]
+    row: dict = {"row": "decode-w4", "prompt_tokens": ids.shape[1], "new_tokens": new_tokens}
+    outputs = {}
+    for name in ("reference", "torch-int4"):
+        with torch.no_grad(), kernels.pinned(name):
+            kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                          pad_token_id=tokenizer.eos_token_id)  # fmt: skip
+            model.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False,
+                           pad_token_id=tokenizer.eos_token_id)  # warm-up (and the repacking)  # fmt: skip
+            start = time.perf_counter()
+            outputs[name] = model.generate(ids, **kwargs)
+            row[f"{name}_tokens_per_s"] = round(new_tokens / (time.perf_counter() - start), 2)
+    row["speedup"] = round(row["torch-int4_tokens_per_s"] / row["reference_tokens_per_s"], 2)
+    row["same_tokens"] = bool(torch.equal(outputs["reference"], outputs["torch-int4"]))
+    return row
+
+
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default="layers,decode", help="layers, decode or both (comma-separated)")
+    wanted = parser.parse_args().rows.split(",")
     env = benchlib.environment()
-    for in_f, out_f in SHAPES:
+    for in_f, out_f in SHAPES if "layers" in wanted else ():
         rows = shape_rows(in_f, out_f)
         for row in rows:
             print(row, flush=True)
         benchlib.save_rows(RESULTS, rows, env, "cpu-int4")
+    if "decode" in wanted:
+        row = decode_row()
+        print(row, flush=True)
+        benchlib.save_rows(RESULTS, [row], env, "cpu-int4")
     print(f"\n{env['date']}, commit {env['commit']}, {env['machine']['cpu']}, torch {env['versions']['torch']}")
 
 

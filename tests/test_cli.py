@@ -52,7 +52,28 @@ def test_quantize_info_eval_generate_json(tiny_folder: Path, tmp_path: Path, cap
     gen = json.loads(out)
     assert code == 0 and gen["new_tokens"] <= 5 and isinstance(gen["completion"], str)
     code, out, _ = run(capsys, "generate", out_dir, "w1 w2 w3", "--max-new-tokens", "5", "--static-cache", "--json")
-    assert code == 0 and json.loads(out) == gen  # a static cache changes speed, not tokens
+    assert code == 0 and json.loads(out) == gen  # a static cache changes speed, not tokens (nothing compiled here)
+    code, out, _ = run(capsys, "generate", out_dir, "w1 w2 w3", "--max-new-tokens", "5", "--kernel", "reference",
+                       "--json")  # fmt: skip
+    assert code == 0 and json.loads(out) == gen  # the CPU's default is the reference
+
+
+def test_generate_on_the_cpu_int4_kernel(tiny_folder: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    """``--kernel torch-int4`` runs a W4 checkpoint's layers on PyTorch's int4 op while decoding (checked by a spy:
+    the op is called), and an unknown kernel is a one-line usage error."""
+    import torch
+
+    out_dir = tmp_path / "w4"
+    assert run(capsys, "quantize", tiny_folder, "--bits", "4", "--group-size", "32", "--out", out_dir, "--json")[0] == 0
+    calls = []
+    real = torch._weight_int4pack_mm_for_cpu
+    monkeypatch.setattr(torch, "_weight_int4pack_mm_for_cpu", lambda *a: calls.append(1) or real(*a))
+    args = ["generate", out_dir, "w1 w2 w3", "--max-new-tokens", "4", "--json"]
+    code, out, _ = run(capsys, *args, "--kernel", "torch-int4")
+    assert code == 0 and json.loads(out)["new_tokens"] <= 4 and calls
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in args] + ["--kernel", "fastest"])
+    assert exc.value.code == 2 and "invalid choice: 'fastest'" in capsys.readouterr().err
 
 
 def test_jsonl_data(ckpt: Path, tmp_path: Path, capsys) -> None:

@@ -154,6 +154,48 @@ def test_calibration_pins_the_kernel_without_tile_dependent_sums(monkeypatch: py
     assert seen and set(seen) == {None}
 
 
+# ----- torch-int4 (CPU) -------------------------------------------------------------------------------------------
+def _w4(group: int, out_f: int = 48, symmetric: bool = False, seed: int = 0) -> QuantLinear:
+    torch.manual_seed(seed)
+    return QuantLinear.from_linear(nn.Linear(256, out_f), QuantSpec(bits=4, group_size=group, symmetric=symmetric))
+
+
+def test_torch_int4_matches_reference_and_declares_its_limits() -> None:
+    """PyTorch's int4 op on the layer's own codes: the reference's output to bf16 rounding, in the compute dtype;
+    only W4 at decode sizes, group sizes it takes, outputs in sixteens, no backward."""
+    k = kernels.kernel("torch-int4")
+    for group, symmetric, dtype, m in ((32, False, torch.float32, 1), (64, True, torch.bfloat16, 5),
+                                       (128, False, torch.float32, 16), (256, False, torch.bfloat16, 3)):  # fmt: skip
+        layer = _w4(group, symmetric=symmetric, seed=group)
+        x = torch.randn(m, 256).to(dtype)
+        assert k.supports(layer, x, training=False)
+        ours, ref = k.matmul(layer, x), reference.matmul(layer, x)
+        assert ours.dtype == ref.dtype == dtype and ours.shape == ref.shape
+        assert (ours.float() - ref.float()).abs().max() <= 2e-2 * ref.float().abs().max()
+    layer = _w4(64)
+    assert not k.supports(layer, torch.randn(17, 256), training=False)  # prefill-sized: the reference is as fast
+    assert not k.supports(layer, torch.randn(0, 256), training=False)
+    assert not k.supports(layer, torch.randn(1, 256), training=True)  # no backward
+    assert not k.supports(layer, torch.randn(1, 256).double(), training=False)
+    assert not k.supports(_w4(64, out_f=40), torch.randn(1, 256), training=False)  # outputs not in sixteens
+    assert not k.supports(_w4(-1), torch.randn(1, 256), training=False)  # a 256-wide group is fine, -1 is not
+    assert not k.supports(_layer(3, 64), torch.randn(1, 128), training=False)
+
+
+def test_torch_int4_is_pin_only_and_repacks_when_the_weights_change() -> None:
+    layer, other = _w4(64, out_f=32, seed=1), _w4(64, out_f=32, seed=2)
+    x = torch.randn(1, 256)
+    assert kernels.select(layer, x, training=False) is kernels.REFERENCE  # never chosen unpinned
+    with torch.no_grad(), kernels.pinned("torch-int4"):
+        assert kernels.select(layer, x, training=False).name == "torch-int4"
+        before = layer(x)
+        layer.load_state_dict(other.state_dict())  # copies into the same buffers: only their versions change
+        after = layer(x)
+    ref = reference.matmul(other, x) + other.bias
+    assert (after - ref).abs().max() <= 2e-2 * ref.abs().max() < (before - ref).abs().max()
+    assert not any("int4" in name for name in layer.state_dict())  # the repacked copy is never saved
+
+
 # ----- storage ----------------------------------------------------------------------------------------------------
 def test_packing_version_recorded_and_old_checkpoints_load(tmp_path: Path) -> None:
     model = tiny_model("llama")

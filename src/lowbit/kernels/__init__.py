@@ -13,8 +13,10 @@ The Triton kernels are imported only when a CUDA tensor is seen, so CPU-only ins
   training batches;
 - ``triton-dequant`` (any M): one-kernel dequantization into a transient weight, then cuBLAS (forward and
   backward), for large training batches, where the matmul is compute-bound;
-- ``triton-gemv`` (M = 1, forward): a GEMV laid out for bandwidth, last in the preference until it is measured
-  faster than ``triton-decode`` (pin it to use it).
+- ``triton-gemv`` (M = 1, forward): a GEMV laid out for bandwidth, run only where pinned until it is measured
+  faster than ``triton-decode``;
+- ``torch-int4`` (CPU, W4, M <= 16, forward): PyTorch's own int4 matmul for decoding on the CPU, run only where
+  pinned (it rounds activations to bf16).
 
 The M limits are first guesses, to be set from ``bench/gpu.py``'s pinned rows on a GPU. All three read the
 checkpoint's packed bytes in place (packing version 1, see :mod:`lowbit.quant.packing`): nothing is repacked or
@@ -59,19 +61,22 @@ class Kernel:
     dtypes: tuple[torch.dtype, ...] | None = None
     has_backward: bool = True
     max_m: int | None = None  # rows of x (all leading dimensions together)
+    layer_check: Callable[[QuantLinear], bool] | None = None  # shape limits the fields above cannot say
 
     def supports(self, layer: QuantLinear, x: torch.Tensor, training: bool) -> bool:
         """Whether this kernel computes ``layer(x)`` (and, when ``training``, its gradient with respect to x)."""
         spec = layer.spec
         m = x.numel() // max(x.shape[-1], 1)
         return (
-            (self.formats is None or spec.format in self.formats)
+            m > 0
+            and (self.formats is None or spec.format in self.formats)
             and (self.bits is None or spec.bits in self.bits)
             and (self.group_multiple is None or spec.group_size == -1 or spec.group_size % self.group_multiple == 0)
             and (self.devices is None or x.device.type in self.devices)
             and (self.dtypes is None or compute_dtype(x) in self.dtypes)
             and (self.has_backward or not training)
             and (self.max_m is None or m <= self.max_m)
+            and (self.layer_check is None or self.layer_check(layer))
         )
 
 
@@ -87,10 +92,15 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 REFERENCE = Kernel("reference", reference.matmul)
 # Fast kernels in order of preference (the first that supports a call runs it); the reference comes last.
-PREFERENCE = ("triton-decode", "triton-gemm", "triton-dequant", "triton-gemv", "reference")
+PREFERENCE = ("triton-decode", "triton-gemm", "triton-dequant", "reference")
+# Kernels that run only where pinned: not yet measured faster on a GPU (triton-gemv), or numerics other than the
+# reference's (torch-int4 rounds activations to bf16 inside the layer).
+PIN_ONLY = ("triton-gemv", "torch-int4")
+NAMES = PREFERENCE + PIN_ONLY
 
 _pinned: str | None = None  # set by ``pinned``
 _gpu_table: dict[str, Kernel] | None = None  # filled by ``_gpu_kernels`` on first use
+_cpu_table: dict[str, Kernel] | None = None  # filled by ``_cpu_kernels`` on first use
 
 
 def _gpu_kernels() -> dict[str, Kernel]:
@@ -110,13 +120,23 @@ def _gpu_kernels() -> dict[str, Kernel]:
     return _gpu_table
 
 
+def _cpu_kernels() -> dict[str, Kernel]:
+    """The CPU kernels other than the reference, by name (plain torch: nothing to fail importing)."""
+    global _cpu_table
+    if _cpu_table is None:
+        from lowbit.kernels import torch_int4
+
+        _cpu_table = {torch_int4.KERNEL.name: torch_int4.KERNEL}
+    return _cpu_table
+
+
 def kernel(name: str) -> Kernel:
-    """The kernel called ``name`` (one of :data:`PREFERENCE`); a clear error for unknown or unavailable ones."""
-    if name not in PREFERENCE:
-        raise LowbitError(f"unknown kernel {name!r}; choose one of {', '.join(PREFERENCE)}")
+    """The kernel called ``name`` (one of :data:`NAMES`); a clear error for unknown or unavailable ones."""
+    if name not in NAMES:
+        raise LowbitError(f"unknown kernel {name!r}; choose one of {', '.join(NAMES)}")
     if name == REFERENCE.name:
         return REFERENCE
-    found = _gpu_kernels().get(name)
+    found = _cpu_kernels().get(name) or _gpu_kernels().get(name)
     if found is None:
         raise LowbitError(f"kernel {name!r} needs Triton, which cannot be imported here; install triton")
     return found
@@ -126,8 +146,8 @@ def kernel(name: str) -> Kernel:
 def pinned(name: str) -> Iterator[None]:
     """Use kernel ``name`` wherever it supports a call (the reference elsewhere) inside the ``with`` block."""
     global _pinned
-    if name not in PREFERENCE:
-        raise LowbitError(f"unknown kernel {name!r}; choose one of {', '.join(PREFERENCE)}")
+    if name not in NAMES:
+        raise LowbitError(f"unknown kernel {name!r}; choose one of {', '.join(NAMES)}")
     previous, _pinned = _pinned, name
     try:
         yield
@@ -138,8 +158,8 @@ def pinned(name: str) -> Iterator[None]:
 def pinned_name() -> str | None:
     """The pinned kernel's name (``pinned`` first, then ``$LOWBIT_KERNEL``), or None."""
     name = _pinned or os.environ.get(ENV_VAR) or None
-    if name is not None and name not in PREFERENCE:
-        raise LowbitError(f"{ENV_VAR}={name!r} names no kernel; choose one of {', '.join(PREFERENCE)}")
+    if name is not None and name not in NAMES:
+        raise LowbitError(f"{ENV_VAR}={name!r} names no kernel; choose one of {', '.join(NAMES)}")
     return name
 
 
@@ -156,12 +176,16 @@ def select(layer: QuantLinear, x: torch.Tensor, training: bool) -> Kernel:
 
 def _fast_kernels(device_type: str) -> dict[str, Kernel]:
     """The kernels other than the reference that may run on ``device_type`` (Triton is imported for CUDA only)."""
-    return _gpu_kernels() if device_type == "cuda" else {}
+    if device_type == "cuda":
+        return _gpu_kernels()
+    return _cpu_kernels() if device_type == "cpu" else {}
 
 
 __all__ = [
     "ENV_VAR",
     "FLOAT_DTYPES",
+    "NAMES",
+    "PIN_ONLY",
     "PREFERENCE",
     "REFERENCE",
     "Kernel",

@@ -140,15 +140,7 @@ def matmul(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     return apply(qgemv1, _qgemv1, layer, x)
 
 
-class _Gemv(Kernel):
-    """The declaration, plus what the fields cannot say: exactly one row, and rows start on a 32-bit word."""
-
-    def supports(self, layer: QuantLinear, x: torch.Tensor, training: bool) -> bool:
-        one_row = x.numel() == x.shape[-1]  # max_m = 1 lets an empty x through
-        return one_row and layer.in_features % 32 == 0 and super().supports(layer, x, training)
-
-
-KERNEL = _Gemv(
+KERNEL = Kernel(
     name="triton-gemv",
     matmul=matmul,
     formats=("int", "nf"),
@@ -158,4 +150,5 @@ KERNEL = _Gemv(
     dtypes=FLOAT_DTYPES,
     has_backward=False,
     max_m=1,
+    layer_check=lambda layer: layer.in_features % 32 == 0,  # rows start on a 32-bit word
 )
