@@ -10,7 +10,7 @@ tinygemm kernel) that reads 4-bit codes directly; lowbit's ``(q - z) * s`` is it
 - ``int4pack_bf16_ms``: the int4 op with bf16 activations (its fast path), and its error against the reference;
 - ``int4pack_fp32_ms``: the same op with float32 activations (a slow path, but lowbit's float32 numerics).
 
-and ``decode-w4``: greedy decoding of 32 new tokens after a 16-token prompt with the default model
+and ``decode-w4``: greedy decoding of 32 new tokens after a short prompt (at most 16 tokens) with the default model
 (SmolLM2-135M-Instruct) quantized W4g64 (RTN, QLoRA start), on the reference kernel and on ``torch-int4``
 (``--kernel torch-int4``): tokens/s and whether the two runs chose the same tokens.
 
