@@ -10,9 +10,9 @@ tinygemm kernel) that reads 4-bit codes directly; lowbit's ``(q - z) * s`` is it
 - ``int4pack_bf16_ms``: the int4 op with bf16 activations (its fast path), and its error against the reference;
 - ``int4pack_fp32_ms``: the same op with float32 activations (a slow path, but lowbit's float32 numerics).
 
-and ``decode-w4``: greedy decoding of 32 new tokens after a short prompt (at most 16 tokens) with the default model
-(SmolLM2-135M-Instruct) quantized W4g64 (RTN, QLoRA start), on the reference kernel and on ``torch-int4``
-(``--kernel torch-int4``): tokens/s and whether the two runs chose the same tokens.
+and ``decode-w4/w3/w2``: greedy decoding of 32 new tokens after a short prompt (at most 16 tokens) with the default
+model (SmolLM2-135M-Instruct) quantized W4/W3/W2 g64 (RTN, QLoRA start), on the reference kernel and on
+``torch-int4`` (``--kernel torch-int4``): tokens/s and whether the two runs chose the same tokens.
 
     python bench/cpu_int4.py                  # all rows; stores bench/results/cpu_int4.json
     python bench/cpu_int4.py --rows decode    # the decoding row only
@@ -45,33 +45,29 @@ def shape_rows(in_f: int, out_f: int) -> list[dict]:
     import torch
     from torch import nn
 
-    from lowbit.kernels import reference
+    from lowbit.kernels import reference, torch_int4
     from lowbit.layers import QuantLinear
     from lowbit.quant import QuantSpec
 
     torch.manual_seed(0)
     layer = QuantLinear.from_linear(nn.Linear(in_f, out_f, bias=False), QuantSpec(bits=4, group_size=64))
-    q = layer.quantized()
-    s, z = q.scales.float(), q.zeros.float()
-    packed = torch._convert_weight_to_int4pack_for_cpu(q.codes.to(torch.int32), 8)
-    sz32 = torch.stack([s, (8 - z) * s], dim=2).transpose(0, 1).contiguous()
-    sz16 = sz32.to(torch.bfloat16)
+    codes, scales_and_offsets = torch_int4.packed(layer)
+    fp32 = scales_and_offsets.float()
 
-    def int4(x: torch.Tensor) -> torch.Tensor:
-        return torch._weight_int4pack_mm_for_cpu(x, packed, 64, sz16 if x.dtype == torch.bfloat16 else sz32)
+    def int4_fp32(x: torch.Tensor) -> torch.Tensor:  # the op's float32 path: lowbit's numerics, no fast path
+        return torch._weight_int4pack_mm_for_cpu(x, codes, 64, fp32)
 
     rows = []
     for m in ROWS_M:
         x = torch.randn(m, in_f, generator=torch.Generator().manual_seed(m))
-        xb = x.bfloat16()
         with torch.no_grad():
             ref = reference.matmul(layer, x)
-            err = ((int4(xb).float() - ref).abs().max() / ref.abs().max()).item()
+            err = ((torch_int4.matmul(layer, x) - ref).abs().max() / ref.abs().max()).item()
             row = {
                 "row": f"{in_f}x{out_f}-m{m}",
                 "reference_fp32_ms": round(median_ms(lambda x=x: reference.matmul(layer, x)), 3),
-                "int4pack_bf16_ms": round(median_ms(lambda xb=xb: int4(xb)), 3),
-                "int4pack_fp32_ms": round(median_ms(lambda x=x: int4(x)), 3),
+                "int4pack_bf16_ms": round(median_ms(lambda x=x: torch_int4.matmul(layer, x)), 3),
+                "int4pack_fp32_ms": round(median_ms(lambda x=x: int4_fp32(x)), 3),
                 "int4pack_bf16_rel_err": float(f"{err:.3g}"),
             }
         row["speedup_bf16"] = round(row["reference_fp32_ms"] / row["int4pack_bf16_ms"], 1)
@@ -79,26 +75,24 @@ def shape_rows(in_f: int, out_f: int) -> list[dict]:
     return rows
 
 
-def decode_row(new_tokens: int = 32) -> dict:
-    """Greedy decoding of the default model at W4g64 on the reference kernel and on torch-int4."""
+def decode_row(bits: int, new_tokens: int = 32) -> dict:
+    """Greedy decoding of the default model at W{bits}g64 on the reference kernel and on torch-int4."""
     import torch
 
     import lowbit
     from lowbit import kernels
 
     model, tokenizer = lowbit.load_model(None)
-    lowbit.quantize(model, lowbit.QuantConfig(bits=4, group_size=64, init="qlora"), progress=False)
+    lowbit.quantize(model, lowbit.QuantConfig(bits=bits, group_size=64, init="qlora"), progress=False)
     ids = tokenizer("The history of the English language begins with", return_tensors="pt").input_ids[:, :16]
-    row: dict = {"row": "decode-w4", "prompt_tokens": ids.shape[1], "new_tokens": new_tokens}
+    row: dict = {"row": f"decode-w{bits}", "prompt_tokens": ids.shape[1], "new_tokens": new_tokens}
     outputs = {}
     for name in ("reference", "torch-int4"):
         with torch.no_grad(), kernels.pinned(name):
-            kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                          pad_token_id=tokenizer.eos_token_id)  # fmt: skip
-            model.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False,
-                           pad_token_id=tokenizer.eos_token_id)  # warm-up (and the repacking)  # fmt: skip
+            kwargs = dict(do_sample=False, pad_token_id=tokenizer.eos_token_id)
+            model.generate(ids, max_new_tokens=2, min_new_tokens=2, **kwargs)  # warm-up (and the repacking)
             start = time.perf_counter()
-            outputs[name] = model.generate(ids, **kwargs)
+            outputs[name] = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
             row[f"{name}_tokens_per_s"] = round(new_tokens / (time.perf_counter() - start), 2)
     row["speedup"] = round(row["torch-int4_tokens_per_s"] / row["reference_tokens_per_s"], 2)
     row["same_tokens"] = bool(torch.equal(outputs["reference"], outputs["torch-int4"]))
@@ -117,8 +111,8 @@ def main() -> None:
         for row in rows:
             print(row, flush=True)
         benchlib.save_rows(RESULTS, rows, env, "cpu-int4")
-    if "decode" in wanted:
-        row = decode_row()
+    for bits in (4, 3, 2) if "decode" in wanted else ():
+        row = decode_row(bits)
         print(row, flush=True)
         benchlib.save_rows(RESULTS, [row], env, "cpu-int4")
     print(f"\n{env['date']}, commit {env['commit']}, {env['machine']['cpu']}, torch {env['versions']['torch']}")

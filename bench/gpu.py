@@ -175,28 +175,25 @@ def gemlite_linear(linear, spec):
 
 
 class Int4Pack:
-    """PyTorch's tinygemm int4 layer (``torch._weight_int4pack_mm``; the CPU twin on the CPU) on lowbit's W4 codes.
-
-    tinygemm dequantizes ``(q - 8) * scale + m`` per group; lowbit's ``(q - z) * s`` is that with ``m = (8 - z) s``.
-    On CUDA the kernel takes bf16 activations and codes two to a byte (even column in the high nibble) and
-    retiles them itself; the CPU op takes the codes as int32.
-    """
+    """PyTorch's tinygemm int4 layer (``torch._weight_int4pack_mm``; the CPU twin on the CPU) on lowbit's W4 codes,
+    in the form :func:`lowbit.kernels.torch_int4.tinygemm_form` gives. On CUDA the kernel takes bf16 activations and
+    codes two to a byte (even column in the high nibble) and retiles them itself; the CPU op takes int32 codes."""
 
     def __init__(self, linear, spec) -> None:
         import torch
 
+        from lowbit.kernels.torch_int4 import tinygemm_form
         from lowbit.layers import QuantLinear
 
-        q = QuantLinear.from_linear(linear, spec).quantized()
-        s, z = q.scales.float(), q.zeros.float()
+        codes, scales_and_offsets = tinygemm_form(QuantLinear.from_linear(linear, spec))
         self.group = spec.group_size
-        self.scales_and_zeros = torch.stack([s, (8 - z) * s], dim=2).transpose(0, 1).contiguous().to(torch.bfloat16)
+        self.scales_and_zeros = scales_and_offsets.to(torch.bfloat16)
         if linear.weight.is_cuda:
-            codes = q.codes.to(torch.uint8)
+            codes = codes.to(torch.uint8)
             self.packed = torch._convert_weight_to_int4pack((codes[:, ::2] << 4 | codes[:, 1::2]).contiguous(), 8)
             self.mm = torch._weight_int4pack_mm
         else:
-            self.packed = torch._convert_weight_to_int4pack_for_cpu(q.codes.to(torch.int32), 8)
+            self.packed = torch._convert_weight_to_int4pack_for_cpu(codes, 8)
             self.mm = torch._weight_int4pack_mm_for_cpu
 
     def __call__(self, x):

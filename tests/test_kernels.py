@@ -155,18 +155,21 @@ def test_calibration_pins_the_kernel_without_tile_dependent_sums(monkeypatch: py
 
 
 # ----- torch-int4 (CPU) -------------------------------------------------------------------------------------------
-def _w4(group: int, out_f: int = 48, symmetric: bool = False, seed: int = 0) -> QuantLinear:
+def _w4(group: int, out_f: int = 48, symmetric: bool = False, seed: int = 0, bits: int = 4) -> QuantLinear:
     torch.manual_seed(seed)
-    return QuantLinear.from_linear(nn.Linear(256, out_f), QuantSpec(bits=4, group_size=group, symmetric=symmetric))
+    return QuantLinear.from_linear(nn.Linear(256, out_f), QuantSpec(bits=bits, group_size=group, symmetric=symmetric))
 
 
 def test_torch_int4_matches_reference_and_declares_its_limits() -> None:
-    """PyTorch's int4 op on the layer's own codes: the reference's output to bf16 rounding, in the compute dtype;
-    only W4 at decode sizes, group sizes it takes, outputs in sixteens, no backward."""
+    """PyTorch's int4 op on the layer's own codes (2- and 3-bit ones inside its 4-bit range): the reference's
+    output to bf16 rounding, in the compute dtype; only int W2-W4 at decode sizes, group sizes it takes, outputs in
+    sixteens, no backward."""
     k = kernels.kernel("torch-int4")
-    for group, symmetric, dtype, m in ((32, False, torch.float32, 1), (64, True, torch.bfloat16, 5),
-                                       (128, False, torch.float32, 16), (256, False, torch.bfloat16, 3)):  # fmt: skip
-        layer = _w4(group, symmetric=symmetric, seed=group)
+    cases = [(4, 32, False, torch.float32, 1), (4, 64, True, torch.bfloat16, 5), (4, 128, False, torch.float32, 16),
+             (4, 256, False, torch.bfloat16, 3), (3, 64, True, torch.float32, 2), (3, 32, False, torch.bfloat16, 1),
+             (2, 64, False, torch.float32, 4), (2, 128, True, torch.float32, 1)]  # fmt: skip
+    for bits, group, symmetric, dtype, m in cases:
+        layer = _w4(group, symmetric=symmetric, seed=group, bits=bits)
         x = torch.randn(m, 256).to(dtype)
         assert k.supports(layer, x, training=False)
         ours, ref = k.matmul(layer, x), reference.matmul(layer, x)
@@ -179,7 +182,8 @@ def test_torch_int4_matches_reference_and_declares_its_limits() -> None:
     assert not k.supports(layer, torch.randn(1, 256).double(), training=False)
     assert not k.supports(_w4(64, out_f=40), torch.randn(1, 256), training=False)  # outputs not in sixteens
     assert not k.supports(_w4(-1), torch.randn(1, 256), training=False)  # a 256-wide group is fine, -1 is not
-    assert not k.supports(_layer(3, 64), torch.randn(1, 128), training=False)
+    assert not k.supports(_w4(64, bits=8), torch.randn(1, 256), training=False)
+    assert not k.supports(_layer(4, 64, fmt="nf"), torch.randn(1, 128), training=False)
 
 
 def test_torch_int4_is_pin_only_and_repacks_when_the_weights_change() -> None:

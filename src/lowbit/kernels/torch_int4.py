@@ -1,16 +1,19 @@
-"""CPU decoding kernel for W4 layers: PyTorch's own int4 matmul (``torch._weight_int4pack_mm_for_cpu``).
+"""CPU decoding kernel for W2-W4 layers: PyTorch's own int4 matmul (``torch._weight_int4pack_mm_for_cpu``).
 
 The reference kernel dequantizes the whole weight on every call, which at one token costs far more than the product
 (``bench/cpu_int4.py``: 0.8-1 ms for a 576 -> 1536 layer, 203 ms at Llama-2-7B's 4096 -> 11008). PyTorch ships a
 CPU int4 matmul, the twin of the CUDA tinygemm kernel gpt-fast and torchao use, that reads 4-bit codes directly:
 10-56x faster at one row, 2-7x at 16, slower from about 64 rows (prefill, training: the reference runs there).
 
-Its dequantization is ``(q - 8) * scale + m`` per group; lowbit's ``(q - z) * s`` is that with ``m = (8 - z) s``
-(symmetric codes: ``m = 0``), so the layer's own codes serve, repacked once into the op's layout and kept on the
-layer -- not in its state dict -- until its buffers change (their version counters say when). The op's fast path
+Its dequantization is ``(q - 8) * scale + m`` per group, with ``scale`` and ``m`` in bf16. lowbit's ``(q - z) * s``
+(symmetric codes: ``z = 2^(bits-1)``) is that with ``m = (8 - z) s`` -- small for 4-bit codes, whose zero point
+sits near 8. 2- and 3-bit codes are shifted instead, ``q - z + 8`` (within 1..15, since ``z`` is an integer code),
+so that ``m = 0``: a large offset rounded to bf16 would cost up to 2% of the output. The codes are repacked once
+into the op's 4-bit layout and kept on the layer -- not in its state dict -- until its buffers change (their
+version counters say when). The op's fast path
 takes bf16 activations and bf16 scales, so outputs differ from the float32 reference by about 0.4% of their
 largest magnitude; that is why the kernel runs only where pinned (``--kernel torch-int4``, ``LOWBIT_KERNEL``).
-The repacked codes take as much memory as the packed ones.
+The repacked codes take half a byte a weight: as much as W4's packed codes, twice W2's.
 """
 
 from __future__ import annotations
@@ -29,28 +32,40 @@ MAX_M = 16  # beyond this the reference is as fast (bench/cpu_int4.py)
 _INNER_K_TILES = 8
 
 
-def _packed(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
-    """The layer's codes in the op's layout and its ``[groups, out, 2]`` bf16 scales and offsets, made on first use
-    and remade when the packed codes, scales or zero points change (in place or replaced)."""
+def tinygemm_form(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's weight as tinygemm reads it: ``[out, in]`` int32 codes in 0..15 and ``[groups, out, 2]`` float32
+    (scale, offset) pairs, so that ``(q - 8) * scale + offset`` is lowbit's ``(q - z) * s``."""
+    q = layer.quantized(torch.int32)
+    s = q.scales.float()
+    z = q.zeros
+    if z is None:
+        z = torch.full(s.shape, 1 << (layer.spec.bits - 1), dtype=torch.int32, device=s.device)
+    codes = q.codes
+    if layer.spec.bits < 4:  # shift the codes so that the offset is 0 (see the module docstring)
+        codes = codes - z.repeat_interleave(layer.in_features // z.shape[1], dim=1) + 8
+        z = torch.full_like(z, 8)
+    return codes.contiguous(), torch.stack([s, (8 - z.float()) * s], dim=2).transpose(0, 1).contiguous()
+
+
+def packed(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's codes in the CPU op's layout and its bf16 (scale, offset) pairs, made on first use and remade
+    when the packed codes, scales or zero points change (in place or replaced)."""
     buffers = [layer.qweight, layer.scales] + ([layer.qzeros] if layer.spec.has_zeros else [])
     key = tuple((t.data_ptr(), t._version) for t in buffers)
     cached = layer.__dict__.get("_int4pack")
     if cached is not None and cached[0] == key:
         return cached[1], cached[2]
-    q = layer.quantized(torch.int32)
-    s = q.scales.float()
-    z = q.zeros.float() if q.zeros is not None else torch.full_like(s, 8.0)
-    packed = torch._convert_weight_to_int4pack_for_cpu(q.codes.contiguous(), _INNER_K_TILES)
-    scales_and_offsets = torch.stack([s, (8 - z) * s], dim=2).transpose(0, 1).contiguous().to(torch.bfloat16)
-    layer.__dict__["_int4pack"] = (key, packed, scales_and_offsets)  # a plain attribute: never saved or moved
-    return packed, scales_and_offsets
+    codes, scales_and_offsets = tinygemm_form(layer)
+    found = (torch._convert_weight_to_int4pack_for_cpu(codes, _INNER_K_TILES), scales_and_offsets.to(torch.bfloat16))
+    layer.__dict__["_int4pack"] = (key, *found)  # a plain attribute: never saved or moved
+    return found
 
 
 def matmul(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     """``x @ dequant(Q)^T`` through the int4 op (bf16 inside), returned in ``x``'s compute dtype."""
-    packed, scales_and_offsets = _packed(layer)
+    codes, scales_and_offsets = packed(layer)
     x2 = x.reshape(-1, layer.in_features).to(torch.bfloat16)
-    y = torch._weight_int4pack_mm_for_cpu(x2, packed, layer.spec.group_size, scales_and_offsets)
+    y = torch._weight_int4pack_mm_for_cpu(x2, codes, layer.spec.group_size, scales_and_offsets)
     return y.to(compute_dtype(x)).reshape(*x.shape[:-1], layer.out_features)
 
 
@@ -58,7 +73,7 @@ KERNEL = Kernel(
     name="torch-int4",
     matmul=matmul,
     formats=("int",),
-    bits=(4,),
+    bits=(2, 3, 4),
     group_multiple=32,
     devices=("cpu",),
     dtypes=(torch.float32, torch.bfloat16),
