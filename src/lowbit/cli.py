@@ -721,8 +721,8 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (t, g):  # the commands that generate
         p.add_argument("--kernel", choices=list(KERNEL_NAMES),
                        help="run the quantized layers on this kernel wherever it applies (lowbit.kernels), e.g. "
-                            "torch-int4: PyTorch's int4 matmul for W4 layers while decoding on the CPU, about 10x "
-                            "faster a layer, activations rounded to bf16 inside those layers")  # fmt: skip
+                            "torch-int4: PyTorch's int4 matmul for W2-W4 layers while decoding on the CPU, several "
+                            "times faster, activations rounded to bf16 inside those layers")  # fmt: skip
         p.add_argument("--static-cache", action="store_true",
                        help="keep the KV cache in fixed-size buffers: on a CUDA GPU transformers then compiles the "
                             "decoding step into CUDA graphs (a minute or two of warm-up for a 1B model, then several "

@@ -15,17 +15,18 @@ The Triton kernels are imported only when a CUDA tensor is seen, so CPU-only ins
   backward), for large training batches, where the matmul is compute-bound;
 - ``triton-gemv`` (M = 1, forward): a GEMV laid out for bandwidth, run only where pinned until it is measured
   faster than ``triton-decode``;
-- ``torch-int4`` (CPU, W4, M <= 16, forward): PyTorch's own int4 matmul for decoding on the CPU, run only where
+- ``torch-int4`` (CPU, W2-W4, M <= 16, forward): PyTorch's own int4 matmul for decoding on the CPU, run only where
   pinned (it rounds activations to bf16).
 
-The M limits are first guesses, to be set from ``bench/gpu.py``'s pinned rows on a GPU. All three read the
-checkpoint's packed bytes in place (packing version 1, see :mod:`lowbit.quant.packing`): nothing is repacked or
-kept beside the packed codes.
+The M limits are first guesses, to be set from ``bench/gpu.py``'s pinned rows on a GPU. The Triton kernels read
+the checkpoint's packed bytes in place (packing version 1, see :mod:`lowbit.quant.packing`): nothing is repacked
+or kept beside the packed codes; ``torch-int4`` keeps one repacked copy in its op's layout.
 
 Pinning: ``with kernels.pinned("reference"):`` or ``LOWBIT_KERNEL=reference`` in the environment makes every call
-use that kernel wherever it supports the call (the reference elsewhere); the calibration engine and the tests use
-it to get the reference numerics on any device. Under ``torch.compile`` the pin is read when a function is
-traced.
+use that kernel wherever it supports the call (the reference elsewhere); the tests use it to get the reference
+numerics on any device, and the calibration engine pins ``triton-dequant`` (in float32 the reference's numerics,
+with no sum whose order an autotuned tile sets). Pin-only kernels (:data:`PIN_ONLY`) run nowhere else. Under
+``torch.compile`` the pin is read when a function is traced.
 """
 
 from __future__ import annotations
