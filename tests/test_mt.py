@@ -210,6 +210,12 @@ def test_translate_and_eval_mt_commands(tmp_path: Path, capsys) -> None:
     assert main([*argv, "--shots", str(files["pairs"]), "--num-shots", "2", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["segments"] == 10 and result["shots"] == 2 and 0 <= result["chrf"] <= 100 and result["ppl"] > 1
+    assert result["kernel"] == "default"
+    assert main([*argv, "--json"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main([*argv, "--kernel", "torch-int4", "--json"]) == 0  # a float model: nothing runs on it
+    pinned = json.loads(capsys.readouterr().out)
+    assert pinned["kernel"] == "torch-int4" and pinned["hypotheses"] == plain["hypotheses"]
     assert main(["translate", str(folder), "--input", str(tmp_path / "nope.txt")]) == 2
     assert "nope.txt does not exist" in capsys.readouterr().err
     (tmp_path / "bad.tsv").write_text("a\tb\nc\n")

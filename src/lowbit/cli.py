@@ -376,8 +376,10 @@ def _eval_mt(args: argparse.Namespace) -> None:
     config = AdaptConfig(
         src=args.src, tgt=args.tgt, max_new_tokens=args.max_new_tokens, translate_batch=args.batch_size
     )
-    result = evaluate_mt(model, tokenizer, test, config, shots, progress=True)
-    result.update(data=args.mt, model=str(args.model) if args.model else "default", shots=len(shots))
+    with _kernel_pin(args):
+        result = evaluate_mt(model, tokenizer, test, config, shots, progress=True)
+    result.update(data=args.mt, model=str(args.model) if args.model else "default", shots=len(shots),
+                  kernel=args.kernel or "default")  # fmt: skip
     if args.output:
         from lowbit.fsutil import write_text
 
@@ -718,11 +720,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=cmd_generate)
-    for p in (t, g):  # the commands that generate
+    for p in (t, g, e):  # the commands that generate (eval: with --mt)
         p.add_argument("--kernel", choices=list(KERNEL_NAMES),
                        help="run the quantized layers on this kernel wherever it applies (lowbit.kernels), e.g. "
                             "torch-int4: PyTorch's int4 matmul for W2-W4 layers while decoding on the CPU, several "
                             "times faster, activations rounded to bf16 inside those layers")  # fmt: skip
+    for p in (t, g):
         p.add_argument("--static-cache", action="store_true",
                        help="keep the KV cache in fixed-size buffers: on a CUDA GPU transformers then compiles the "
                             "decoding step into CUDA graphs (a minute or two of warm-up for a 1B model, then several "
