@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import tiny_text
 from lowbit.cli import main
@@ -46,7 +47,9 @@ def test_quantize_info_eval_generate_json(tiny_folder: Path, tmp_path: Path, cap
     code, out, _ = run(capsys, "eval", out_dir, "--ppl", text, "--seqlen", "64", "--json")
     ev = json.loads(out)
     assert code == 0 and ev["tokens"] == ev["windows"] * 63 and ev["seqlen"] == 64 and ev["ppl"] > 1
-    assert ev["model"] == str(out_dir) and ev["data"] == str(text)
+    assert ev["model"] == str(out_dir) and ev["data"] == str(text) and ev["kernel"] == "default"
+    code, out, _ = run(capsys, "eval", out_dir, "--ppl", text, "--seqlen", "64", "--kernel", "reference", "--json")
+    assert code == 0 and json.loads(out)["kernel"] == "reference" and json.loads(out)["ppl"] == ev["ppl"]
 
     code, out, _ = run(capsys, "generate", out_dir, "w1 w2 w3", "--max-new-tokens", "5", "--json")
     gen = json.loads(out)
@@ -58,11 +61,10 @@ def test_quantize_info_eval_generate_json(tiny_folder: Path, tmp_path: Path, cap
     assert code == 0 and json.loads(out) == gen  # the CPU's default is the reference
 
 
+@pytest.mark.skipif(not hasattr(torch, "_weight_int4pack_mm_for_cpu"), reason="torch-int4 needs torch 2.6+")
 def test_generate_on_the_cpu_int4_kernel(tiny_folder: Path, tmp_path: Path, capsys, monkeypatch) -> None:
     """``--kernel torch-int4`` runs a W4 checkpoint's layers on PyTorch's int4 op while decoding (checked by a spy:
     the op is called), and an unknown kernel is a one-line usage error."""
-    import torch
-
     out_dir = tmp_path / "w4"
     assert run(capsys, "quantize", tiny_folder, "--bits", "4", "--group-size", "32", "--out", out_dir, "--json")[0] == 0
     calls = []

@@ -160,6 +160,12 @@ def _w4(group: int, out_f: int = 48, symmetric: bool = False, seed: int = 0, bit
     return QuantLinear.from_linear(nn.Linear(256, out_f), QuantSpec(bits=bits, group_size=group, symmetric=symmetric))
 
 
+needs_int4 = pytest.mark.skipif(
+    not kernels._cpu_kernels(), reason="torch-int4 needs torch 2.6 or later (its CPU int4 ops)"
+)
+
+
+@needs_int4
 def test_torch_int4_matches_reference_and_declares_its_limits() -> None:
     """PyTorch's int4 op on the layer's own codes (2- and 3-bit ones inside its 4-bit range): the reference's
     output to bf16 rounding, in the compute dtype; only int W2-W4 at decode sizes, group sizes it takes, outputs in
@@ -186,18 +192,31 @@ def test_torch_int4_matches_reference_and_declares_its_limits() -> None:
     assert not k.supports(_layer(4, 64, fmt="nf"), torch.randn(1, 128), training=False)
 
 
+@needs_int4
 def test_torch_int4_is_pin_only_and_repacks_when_the_weights_change() -> None:
-    layer, other = _w4(64, out_f=32, seed=1), _w4(64, out_f=32, seed=2)
+    layer, other, third = (_w4(64, out_f=32, seed=s) for s in (1, 2, 3))
     x = torch.randn(1, 256)
+
+    def close(y: torch.Tensor, source: QuantLinear) -> bool:  # y against source's codes and layer's own bias
+        ref = reference.matmul(source, x) + layer.bias
+        return bool((y - ref).abs().max() <= 2e-2 * ref.abs().max())
+
     assert kernels.select(layer, x, training=False) is kernels.REFERENCE  # never chosen unpinned
     with torch.no_grad(), kernels.pinned("torch-int4"):
         assert kernels.select(layer, x, training=False).name == "torch-int4"
-        before = layer(x)
+        assert close(layer(x), layer) and not close(layer(x), other)
         layer.load_state_dict(other.state_dict())  # copies into the same buffers: only their versions change
-        after = layer(x)
-    ref = reference.matmul(other, x) + other.bias
-    assert (after - ref).abs().max() <= 2e-2 * ref.abs().max() < (before - ref).abs().max()
+        assert close(layer(x), other)
+        layer.set_weight(third.quantized())  # new buffers, twice before the next call
+        layer.set_weight(third.quantized())
+        assert close(layer(x), third) and not close(layer(x), other)
     assert not any("int4" in name for name in layer.state_dict())  # the repacked copy is never saved
+
+
+def test_an_unavailable_kernel_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernels, "_cpu_table", {})  # as on torch before 2.6
+    with pytest.raises(LowbitError, match=r"kernel 'torch-int4' needs torch 2\.6 or later"):
+        kernels.kernel("torch-int4")
 
 
 # ----- storage ----------------------------------------------------------------------------------------------------

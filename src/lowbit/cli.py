@@ -23,7 +23,7 @@ from lowbit.config import INITIALIZERS, flag
 from lowbit.device import DEVICE_CHOICES, parse_budget, resolve_device
 from lowbit.errors import LowbitError
 from lowbit.kernels import NAMES as KERNEL_NAMES
-from lowbit.kernels import pinned
+from lowbit.kernels import kernel, pinned, pinned_name
 
 EXIT_USER_ERROR = 2
 
@@ -340,7 +340,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     model, tokenizer = load_model(args.model, device=args.device)
     wins = _scored_windows(args, args.ppl, tokenizer)
     start = time.perf_counter()
-    result = perplexity(model, wins, batch_size=args.batch_size, progress=True)
+    with _kernel_pin(args):
+        result = perplexity(model, wins, batch_size=args.batch_size, progress=True)
+        used = pinned_name() or "default"
     seconds = time.perf_counter() - start
     out = {
         "ppl": result.ppl,
@@ -350,6 +352,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         "seqlen": args.seqlen,
         "data": args.ppl if args.ppl != "ptb" else f"ptb-{args.split}",
         "model": str(args.model) if args.model else "default",
+        "kernel": used,
         "seconds": round(seconds, 2),
     }
     _emit(
@@ -378,8 +381,8 @@ def _eval_mt(args: argparse.Namespace) -> None:
     )
     with _kernel_pin(args):
         result = evaluate_mt(model, tokenizer, test, config, shots, progress=True)
-    result.update(data=args.mt, model=str(args.model) if args.model else "default", shots=len(shots),
-                  kernel=args.kernel or "default")  # fmt: skip
+        used = pinned_name() or "default"
+    result.update(data=args.mt, model=str(args.model) if args.model else "default", shots=len(shots), kernel=used)
     if args.output:
         from lowbit.fsutil import write_text
 
@@ -450,10 +453,14 @@ def cmd_cache(args: argparse.Namespace) -> None:
 
 
 def _kernel_pin(args: argparse.Namespace) -> typing.ContextManager:
-    """``--kernel``: the kernel the quantized layers run on inside the ``with`` block (nothing pinned without it)."""
+    """``--kernel``: the kernel the quantized layers run on inside the ``with`` block (nothing pinned without it);
+    one this install cannot run (no Triton, torch before 2.6) is an error, not a silent fallback."""
     import contextlib
 
-    return pinned(args.kernel) if args.kernel else contextlib.nullcontext()
+    if not args.kernel:
+        return contextlib.nullcontext()
+    kernel(args.kernel)
+    return pinned(args.kernel)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -720,7 +727,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=cmd_generate)
-    for p in (t, g, e):  # the commands that generate (eval: with --mt)
+    for p in (t, g, e):  # the commands that run a finished model
         p.add_argument("--kernel", choices=list(KERNEL_NAMES),
                        help="run the quantized layers on this kernel wherever it applies (lowbit.kernels), e.g. "
                             "torch-int4: PyTorch's int4 matmul for W2-W4 layers while decoding on the CPU, several "

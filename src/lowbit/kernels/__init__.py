@@ -122,12 +122,12 @@ def _gpu_kernels() -> dict[str, Kernel]:
 
 
 def _cpu_kernels() -> dict[str, Kernel]:
-    """The CPU kernels other than the reference, by name (plain torch: nothing to fail importing)."""
+    """The CPU kernels other than the reference, by name (torch-int4 where this torch has its ops: 2.6 and later)."""
     global _cpu_table
     if _cpu_table is None:
         from lowbit.kernels import torch_int4
 
-        _cpu_table = {torch_int4.KERNEL.name: torch_int4.KERNEL}
+        _cpu_table = {torch_int4.KERNEL.name: torch_int4.KERNEL} if torch_int4.AVAILABLE else {}
     return _cpu_table
 
 
@@ -139,7 +139,8 @@ def kernel(name: str) -> Kernel:
         return REFERENCE
     found = _cpu_kernels().get(name) or _gpu_kernels().get(name)
     if found is None:
-        raise LowbitError(f"kernel {name!r} needs Triton, which cannot be imported here; install triton")
+        needs = "torch 2.6 or later" if name == "torch-int4" else "Triton, which cannot be imported here"
+        raise LowbitError(f"kernel {name!r} needs {needs}; install it")
     return found
 
 

@@ -1,18 +1,19 @@
 """CPU decoding kernel for W2-W4 layers: PyTorch's own int4 matmul (``torch._weight_int4pack_mm_for_cpu``).
 
 The reference kernel dequantizes the whole weight on every call, which at one token costs far more than the product
-(``bench/cpu_int4.py``: 0.8-1 ms for a 576 -> 1536 layer, 203 ms at Llama-2-7B's 4096 -> 11008). PyTorch ships a
-CPU int4 matmul, the twin of the CUDA tinygemm kernel gpt-fast and torchao use, that reads 4-bit codes directly:
-10-56x faster at one row, 2-7x at 16, slower from about 64 rows (prefill, training: the reference runs there).
+(``bench/cpu_int4.py``: about 1 ms for a 576 -> 1536 layer, 170-200 ms at Llama-2-7B's 4096 -> 11008). PyTorch
+ships a CPU int4 matmul, the twin of the CUDA tinygemm kernel gpt-fast and torchao use, that reads 4-bit codes
+directly: 7-56x faster at one row, 2-8x at 16, slower from about 64 rows (prefill, training: the reference runs
+there).
 
 Its dequantization is ``(q - 8) * scale + m`` per group, with ``scale`` and ``m`` in bf16. lowbit's ``(q - z) * s``
 (symmetric codes: ``z = 2^(bits-1)``) is that with ``m = (8 - z) s`` -- small for 4-bit codes, whose zero point
 sits near 8. 2- and 3-bit codes are shifted instead, ``q - z + 8`` (within 1..15, since ``z`` is an integer code),
 so that ``m = 0``: a large offset rounded to bf16 would cost up to 2% of the output. The codes are repacked once
-into the op's 4-bit layout and kept on the layer -- not in its state dict -- until its buffers change (their
-version counters say when). The op's fast path
-takes bf16 activations and bf16 scales, so outputs differ from the float32 reference by about 0.4% of their
-largest magnitude; that is why the kernel runs only where pinned (``--kernel torch-int4``, ``LOWBIT_KERNEL``).
+into the op's 4-bit layout and kept on the layer -- not in its state dict -- until its buffers change (see
+:func:`packed`). The op's fast path takes bf16 activations and bf16 scales, so outputs differ from the float32
+reference by about 0.4% of their largest magnitude; that is why the kernel runs only where pinned (``--kernel
+torch-int4``, ``LOWBIT_KERNEL``).
 The repacked codes take half a byte a weight: as much as W4's packed codes, twice W2's.
 """
 
@@ -47,27 +48,40 @@ def tinygemm_form(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
     return codes.contiguous(), torch.stack([s, (8 - z.float()) * s], dim=2).transpose(0, 1).contiguous()
 
 
+def _version(t: torch.Tensor) -> int | None:
+    """The tensor's in-place-change counter (None for inference-mode tensors, which have none)."""
+    return None if t.is_inference() else t._version
+
+
 def packed(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
     """The layer's codes in the CPU op's layout and its bf16 (scale, offset) pairs, made on first use and remade
-    when the packed codes, scales or zero points change (in place or replaced)."""
-    buffers = [layer.qweight, layer.scales] + ([layer.qzeros] if layer.spec.has_zeros else [])
-    key = tuple((t.data_ptr(), t._version) for t in buffers)
+    when the packed codes, scales or zero points are replaced or changed in place.
+
+    The cache holds the very buffers it was made from, so a replaced buffer is told by identity (its memory cannot
+    be reused by a successor while the cache keeps it alive) and an in-place change by the version counter. Writes
+    through ``.data`` bypass that counter: after ``layer.scales.data.copy_(...)``, delete ``layer._int4pack``.
+    """
+    buffers = (layer.qweight, layer.scales, layer.qzeros if layer.spec.has_zeros else None)
+    versions = tuple(None if t is None else _version(t) for t in buffers)
     cached = layer.__dict__.get("_int4pack")
-    if cached is not None and cached[0] == key:
-        return cached[1], cached[2]
+    if cached is not None and all(a is b for a, b in zip(cached[0], buffers, strict=True)) and cached[1] == versions:
+        return cached[2], cached[3]
     codes, scales_and_offsets = tinygemm_form(layer)
     found = (torch._convert_weight_to_int4pack_for_cpu(codes, _INNER_K_TILES), scales_and_offsets.to(torch.bfloat16))
-    layer.__dict__["_int4pack"] = (key, *found)  # a plain attribute: never saved or moved
+    layer.__dict__["_int4pack"] = (buffers, versions, *found)  # not a buffer: never in the state dict
     return found
 
 
 def matmul(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     """``x @ dequant(Q)^T`` through the int4 op (bf16 inside), returned in ``x``'s compute dtype."""
     codes, scales_and_offsets = packed(layer)
-    x2 = x.reshape(-1, layer.in_features).to(torch.bfloat16)
+    x2 = x.reshape(-1, layer.in_features).to(torch.bfloat16).contiguous().contiguous()
     y = torch._weight_int4pack_mm_for_cpu(x2, codes, layer.spec.group_size, scales_and_offsets)
     return y.to(compute_dtype(x)).reshape(*x.shape[:-1], layer.out_features)
 
+
+# The ops arrived in torch 2.6; on older versions the kernel is not offered (lowbit.kernels leaves it out).
+AVAILABLE = hasattr(torch, "_weight_int4pack_mm_for_cpu") and hasattr(torch, "_convert_weight_to_int4pack_for_cpu")
 
 KERNEL = Kernel(
     name="torch-int4",
