@@ -12,10 +12,13 @@ tinygemm kernel) that reads 4-bit codes directly; lowbit's ``(q - z) * s`` is it
 
 and ``decode-w4/w3/w2``: greedy decoding of 32 new tokens after a short prompt (at most 16 tokens) with the default
 model (SmolLM2-135M-Instruct) quantized W4/W3/W2 g64 (RTN, QLoRA start), on the reference kernel and on
-``torch-int4`` (``--kernel torch-int4``): tokens/s and whether the two runs chose the same tokens.
+``torch-int4`` (``--kernel torch-int4``): tokens/s and whether the two runs chose the same tokens;
+and ``mt-w4``: the first 32 verses of the P3 test split translated English -> Spanish (5 shots from the training
+split, as ``lowbit eval --mt`` does) by the default model at W4g64 on each kernel: chrF, seconds, and how many
+translations are identical.
 
-    python bench/cpu_int4.py                  # all rows; stores bench/results/cpu_int4.json
-    python bench/cpu_int4.py --rows decode    # the decoding row only
+    python bench/cpu_int4.py                       # all rows; stores bench/results/cpu_int4.json
+    python bench/cpu_int4.py --rows decode,mt      # the end-to-end rows only
 """
 
 from __future__ import annotations
@@ -99,11 +102,38 @@ def decode_row(bits: int, new_tokens: int = 32) -> dict:
     return row
 
 
+def mt_row(verses: int = 32) -> dict:
+    """Translation of P3 test verses by the default model at W4g64 on the reference kernel and on torch-int4."""
+    import torch
+
+    import lowbit
+    from lowbit import kernels
+    from lowbit.adapt import SHOTS, AdaptConfig, evaluate_mt
+    from lowbit.parallel import bible_pairs, p3_split
+
+    split = p3_split()
+    test, shots = bible_pairs(split["test"])[:verses], bible_pairs(split["train"])[:SHOTS]
+    model, tokenizer = lowbit.load_model(None)
+    lowbit.quantize(model, lowbit.QuantConfig(bits=4, group_size=64, init="qlora"), progress=False)
+    config = AdaptConfig(max_new_tokens=64, translate_batch=8)
+    row: dict = {"row": "mt-w4", "verses": len(test), "shots": len(shots)}
+    hyps = {}
+    for name in ("reference", "torch-int4"):
+        with torch.no_grad(), kernels.pinned(name):
+            result = evaluate_mt(model, tokenizer, test, config, shots)
+        row[f"{name}_chrf"] = round(result["chrf"], 2)
+        row[f"{name}_seconds"] = result["translate_seconds"]
+        hyps[name] = result["hypotheses"]
+    row["identical_translations"] = sum(a == b for a, b in zip(hyps["reference"], hyps["torch-int4"], strict=True))
+    row["speedup"] = round(row["reference_seconds"] / row["torch-int4_seconds"], 2)
+    return row
+
+
 def main() -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", default="layers,decode", help="layers, decode or both (comma-separated)")
+    parser.add_argument("--rows", default="layers,decode,mt", help="layers, decode, mt (comma-separated)")
     wanted = parser.parse_args().rows.split(",")
     env = benchlib.environment()
     for in_f, out_f in SHAPES if "layers" in wanted else ():
@@ -113,6 +143,10 @@ def main() -> None:
         benchlib.save_rows(RESULTS, rows, env, "cpu-int4")
     for bits in (4, 3, 2) if "decode" in wanted else ():
         row = decode_row(bits)
+        print(row, flush=True)
+        benchlib.save_rows(RESULTS, [row], env, "cpu-int4")
+    if "mt" in wanted:
+        row = mt_row()
         print(row, flush=True)
         benchlib.save_rows(RESULTS, [row], env, "cpu-int4")
     print(f"\n{env['date']}, commit {env['commit']}, {env['machine']['cpu']}, torch {env['versions']['torch']}")
