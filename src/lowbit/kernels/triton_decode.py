@@ -70,7 +70,7 @@ def _decode_kernel(
         if BLOCK_M == 1:
             # GEMV: [1, BLOCK_K] * [BLOCK_N, BLOCK_K], reduced over k, in float32 throughout. The tile is [n, k] so
             # that k -- the direction the packed codes run in memory -- is the fast one across a warp's threads
-            # (coalesced byte loads, not one row per thread).
+            # (coalesced loads of the packed codes, not one row per thread).
             w = weight_tile(qweight, scales, qzeros, codebook, offs_n, offs_k, k_start, N, K,
                             n_groups, BITS, GROUP, SYMMETRIC, NF, BLOCK_N, BLOCK_K, ALIGNED, WORDS)  # fmt: skip
             acc += tl.sum(w * a.to(tl.float32), axis=1)[None, :]

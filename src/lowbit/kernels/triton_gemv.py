@@ -25,9 +25,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from lowbit.kernels import FLOAT_DTYPES, Kernel
 from lowbit.kernels.triton_gemm import apply
-from lowbit.kernels.triton_tiles import INTERPRET, constexprs, packed_codes
+from lowbit.kernels.triton_tiles import INTERPRET, constexprs, packed_codes, triton_kernel
 
 if TYPE_CHECKING:
     from lowbit.layers import QuantLinear
@@ -140,15 +139,6 @@ def matmul(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     return apply(qgemv1, _qgemv1, layer, x)
 
 
-KERNEL = Kernel(
-    name="triton-gemv",
-    matmul=matmul,
-    formats=("int", "nf"),
-    bits=(2, 3, 4, 8),
-    group_multiple=32,
-    devices=("cuda",),
-    dtypes=FLOAT_DTYPES,
-    has_backward=False,
-    max_m=1,
-    layer_check=lambda layer: layer.in_features % 32 == 0,  # rows start on a 32-bit word
-)
+# One row, forward only, and rows that start on a 32-bit word.
+KERNEL = triton_kernel("triton-gemv", matmul, max_m=1, has_backward=False,
+                       layer_check=lambda layer: layer.in_features % 32 == 0)  # fmt: skip

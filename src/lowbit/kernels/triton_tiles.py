@@ -213,12 +213,15 @@ def layer_args(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return layer.qweight, scales, qzeros, scales, spec.bits, mode
 
 
-def triton_kernel(name: str, matmul: Callable, max_m: int | None = None) -> Kernel:
-    """The :class:`Kernel` declaration of a Triton kernel here; the three support the same calls but for ``max_m``.
-
-    They all dequantize through :func:`weight_tile` (int and NF codes, 2, 3, 4 or 8 bits, groups a multiple of 32),
-    on CUDA, in the float dtypes, and all have a backward.
-    """
+def triton_kernel(
+    name: str,
+    matmul: Callable,
+    max_m: int | None = None,
+    has_backward: bool = True,
+    layer_check: Callable[[QuantLinear], bool] | None = None,
+) -> Kernel:
+    """The :class:`Kernel` declaration of a Triton kernel here: they all read int and NF codes of 2, 3, 4 or 8 bits
+    in groups a multiple of 32, on CUDA, in the float dtypes, and differ only in rows, backward and layer shapes."""
     return Kernel(
         name=name,
         matmul=matmul,
@@ -227,8 +230,9 @@ def triton_kernel(name: str, matmul: Callable, max_m: int | None = None) -> Kern
         group_multiple=32,
         devices=("cuda",),
         dtypes=FLOAT_DTYPES,
-        has_backward=True,
+        has_backward=has_backward,
         max_m=max_m,
+        layer_check=layer_check,
     )
 
 
