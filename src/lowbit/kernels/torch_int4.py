@@ -1,10 +1,10 @@
 """CPU decoding kernel for W2-W4 layers: PyTorch's own int4 matmul (``torch._weight_int4pack_mm_for_cpu``).
 
 The reference kernel dequantizes the whole weight on every call, which at one token costs far more than the product
-(``bench/cpu_int4.py``: about 1 ms for a 576 -> 1536 layer, 170-200 ms at Llama-2-7B's 4096 -> 11008). PyTorch
-ships a CPU int4 matmul, the twin of the CUDA tinygemm kernel gpt-fast and torchao use, that reads 4-bit codes
-directly: 7-56x faster at one row, 2-8x at 16, slower from about 64 rows (prefill, training: the reference runs
-there).
+(``bench/cpu_int4.py``, commit d8ba512: 0.7 ms for a 576 -> 1536 layer at one row, 173 ms at Llama-2-7B's
+4096 -> 11008). PyTorch ships a CPU int4 matmul, the twin of the CUDA tinygemm kernel gpt-fast and torchao use, that
+reads 4-bit codes directly: 7-39x faster at one row, 2-8x at 16; at 64 rows it is slower on the small layers (0.8x),
+so beyond 16 rows (prefill, training) the reference runs.
 
 Its dequantization is ``(q - 8) * scale + m`` per group, with ``scale`` and ``m`` in bf16. lowbit's ``(q - z) * s``
 (symmetric codes: ``z = 2^(bits-1)``) is that with ``m = (8 - z) s`` -- small for 4-bit codes, whose zero point
