@@ -12,25 +12,27 @@ activations under autocast. Rows:
   one kernel: where does each win?), ``lowbit-w4-reference`` (pinned to the reference kernel: lowbit before the
   fused kernels) and ``gemlite-w4/w2`` (GemLite's ``GemLiteLinear`` packed with the same layer's lowbit codes,
   scales and zero points -- its format is lowbit's ``(q - z) * s`` -- forward only: GemLite has no backward and no
-  3-bit; the library the kernel seam would call if it won) and ``tinygemm-w4`` (PyTorch's own int4 kernel,
-  ``torch._weight_int4pack_mm``, which gpt-fast and torchao use, holding the same W4 codes: its ``(q - 8) s + m``
-  takes ``m = (8 - z) s``). The forward-only peers record their largest error against lowbit's reference kernel
-  on the same codes (``max_rel_err``), which checks the conversion. lowbit rows also record the kernel used at each size
-  and its largest error against the reference at full size (``max_rel_err``: relative to the output's largest
-  magnitude).
+  3-bit; the library the kernel seam would call if it won). The forward-only peers record their largest error
+  against lowbit's reference kernel on the same codes (``max_rel_err``), which checks the conversion. lowbit rows
+  also record the kernel used at each size and its largest error against the reference at full size
+  (``max_rel_err``: relative to the output's largest magnitude).
 - ``graph-<in>x<out>-<method>``: the same layers' forward at M = 1 and 16 captured in a CUDA graph and replayed
   (``triton.testing.do_bench_cudagraph``): device time without Python and launch overhead, as in graph-captured
   decoding; for lowbit also the dequantization kernel alone (``dequant_us``: the transient weight of
   ``triton-dequant``). Methods: ``dense-bf16``, ``bnb-nf4``, ``lowbit-w4/w3/w2-base``, ``lowbit-w4`` (LoRA),
-  ``lowbit-w4/w3/w2-gemv`` (no LoRA, pinned to ``triton-gemv``: M = 1 only, with its largest error against the
-  reference, ``max_rel_err``), ``gemlite-w4/w2`` and ``tinygemm-w4``.
+  ``lowbit-w4/w3/w2-gemv`` (no LoRA, pinned to ``triton-gemv``: M = 1 only), ``lowbit-w4/w3/w2-int4`` (no LoRA,
+  pinned to ``torch-int4``: PyTorch's tinygemm kernel, ``torch._weight_int4pack_mm``, which gpt-fast and torchao
+  decode with, on the layer's codes repacked to its 4-bit layout), both with their largest error against the
+  reference (``max_rel_err``), and ``gemlite-w4/w2``.
 - ``train-<method>``: LoRA r16/alpha 32 training of a TinyLlama-1.1B-shaped Llama (all 7 linears of each block) at
   batch 4 x 512 tokens: tokens/s over 8 AdamW steps after 2 warm-up steps, and peak allocated memory. Methods:
   ``bf16-lora`` (PEFT on the bf16 model), ``bnb-qlora`` (PEFT + bitsandbytes NF4), ``lowbit-w4/w3/w2``.
 - ``decode-<method>[-graphs]``: greedy decoding of 64 new tokens after an 8-token prompt, batch 1, tokens/s after
   a warm-up call; ``-graphs`` uses transformers' static cache, which compiles the forward with ``torch.compile``
-  (mode ``reduce-overhead``: CUDA graphs). Methods: ``bf16``, ``bnb-nf4``, ``lowbit-w4/w3/w2`` (with r16 LoRA);
-  by default ``-graphs`` only for ``bf16`` and ``lowbit-w4`` (compiling takes about a minute a model).
+  (mode ``reduce-overhead``: CUDA graphs). Methods: ``bf16``, ``bnb-nf4``, ``lowbit-w4/w3/w2`` (with r16 LoRA, the
+  kernels :func:`lowbit.kernels.select` picks), ``lowbit-w4-int4`` / ``lowbit-w4-gemv`` (the same, decoding pinned
+  to ``torch-int4`` / ``triton-gemv``; the prompt runs where the pinned kernel does not apply); by default
+  ``-graphs`` only for ``bf16`` and ``lowbit-w4`` (compiling takes about a minute a model).
 - ``calib-*`` (``calib``: all of them): calibration speed and CPU/CUDA agreement rows from ``bench/gpu_calib.py``
   (``calibration_rows(args)``, imported only when a ``calib`` row is asked for; ``--blocks`` passes through).
 
@@ -62,17 +64,18 @@ import benchlib
 RESULTS = benchlib.ROOT / "bench" / "results" / "gpu.json"
 SHAPES = {"4096x4096": (4096, 4096), "4096x11008": (4096, 11008), "11008x4096": (11008, 4096)}
 LAYER_METHODS = ("dense-bf16", "bnb-nf4", "bnb-nf4-lora", "lowbit-w4", "lowbit-w3", "lowbit-w2", "lowbit-w4-base",
-                 "lowbit-w4-gemm", "lowbit-w4-dequant", "lowbit-w4-reference", "gemlite-w4", "gemlite-w2",
-                 "tinygemm-w4")  # fmt: skip
-FORWARD_ONLY = ("gemlite", "tinygemm")  # peers without a backward: forward rows only, checked against lowbit
+                 "lowbit-w4-gemm", "lowbit-w4-dequant", "lowbit-w4-reference", "gemlite-w4", "gemlite-w2")  # fmt: skip
+FORWARD_ONLY = ("gemlite",)  # peers without a backward: forward rows only, checked against lowbit
 # Layer methods that run on one kernel only, with its row limit lifted (which kernel is faster at which M?).
 GRAPH_METHODS_LAYER = ("dense-bf16", "bnb-nf4", "lowbit-w4-base", "lowbit-w3-base", "lowbit-w2-base", "lowbit-w4",
-                       "lowbit-w4-gemv", "lowbit-w3-gemv", "lowbit-w2-gemv", "gemlite-w4", "gemlite-w2",
-                       "tinygemm-w4")  # fmt: skip
+                       "lowbit-w4-gemv", "lowbit-w3-gemv", "lowbit-w2-gemv", "lowbit-w4-int4", "lowbit-w3-int4",
+                       "lowbit-w2-int4", "gemlite-w4", "gemlite-w2")  # fmt: skip
+# Method suffixes that pin one kernel (pin-only kernels, lowbit.kernels.PIN_ONLY): the rows that measure them.
+PINNED = {"gemv": "triton-gemv", "int4": "torch-int4"}
 ONLY_KERNEL = {"lowbit-w4-gemm": "triton-gemm", "lowbit-w4-dequant": "triton-dequant"}
 TRAIN_METHODS = ("bf16-lora", "bnb-qlora", "lowbit-w4", "lowbit-w3", "lowbit-w2")
-DECODE_METHODS = ("bf16", "bnb-nf4", "lowbit-w4", "lowbit-w3", "lowbit-w2")
-GRAPH_METHODS = ("bf16", "lowbit-w4", "lowbit-w3", "lowbit-w2")
+DECODE_METHODS = ("bf16", "bnb-nf4", "lowbit-w4", "lowbit-w3", "lowbit-w2", "lowbit-w4-int4", "lowbit-w4-gemv")
+GRAPH_METHODS = ("bf16", "lowbit-w4", "lowbit-w3", "lowbit-w2", "lowbit-w4-int4", "lowbit-w4-gemv")
 TINYLLAMA = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                  num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)  # fmt: skip
 RANK, ALPHA, GROUP = 16, 32.0, 64
@@ -174,35 +177,6 @@ def gemlite_linear(linear, spec):
     return layer
 
 
-class Int4Pack:
-    """PyTorch's tinygemm int4 layer (``torch._weight_int4pack_mm``; the CPU twin on the CPU) on lowbit's W4 codes,
-    in the form :func:`lowbit.kernels.torch_int4.tinygemm_form` gives. On CUDA the kernel takes bf16 activations and
-    codes two to a byte (even column in the high nibble) and retiles them itself; the CPU op takes int32 codes."""
-
-    def __init__(self, linear, spec) -> None:
-        import torch
-
-        from lowbit.kernels.torch_int4 import tinygemm_form
-        from lowbit.layers import QuantLinear
-
-        codes, scales_and_offsets = tinygemm_form(QuantLinear.from_linear(linear, spec))
-        self.group = spec.group_size
-        self.scales_and_zeros = scales_and_offsets.to(torch.bfloat16)
-        if linear.weight.is_cuda:
-            codes = codes.to(torch.uint8)
-            self.packed = torch._convert_weight_to_int4pack((codes[:, ::2] << 4 | codes[:, 1::2]).contiguous(), 8)
-            self.mm = torch._weight_int4pack_mm
-        else:
-            self.packed = torch._convert_weight_to_int4pack_for_cpu(codes, 8)
-            self.mm = torch._weight_int4pack_mm_for_cpu
-
-    def __call__(self, x):
-        import torch
-
-        y = self.mm(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), self.packed, self.group, self.scales_and_zeros)
-        return y.reshape(*x.shape[:-1], y.shape[-1])
-
-
 def lowbit_spec(method: str):
     from lowbit.quant import QuantSpec
 
@@ -221,8 +195,6 @@ def make_layer(method: str, in_f: int, out_f: int, setup: Setup):
         return linear.to(torch.bfloat16).requires_grad_(False)
     if method.startswith("gemlite"):
         return gemlite_linear(linear, lowbit_spec(method.replace("gemlite", "lowbit")))
-    if method.startswith("tinygemm"):
-        return Int4Pack(linear, lowbit_spec("lowbit-w4"))
     if method.startswith("bnb-nf4"):
         layer = bnb_linear(linear, setup.device)
         if method.endswith("-lora"):
@@ -233,7 +205,7 @@ def make_layer(method: str, in_f: int, out_f: int, setup: Setup):
             nn.init.normal_(layer[0].lora_B["default"].weight, std=0.01)
         return layer
     layer = QuantLinear.from_linear(linear, lowbit_spec(method))
-    if not method.endswith(("-base", "-gemv")):
+    if not method.endswith(("-base", *(f"-{suffix}" for suffix in PINNED))):
         layer.add_lora(RANK, ALPHA)
         nn.init.normal_(layer.lora_B, std=0.01)  # a trained-looking adapter (B = 0 would be the same work)
     return layer
@@ -284,8 +256,14 @@ L2_FLUSH_BYTES = 128 * 2**20
 
 
 def weight_bytes(method: str, in_f: int, out_f: int) -> float:
-    """Bytes of one layer's weights: bf16 dense, 4-bit bitsandbytes, or lowbit/GemLite/tinygemm codes (scales aside)."""
-    bits = 16 if method.startswith("dense") else 4 if method.startswith("bnb") else int(method.split("-w")[1][0])
+    """Bytes of one layer's weights: bf16 dense, 4-bit bitsandbytes or torch-int4's repacked codes, or lowbit/GemLite
+    codes (scales aside)."""
+    if method.startswith("dense"):
+        bits = 16
+    elif method.startswith("bnb") or method.endswith("-int4"):
+        bits = 4
+    else:
+        bits = int(method.split("-w")[1][0])
     return in_f * out_f * bits / 8
 
 
@@ -319,13 +297,13 @@ def graph_row(name: str, setup: Setup) -> dict:
         each()  # autotuning and allocation happen outside the capture
         return do_bench_cudagraph(each, rep=100) * 1e3 / n_copies
 
-    gemv = method.endswith("-gemv")
-    pin = kernels.pinned("triton-gemv") if gemv else contextlib.nullcontext()
+    pinned = PINNED.get(method.rsplit("-", 1)[-1])
+    pin = kernels.pinned(pinned) if pinned else contextlib.nullcontext()
     with pin, torch.no_grad(), torch.autocast(setup.device.type, dtype=torch.bfloat16):
-        for m in (1,) if gemv else (1, 16):
+        for m in (1,) if pinned == "triton-gemv" else (1, 16):
             x = torch.randn(m, in_f, device=setup.device, dtype=torch.bfloat16)
             row[f"fwd_m{m}_us"] = round(bench(lambda one, x=x: one(x)), 2)
-        if gemv:
+        if pinned:
             row["kernel"] = kernels.select(layer, x, training=False).name
             y = layer(x).float()
             with kernels.pinned("reference"):
@@ -410,7 +388,7 @@ def make_model(method: str, setup: Setup, lora: bool):
     with setup.device:
         model = LlamaForCausalLM(config).to(dtype)
     if method.startswith("lowbit"):
-        bits = int(method.removeprefix("lowbit-w"))
+        bits = int(method.removeprefix("lowbit-w")[0])
         config = lowbit.QuantConfig(bits=bits, group_size=GROUP, init="qlora" if lora else "none", rank=RANK,
                                     alpha=ALPHA)  # fmt: skip
         lowbit.quantize(model, config, progress=False)
@@ -475,6 +453,8 @@ def train_row(name: str, setup: Setup) -> dict:
 def decode_row(name: str, setup: Setup) -> dict:
     import torch
 
+    from lowbit import kernels
+
     method = name.removeprefix("decode-").removesuffix("-graphs")
     graphs = name.endswith("-graphs")
     model = make_model(method, setup, lora=method.startswith("lowbit"))
@@ -484,7 +464,11 @@ def decode_row(name: str, setup: Setup) -> dict:
     if graphs:
         kwargs["cache_implementation"] = "static"  # on CUDA transformers compiles the forward (CUDA graphs)
     row: dict = {"row": name, "label": ROWS[name], "new_tokens": setup.new_tokens}
-    with torch.no_grad(), torch.autocast(setup.device.type, dtype=torch.bfloat16):
+    pinned = PINNED.get(method.rsplit("-", 1)[-1])
+    pin = kernels.pinned(pinned) if pinned else contextlib.nullcontext()
+    if pinned:
+        row["kernel"] = pinned
+    with pin, torch.no_grad(), torch.autocast(setup.device.type, dtype=torch.bfloat16):
         start = time.perf_counter()
         model.generate(prompt, **kwargs)  # warm-up (and compilation)
         setup.sync()

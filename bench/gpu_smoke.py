@@ -3,8 +3,9 @@
 Runs the CLI in-process with ``--device`` (default ``cuda``): quantize (gptq with the activation streams on the
 GPU; apiq-bw gptq-warm with ``--act-budget 0``, i.e. pinned host streams), finetune (bf16 precision, bf16 LoRA
 factors, gradient checkpointing), eval (the same checkpoint on the CPU too: perplexities compared), generate,
-translate, report and ``export --requantize``; generate again with ``--static-cache`` (CUDA graphs on a GPU;
-whether the tokens equal eager decoding's is reported); and the apiq-bw quantize once more in a child process
+translate, report and ``export --requantize``; generate again with ``--static-cache`` (CUDA graphs on a GPU) and
+once more with ``--kernel torch-int4 --static-cache`` too (tinygemm on a GPU, compiled), whether their tokens equal
+eager decoding's reported; and the apiq-bw quantize once more in a child process
 killed with SIGKILL right after its first block is committed, then resumed here: every tensor of the checkpoint
 must equal the uninterrupted run's bit for bit. Prints one JSON object: each command's exit status and output.
 CI has no GPU; ``--device cpu`` runs the same script here in about a minute.
@@ -118,6 +119,8 @@ def smoke(device: str, folder: Path) -> dict:
         "generate": ["generate", folder / "ft", "w1 w2 w3", "--max-new-tokens", "8", *dev],
         "generate-static-cache": ["generate", folder / "ft", "w1 w2 w3", "--max-new-tokens", "8", "--static-cache",
                                   *dev],
+        "generate-torch-int4": ["generate", folder / "ft", "w1 w2 w3", "--max-new-tokens", "8", "--static-cache",
+                                "--kernel", "torch-int4", *dev],
         "translate": ["translate", folder / "ft", "--input", lines, "--max-new-tokens", "8", *dev],
         "report": ["report", folder / "gptq", "--base", source, "--data", text, "--seqlen", "64", "--windows", "2",
                    *dev],
@@ -130,8 +133,11 @@ def smoke(device: str, folder: Path) -> dict:
     ppl = {k: results[k].get("json", {}).get("ppl") for k in ("eval", "eval-cpu")}
     if None not in ppl.values():
         results["eval_ppl_rel_diff_device_vs_cpu"] = abs(ppl["eval"] - ppl["eval-cpu"]) / ppl["eval-cpu"]
-    graphs, eager = (results[k].get("json") for k in ("generate-static-cache", "generate"))
-    results["static_cache_same_tokens"] = graphs is not None and graphs == eager
+    eager = results["generate"].get("json")
+    for step in ("generate-static-cache", "generate-torch-int4"):
+        other = results[step].get("json")
+        key = step.removeprefix("generate-").replace("-", "_")
+        results[f"{key}_same_tokens"] = other is not None and other == eager
     codes_ok = all(r["code"] == 0 for r in results.values() if isinstance(r, dict))
     results["all_ok"] = codes_ok  # compiled kernels may round differently: equal tokens are reported, not required
     return results

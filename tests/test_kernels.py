@@ -161,7 +161,7 @@ def _w4(group: int, out_f: int = 48, symmetric: bool = False, seed: int = 0, bit
 
 
 needs_int4 = pytest.mark.skipif(
-    not kernels._cpu_kernels(), reason="torch-int4 needs torch 2.6 or later (its CPU int4 ops)"
+    not kernels._torch_kernels(), reason="torch-int4 needs torch 2.6 or later (its CPU int4 ops)"
 )
 
 
@@ -213,8 +213,50 @@ def test_torch_int4_is_pin_only_and_repacks_when_the_weights_change() -> None:
     assert not any("int4" in name for name in layer.state_dict())  # the repacked copy is never saved
 
 
+@needs_int4
+def test_torch_int4_under_torch_compile_packs_once_and_follows_new_weights() -> None:
+    """Compiled (as ``generate --static-cache`` compiles the decoding step), the kernel traces without a graph
+    break, gives the eager outputs, and after its first call the graph reads the cached repacked codes instead of
+    repacking on every call; replacing a layer's weights recompiles onto the new codes."""
+    from torch._dynamo.utils import counters
+    from torch.profiler import profile
+
+    layers = nn.Sequential(*(_w4(64, out_f=256, seed=b, bits=b) for b in (4, 3, 2)))
+    x = torch.randn(1, 256)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(layers, backend="aot_eager")
+    with torch.no_grad(), kernels.pinned("torch-int4"):
+        eager = layers(x)
+        for layer in layers:
+            del layer.__dict__["_int4pack"]  # start cold: the first compiled call makes the caches
+        assert torch.equal(compiled(x), eager) and torch.equal(compiled(x), eager)
+        with profile() as prof:
+            assert torch.equal(compiled(x), eager)
+        ran = {e.key for e in prof.key_averages()}
+        assert "aten::_weight_int4pack_mm_for_cpu" in ran and "aten::_convert_weight_to_int4pack_for_cpu" not in ran
+        assert not counters["graph_break"]
+        replacement = _w4(64, out_f=256, seed=9)
+        layers[0].set_weight(replacement.quantized())
+        expected = layers(x)
+        assert not torch.equal(expected, eager) and torch.equal(compiled(x), expected)
+    torch._dynamo.reset()
+
+
+def test_torch_int4_is_offered_on_cuda_without_triton(monkeypatch: pytest.MonkeyPatch) -> None:
+    """tinygemm needs no Triton: where Triton cannot be imported, CUDA still has torch-int4 (and only it)."""
+    monkeypatch.setattr(kernels, "_gpu_table", None)
+    monkeypatch.setitem(sys.modules, "lowbit.kernels.triton_decode", None)  # importing it now raises ImportError
+    assert set(kernels._fast_kernels("cuda")) == set(kernels._torch_kernels())
+    assert all("cuda" in k.devices for k in kernels._torch_kernels().values())
+    from lowbit.kernels.torch_int4 import inner_k_tiles
+
+    assert [inner_k_tiles(k) for k in (4096, 11008, 576, 96, 32)] == [8, 8, 4, 2, 2]
+
+
 def test_an_unavailable_kernel_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kernels, "_cpu_table", {})  # as on torch before 2.6
+    monkeypatch.setattr(kernels, "_torch_table", {})  # as on torch before 2.6, where neither table holds it
+    monkeypatch.setattr(kernels, "_gpu_table", {})
     with pytest.raises(LowbitError, match=r"kernel 'torch-int4' needs torch 2\.6 or later"):
         kernels.kernel("torch-int4")
 

@@ -730,8 +730,9 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (t, g, e):  # the commands that run a finished model
         p.add_argument("--kernel", choices=list(KERNEL_NAMES),
                        help="run the quantized layers on this kernel wherever it applies (lowbit.kernels), e.g. "
-                            "torch-int4: PyTorch's int4 matmul for W2-W4 layers while decoding on the CPU, several "
-                            "times faster, activations rounded to bf16 inside those layers")  # fmt: skip
+                            "torch-int4: PyTorch's int4 matmul (tinygemm on CUDA) for W2-W4 layers while "
+                            "decoding, several times faster on the CPU, activations rounded to bf16 inside those "
+                            "layers")  # fmt: skip
     for p in (t, g):
         p.add_argument("--static-cache", action="store_true",
                        help="keep the KV cache in fixed-size buffers: on a CUDA GPU transformers then compiles the "

@@ -15,8 +15,8 @@ The Triton kernels are imported only when a CUDA tensor is seen, so CPU-only ins
   backward), for large training batches, where the matmul is compute-bound;
 - ``triton-gemv`` (M = 1, forward): a GEMV laid out for bandwidth, run only where pinned until it is measured
   faster than ``triton-decode``;
-- ``torch-int4`` (CPU, W2-W4, M <= 16, forward): PyTorch's own int4 matmul for decoding on the CPU, run only where
-  pinned (it rounds activations to bf16).
+- ``torch-int4`` (CPU and CUDA, W2-W4, M <= 16, forward): PyTorch's own int4 matmul (tinygemm on CUDA) for
+  decoding, run only where pinned (it rounds activations to bf16); it needs no Triton.
 
 The M limits are first guesses, to be set from ``bench/gpu.py``'s pinned rows on a GPU. The Triton kernels read
 the checkpoint's packed bytes in place (packing version 1, see :mod:`lowbit.quant.packing`): nothing is repacked
@@ -101,11 +101,12 @@ NAMES = PREFERENCE + PIN_ONLY
 
 _pinned: str | None = None  # set by ``pinned``
 _gpu_table: dict[str, Kernel] | None = None  # filled by ``_gpu_kernels`` on first use
-_cpu_table: dict[str, Kernel] | None = None  # filled by ``_cpu_kernels`` on first use
+_torch_table: dict[str, Kernel] | None = None  # filled by ``_torch_kernels`` on first use
 
 
 def _gpu_kernels() -> dict[str, Kernel]:
-    """The Triton kernels by name, or none where Triton cannot be imported (the reference then runs).
+    """The kernels that may run on CUDA, by name: the Triton ones (none where Triton cannot be imported) and those
+    on torch's own ops.
 
     Cached in a module global rather than ``functools.cache``, which ``torch.compile`` would trace through.
     """
@@ -114,21 +115,22 @@ def _gpu_kernels() -> dict[str, Kernel]:
         try:
             from lowbit.kernels import triton_decode, triton_dequant, triton_gemm, triton_gemv
         except ImportError:
-            _gpu_table = {}
+            found = ()
         else:
             found = (triton_decode.KERNEL, triton_gemm.KERNEL, triton_dequant.KERNEL, triton_gemv.KERNEL)
-            _gpu_table = {k.name: k for k in found}
+        _gpu_table = {k.name: k for k in found} | _torch_kernels()
     return _gpu_table
 
 
-def _cpu_kernels() -> dict[str, Kernel]:
-    """The CPU kernels other than the reference, by name (torch-int4 where this torch has its ops: 2.6 and later)."""
-    global _cpu_table
-    if _cpu_table is None:
+def _torch_kernels() -> dict[str, Kernel]:
+    """The kernels on torch's own ops other than the reference, by name (torch-int4 where this torch has its ops:
+    2.6 and later); they run on the CPU and, where they declare it, on CUDA."""
+    global _torch_table
+    if _torch_table is None:
         from lowbit.kernels import torch_int4
 
-        _cpu_table = {torch_int4.KERNEL.name: torch_int4.KERNEL} if torch_int4.AVAILABLE else {}
-    return _cpu_table
+        _torch_table = {torch_int4.KERNEL.name: torch_int4.KERNEL} if torch_int4.AVAILABLE else {}
+    return _torch_table
 
 
 def kernel(name: str) -> Kernel:
@@ -137,7 +139,7 @@ def kernel(name: str) -> Kernel:
         raise LowbitError(f"unknown kernel {name!r}; choose one of {', '.join(NAMES)}")
     if name == REFERENCE.name:
         return REFERENCE
-    found = _cpu_kernels().get(name) or _gpu_kernels().get(name)
+    found = _torch_kernels().get(name) or _gpu_kernels().get(name)
     if found is None:
         needs = "torch 2.6 or later" if name == "torch-int4" else "Triton, which cannot be imported here"
         raise LowbitError(f"kernel {name!r} needs {needs}; install it")
@@ -180,7 +182,7 @@ def _fast_kernels(device_type: str) -> dict[str, Kernel]:
     """The kernels other than the reference that may run on ``device_type`` (Triton is imported for CUDA only)."""
     if device_type == "cuda":
         return _gpu_kernels()
-    return _cpu_kernels() if device_type == "cpu" else {}
+    return _torch_kernels() if device_type == "cpu" else {}
 
 
 __all__ = [

@@ -1,20 +1,22 @@
-"""CPU decoding kernel for W2-W4 layers: PyTorch's own int4 matmul (``torch._weight_int4pack_mm_for_cpu``).
+"""Decoding kernel for W2-W4 layers on PyTorch's own int4 matmul: tinygemm on CUDA, its twin on the CPU.
 
 The reference kernel dequantizes the whole weight on every call, which at one token costs far more than the product
 (``bench/cpu_int4.py``, commit d8ba512: 0.7 ms for a 576 -> 1536 layer at one row, 173 ms at Llama-2-7B's
-4096 -> 11008). PyTorch ships a CPU int4 matmul, the twin of the CUDA tinygemm kernel gpt-fast and torchao use, that
-reads 4-bit codes directly: 7-39x faster at one row, 2-8x at 16; at 64 rows it is slower on the small layers (0.8x),
-so beyond 16 rows (prefill, training) the reference runs.
+4096 -> 11008). PyTorch ships an int4 matmul that reads 4-bit codes directly -- on CUDA the tinygemm kernel that
+gpt-fast and torchao decode with (``torch._weight_int4pack_mm``), on the CPU its twin
+(``torch._weight_int4pack_mm_for_cpu``). On the CPU it is 7-39x faster than the reference at one row, 2-8x at 16; at
+64 rows it is slower on the small layers (0.8x), so beyond 16 rows (prefill, training) another kernel runs.
 
 Its dequantization is ``(q - 8) * scale + m`` per group, with ``scale`` and ``m`` in bf16. lowbit's ``(q - z) * s``
 (symmetric codes: ``z = 2^(bits-1)``) is that with ``m = (8 - z) s`` -- small for 4-bit codes, whose zero point
 sits near 8. 2- and 3-bit codes are shifted instead, ``q - z + 8`` (within 1..15, since ``z`` is an integer code),
 so that ``m = 0``: a large offset rounded to bf16 would cost up to 2% of the output. The codes are repacked once
 into the op's 4-bit layout and kept on the layer -- not in its state dict -- until its buffers change (see
-:func:`packed`). The op's fast path takes bf16 activations and bf16 scales, so outputs differ from the float32
-reference by about 0.4% of their largest magnitude; that is why the kernel runs only where pinned (``--kernel
-torch-int4``, ``LOWBIT_KERNEL``).
-The repacked codes take half a byte a weight: as much as W4's packed codes, twice W2's.
+:func:`packed`). The ops are fast only on bf16 activations and bf16 scales (CUDA takes nothing else; on the CPU
+float32 is 13x and float16 13-60x slower than bf16, measured at 576 -> 1536 and 4096 -> 11008 on this project's
+2-core machine), so outputs differ from the float32 reference by about 0.4% of their largest magnitude; that is why
+the kernel runs only where pinned (``--kernel torch-int4``, ``LOWBIT_KERNEL``) until a GPU measurement makes it a
+default for bf16 models. The repacked codes take half a byte a weight: as much as W4's packed codes, twice W2's.
 """
 
 from __future__ import annotations
@@ -29,8 +31,7 @@ if TYPE_CHECKING:
     from lowbit.layers import QuantLinear
 
 GROUPS = (32, 64, 128, 256)  # the group sizes the op accepts
-MAX_M = 16  # beyond this the reference is as fast (bench/cpu_int4.py)
-_INNER_K_TILES = 8
+MAX_M = 16  # beyond this the reference is as fast on the CPU (bench/cpu_int4.py)
 
 
 def tinygemm_form(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,26 +49,48 @@ def tinygemm_form(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
     return codes.contiguous(), torch.stack([s, (8 - z.float()) * s], dim=2).transpose(0, 1).contiguous()
 
 
+def inner_k_tiles(in_features: int) -> int:
+    """How many 16-wide k-tiles tinygemm's CUDA layout packs together: the most (8, 4 or 2) that ``in_features``
+    holds a whole number of (every group size it takes is a multiple of 32, so 2 always fits)."""
+    return next(t for t in (8, 4, 2) if in_features % (16 * t) == 0)
+
+
+def int4pack(codes: torch.Tensor) -> torch.Tensor:
+    """``[out, in]`` int32 codes in 0..15 in the op's layout for their device. The CUDA op takes them two to a byte
+    (even column in the high nibble) and retiles them itself; the CPU op takes the int32 codes."""
+    if codes.is_cuda:
+        pairs = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8).contiguous()
+        return torch._convert_weight_to_int4pack(pairs, inner_k_tiles(codes.shape[1]))
+    return torch._convert_weight_to_int4pack_for_cpu(codes, 8)
+
+
 def _version(t: torch.Tensor) -> int | None:
     """The tensor's in-place-change counter (None for inference-mode tensors, which have none)."""
     return None if t.is_inference() else t._version
 
 
 def packed(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
-    """The layer's codes in the CPU op's layout and its bf16 (scale, offset) pairs, made on first use and remade
-    when the packed codes, scales or zero points are replaced or changed in place.
+    """The layer's codes in the op's layout and its bf16 (scale, offset) pairs, made on first use and remade when
+    the packed codes, scales or zero points are replaced or changed in place.
 
     The cache holds the very buffers it was made from, so a replaced buffer is told by identity (its memory cannot
     be reused by a successor while the cache keeps it alive) and an in-place change by the version counter. Writes
     through ``.data`` bypass that counter: after ``layer.scales.data.copy_(...)``, delete ``layer._int4pack``.
+    ``torch.compile`` cannot read version counters, so inside a compiled function only identity is checked; the
+    cache a compiled call makes (or an eager call made before) is kept like any other.
     """
     buffers = (layer.qweight, layer.scales, layer.qzeros if layer.spec.has_zeros else None)
-    versions = tuple(None if t is None else _version(t) for t in buffers)
-    cached = layer.__dict__.get("_int4pack")
-    if cached is not None and all(a is b for a, b in zip(cached[0], buffers, strict=True)) and cached[1] == versions:
+    compiling = torch.compiler.is_compiling()
+    versions = None if compiling else tuple(None if t is None else _version(t) for t in buffers)
+    cached = getattr(layer, "_int4pack", None)
+    if (
+        cached is not None
+        and all(a is b for a, b in zip(cached[0], buffers, strict=True))
+        and (compiling or cached[1] == versions)
+    ):
         return cached[2], cached[3]
     codes, scales_and_offsets = tinygemm_form(layer)
-    found = (torch._convert_weight_to_int4pack_for_cpu(codes, _INNER_K_TILES), scales_and_offsets.to(torch.bfloat16))
+    found = (int4pack(codes), scales_and_offsets.to(torch.bfloat16))
     layer.__dict__["_int4pack"] = (buffers, versions, *found)  # not a buffer: never in the state dict
     return found
 
@@ -75,12 +98,29 @@ def packed(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
 def matmul(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     """``x @ dequant(Q)^T`` through the int4 op (bf16 inside), returned in ``x``'s compute dtype."""
     codes, scales_and_offsets = packed(layer)
-    x2 = x.reshape(-1, layer.in_features).to(torch.bfloat16).contiguous().contiguous()
-    y = torch._weight_int4pack_mm_for_cpu(x2, codes, layer.spec.group_size, scales_and_offsets)
+    x2 = x.reshape(-1, layer.in_features).to(torch.bfloat16).contiguous()
+    mm = torch._weight_int4pack_mm if x.is_cuda else torch._weight_int4pack_mm_for_cpu
+    y = mm(x2, codes, layer.spec.group_size, scales_and_offsets)
     return y.to(compute_dtype(x)).reshape(*x.shape[:-1], layer.out_features)
 
 
-# The ops arrived in torch 2.6; on older versions the kernel is not offered (lowbit.kernels leaves it out).
+_AMPERE: dict[int, bool] = {}  # CUDA device index -> whether tinygemm runs there (asked once per device)
+
+
+def _fits(layer: QuantLinear) -> bool:
+    """Shapes the ops take (group sizes in :data:`GROUPS`, outputs in sixteens) on a device they run on (tinygemm
+    needs an Ampere or later GPU): elsewhere the call falls back instead of failing inside the op."""
+    device = layer.qweight.device
+    if device.type == "cuda":
+        index = torch.cuda.current_device() if device.index is None else device.index
+        if index not in _AMPERE:
+            _AMPERE[index] = torch.cuda.get_device_capability(index) >= (8, 0)
+        if not _AMPERE[index]:
+            return False
+    return layer.spec.group_size in GROUPS and layer.out_features % 16 == 0
+
+
+# The CPU ops arrived in torch 2.6 (the CUDA op's byte-pair input with 2.5); before that the kernel is not offered.
 AVAILABLE = hasattr(torch, "_weight_int4pack_mm_for_cpu") and hasattr(torch, "_convert_weight_to_int4pack_for_cpu")
 
 KERNEL = Kernel(
@@ -89,9 +129,9 @@ KERNEL = Kernel(
     formats=("int",),
     bits=(2, 3, 4),
     group_multiple=32,
-    devices=("cpu",),
+    devices=("cpu", "cuda"),
     dtypes=(torch.float32, torch.bfloat16),
     has_backward=False,
     max_m=MAX_M,
-    layer_check=lambda layer: layer.spec.group_size in GROUPS and layer.out_features % 16 == 0,
+    layer_check=_fits,
 )
