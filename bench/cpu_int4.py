@@ -13,12 +13,18 @@ tinygemm kernel) that reads 4-bit codes directly; lowbit's ``(q - z) * s`` is it
 and ``decode-w4/w3/w2``: greedy decoding of 32 new tokens after a short prompt (at most 16 tokens) with the default
 model (SmolLM2-135M-Instruct) quantized W4/W3/W2 g64 (RTN, QLoRA start), on the reference kernel and on
 ``torch-int4`` (``--kernel torch-int4``): tokens/s and whether the two runs chose the same tokens;
+``stepwise-w4/w3``: the default model at W4/W3 g64 (RTN) reads 256 tokens of PTB test text and 256 of the P3
+Bible eval text one token at a time, as decoding does (KV cache, one row per call), on each kernel: perplexity of
+each next token, how far the two kernels' perplexities are apart and how often their top-1 predictions agree --
+what bf16 rounding inside the layers costs a decoder, in numbers rather than in a few sampled outputs -- and, for
+scale, the same for the whole model run under bf16 autocast on the reference kernel (``bf16``: how GPU users
+decode);
 and ``mt-w4``: the first 32 verses of the P3 test split translated English -> Spanish (5 shots from the training
 split, as ``lowbit eval --mt`` does) by the default model at W4g64 on each kernel: chrF, seconds, and how many
 translations are identical.
 
     python bench/cpu_int4.py                       # all rows; stores bench/results/cpu_int4.json
-    python bench/cpu_int4.py --rows decode,mt      # the end-to-end rows only
+    python bench/cpu_int4.py --rows decode,stepwise,mt   # the end-to-end rows only
 """
 
 from __future__ import annotations
@@ -102,6 +108,57 @@ def decode_row(bits: int, new_tokens: int = 32) -> dict:
     return row
 
 
+def stepwise_texts(tokenizer, tokens: int) -> dict:
+    """``tokens`` token ids of PTB test text and of the P3 Bible eval text (English), each as a ``[1, tokens]``
+    tensor: the two domains the README's perplexities use."""
+    from lowbit.data import load_text, tokenize
+    from lowbit.parallel import MODULES, p3_split, verse
+
+    split = p3_split()
+    bible = "\n".join(verse(MODULES["en"], ref) for ref in split["test"][:64])
+    return {name: tokenize(text, tokenizer)[:tokens][None] for name, text in (("ptb", load_text("ptb")),
+                                                                              ("bible", bible))}  # fmt: skip
+
+
+def stepwise_row(bits: int, tokens: int = 256) -> dict:
+    """Teacher-forced decoding, one token per call, of the default model at W{bits}g64 on both kernels."""
+    import math
+
+    import torch
+    from transformers import DynamicCache
+
+    import lowbit
+    from lowbit import kernels
+
+    model, tokenizer = lowbit.load_model(None)
+    lowbit.quantize(model, lowbit.QuantConfig(bits=bits, group_size=64, init="qlora"), progress=False)
+    row: dict = {"row": f"stepwise-w{bits}", "tokens": tokens}
+    for domain, ids in stepwise_texts(tokenizer, tokens).items():
+        logprobs, top1 = {}, {}
+        for name in ("reference", "torch-int4", "bf16"):
+            cache, nll, picks = DynamicCache(), [], []
+            start = time.perf_counter()
+            autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "bf16")
+            with torch.no_grad(), kernels.pinned("torch-int4" if name == "torch-int4" else "reference"), autocast:
+                for i in range(ids.shape[1] - 1):
+                    out = model(input_ids=ids[:, i : i + 1], past_key_values=cache, use_cache=True)
+                    logits = out.logits[0, -1].float()
+                    nll.append(-torch.log_softmax(logits, -1)[ids[0, i + 1]].item())
+                    picks.append(int(logits.argmax()))
+            logprobs[name], top1[name] = nll, picks
+            row[f"{domain}_{name}_ppl"] = round(math.exp(sum(nll) / len(nll)), 3)
+            row[f"{domain}_{name}_seconds"] = round(time.perf_counter() - start, 1)
+        ref = row[f"{domain}_reference_ppl"]
+        for name in ("torch-int4", "bf16"):
+            pairs = list(zip(logprobs["reference"], logprobs[name], strict=True))
+            row[f"{domain}_{name}_ppl_rel_diff"] = float(f"{(row[f'{domain}_{name}_ppl'] - ref) / ref:.3g}")
+            row[f"{domain}_{name}_top1_agree"] = round(
+                sum(a == b for a, b in zip(top1["reference"], top1[name], strict=True)) / len(pairs), 4
+            )
+            row[f"{domain}_{name}_max_token_nll_diff"] = round(max(abs(a - b) for a, b in pairs), 4)
+    return row
+
+
 def mt_row(verses: int = 32) -> dict:
     """Translation of P3 test verses by the default model at W4g64 on the reference kernel and on torch-int4."""
     import torch
@@ -133,7 +190,8 @@ def main() -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", default="layers,decode,mt", help="layers, decode, mt (comma-separated)")
+    parser.add_argument("--rows", default="layers,decode,stepwise,mt",
+                        help="layers, decode, stepwise, mt (comma-separated)")  # fmt: skip
     wanted = parser.parse_args().rows.split(",")
     env = benchlib.environment()
     for in_f, out_f in SHAPES if "layers" in wanted else ():
@@ -143,6 +201,10 @@ def main() -> None:
         benchlib.save_rows(RESULTS, rows, env, "cpu-int4")
     for bits in (4, 3, 2) if "decode" in wanted else ():
         row = decode_row(bits)
+        print(row, flush=True)
+        benchlib.save_rows(RESULTS, [row], env, "cpu-int4")
+    for bits in (4, 3) if "stepwise" in wanted else ():
+        row = stepwise_row(bits)
         print(row, flush=True)
         benchlib.save_rows(RESULTS, [row], env, "cpu-int4")
     if "mt" in wanted:
