@@ -6,7 +6,7 @@ than the product. PyTorch ships a CPU int4 matmul (``torch._weight_int4pack_mm_f
 tinygemm kernel) that reads 4-bit codes directly; lowbit's ``(q - z) * s`` is its ``(q - 8) * scale + m`` with
 ``m = (8 - z) * s``. Rows: ``<in>x<out>-m<M>``, median ms over 10 calls after one warm-up of
 
-- ``reference_fp32_ms``: lowbit's reference kernel, float32 (what CPU decoding runs today);
+- ``reference_fp32_ms``: lowbit's reference kernel, float32 (what CPU decoding ran before torch-int4);
 - ``int4pack_bf16_ms``: the int4 op with bf16 activations (its fast path), and its error against the reference;
 - ``int4pack_fp32_ms``: the same op with float32 activations (a slow path, but lowbit's float32 numerics).
 

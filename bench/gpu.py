@@ -31,8 +31,11 @@ activations under autocast. Rows:
   a warm-up call; ``-graphs`` uses transformers' static cache, which compiles the forward with ``torch.compile``
   (mode ``reduce-overhead``: CUDA graphs). Methods: ``bf16``, ``bnb-nf4``, ``lowbit-w4/w3/w2`` (with r16 LoRA, the
   kernels :func:`lowbit.kernels.select` picks), ``lowbit-w4-int4`` / ``lowbit-w4-gemv`` (the same, decoding pinned
-  to ``torch-int4`` / ``triton-gemv``; the prompt runs where the pinned kernel does not apply); by default
-  ``-graphs`` only for ``bf16`` and ``lowbit-w4`` (compiling takes about a minute a model).
+  to ``torch-int4`` / ``triton-gemv``; the prompt runs where the pinned kernel does not apply), and
+  ``bf16-nolinear`` (``-graphs`` only: every block linear replaced by an uninitialized output of its shape, so no
+  kernel runs for it -- the floor that attention, norms, the head and the step's bookkeeping set, which no matmul
+  kernel can go below); by default ``-graphs`` only for ``bf16`` and ``lowbit-w4`` (compiling takes about a minute a
+  model).
 - ``calib-*`` (``calib``: all of them): calibration speed and CPU/CUDA agreement rows from ``bench/gpu_calib.py``
   (``calibration_rows(args)``, imported only when a ``calib`` row is asked for; ``--blocks`` passes through).
 
@@ -75,7 +78,7 @@ PINNED = {"gemv": "triton-gemv", "int4": "torch-int4"}
 ONLY_KERNEL = {"lowbit-w4-gemm": "triton-gemm", "lowbit-w4-dequant": "triton-dequant"}
 TRAIN_METHODS = ("bf16-lora", "bnb-qlora", "lowbit-w4", "lowbit-w3", "lowbit-w2")
 DECODE_METHODS = ("bf16", "bnb-nf4", "lowbit-w4", "lowbit-w3", "lowbit-w2", "lowbit-w4-int4", "lowbit-w4-gemv")
-GRAPH_METHODS = ("bf16", "lowbit-w4", "lowbit-w3", "lowbit-w2", "lowbit-w4-int4", "lowbit-w4-gemv")
+GRAPH_METHODS = ("bf16", "lowbit-w4", "lowbit-w3", "lowbit-w2", "lowbit-w4-int4", "lowbit-w4-gemv", "bf16-nolinear")
 TINYLLAMA = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                  num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)  # fmt: skip
 RANK, ALPHA, GROUP = 16, 32.0, 64
@@ -401,12 +404,27 @@ def make_model(method: str, setup: Setup, lora: bool):
     if method.startswith("bnb"):
         for name, linear in target_linears(model).items():
             set_module(model, name, bnb_linear(linear, setup.device))
+    if method == "bf16-nolinear":
+        for name, linear in target_linears(model).items():
+            set_module(model, name, no_linear(linear.out_features))
     if lora:
         from peft import LoraConfig, get_peft_model
 
         modules = sorted({n.rsplit(".", 1)[-1] for n in target_linears(model)})
         model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=modules))
     return model.eval()
+
+
+def no_linear(out_features: int):
+    """A block linear that launches nothing: its output is an uninitialized tensor of the right shape (an allocation,
+    which a CUDA graph serves from its pool), so a decoding step's time without it is the floor of the rest."""
+    from torch import nn
+
+    class NoLinear(nn.Module):
+        def forward(self, x):
+            return x.new_empty(*x.shape[:-1], out_features)
+
+    return NoLinear()
 
 
 def train_row(name: str, setup: Setup) -> dict:

@@ -58,21 +58,24 @@ def test_quantize_info_eval_generate_json(tiny_folder: Path, tmp_path: Path, cap
     assert code == 0 and json.loads(out) == gen  # a static cache changes speed, not tokens (nothing compiled here)
     code, out, _ = run(capsys, "generate", out_dir, "w1 w2 w3", "--max-new-tokens", "5", "--kernel", "reference",
                        "--json")  # fmt: skip
-    assert code == 0 and json.loads(out) == gen  # the CPU's default is the reference
+    assert code == 0 and json.loads(out)["new_tokens"] <= 5
 
 
 @pytest.mark.skipif(not hasattr(torch, "_weight_int4pack_mm_for_cpu"), reason="torch-int4 needs torch 2.6+")
 def test_generate_on_the_cpu_int4_kernel(tiny_folder: Path, tmp_path: Path, capsys, monkeypatch) -> None:
-    """``--kernel torch-int4`` runs a W4 checkpoint's layers on PyTorch's int4 op while decoding (checked by a spy:
-    the op is called), and an unknown kernel is a one-line usage error."""
+    """On the CPU a W4 checkpoint's layers decode on PyTorch's int4 op by default and with ``--kernel torch-int4``
+    (checked by a spy: the op is called), never with ``--kernel reference``; an unknown kernel is a one-line usage
+    error."""
     out_dir = tmp_path / "w4"
     assert run(capsys, "quantize", tiny_folder, "--bits", "4", "--group-size", "32", "--out", out_dir, "--json")[0] == 0
     calls = []
     real = torch._weight_int4pack_mm_for_cpu
     monkeypatch.setattr(torch, "_weight_int4pack_mm_for_cpu", lambda *a: calls.append(1) or real(*a))
     args = ["generate", out_dir, "w1 w2 w3", "--max-new-tokens", "4", "--json"]
-    code, out, _ = run(capsys, *args, "--kernel", "torch-int4")
-    assert code == 0 and json.loads(out)["new_tokens"] <= 4 and calls
+    for kernel, used in (([], True), (["--kernel", "reference"], False), (["--kernel", "torch-int4"], True)):
+        calls.clear()
+        code, out, _ = run(capsys, *args, *kernel)
+        assert code == 0 and json.loads(out)["new_tokens"] <= 4 and bool(calls) == used, kernel
     with pytest.raises(SystemExit) as exc:
         main([str(a) for a in args] + ["--kernel", "fastest"])
     assert exc.value.code == 2 and "invalid choice: 'fastest'" in capsys.readouterr().err

@@ -193,7 +193,7 @@ def test_torch_int4_matches_reference_and_declares_its_limits() -> None:
 
 
 @needs_int4
-def test_torch_int4_is_pin_only_and_repacks_when_the_weights_change() -> None:
+def test_torch_int4_decodes_by_default_and_repacks_when_the_weights_change() -> None:
     layer, other, third = (_w4(64, out_f=32, seed=s) for s in (1, 2, 3))
     x = torch.randn(1, 256)
 
@@ -201,9 +201,11 @@ def test_torch_int4_is_pin_only_and_repacks_when_the_weights_change() -> None:
         ref = reference.matmul(source, x) + layer.bias
         return bool((y - ref).abs().max() <= 2e-2 * ref.abs().max())
 
-    assert kernels.select(layer, x, training=False) is kernels.REFERENCE  # never chosen unpinned
-    with torch.no_grad(), kernels.pinned("torch-int4"):
-        assert kernels.select(layer, x, training=False).name == "torch-int4"
+    assert kernels.select(layer, x, training=False).name == "torch-int4"  # the CPU's decoding kernel
+    with kernels.pinned("reference"):
+        assert kernels.select(layer, x, training=False) is kernels.REFERENCE
+    assert kernels.select(layer, torch.randn(17, 256), training=False) is kernels.REFERENCE  # prefill-sized
+    with torch.no_grad():
         assert close(layer(x), layer) and not close(layer(x), other)
         layer.load_state_dict(other.state_dict())  # copies into the same buffers: only their versions change
         assert close(layer(x), other)
@@ -247,6 +249,7 @@ def test_torch_int4_is_offered_on_cuda_without_triton(monkeypatch: pytest.Monkey
     """tinygemm needs no Triton: where Triton cannot be imported, CUDA still has torch-int4 (and only it)."""
     monkeypatch.setattr(kernels, "_gpu_table", None)
     monkeypatch.setitem(sys.modules, "lowbit.kernels.triton_decode", None)  # importing it now raises ImportError
+    monkeypatch.delattr(kernels, "triton_decode", raising=False)
     assert set(kernels._fast_kernels("cuda")) == set(kernels._torch_kernels())
     assert all("cuda" in k.devices for k in kernels._torch_kernels().values())
     from lowbit.kernels.torch_int4 import inner_k_tiles
