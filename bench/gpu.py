@@ -30,8 +30,9 @@ activations under autocast. Rows:
 - ``decode-<method>[-graphs]``: greedy decoding of 64 new tokens after an 8-token prompt, batch 1, tokens/s after
   a warm-up call; ``-graphs`` uses transformers' static cache, which compiles the forward with ``torch.compile``
   (mode ``reduce-overhead``: CUDA graphs). Methods: ``bf16``, ``bnb-nf4``, ``lowbit-w4/w3/w2`` (with r16 LoRA, the
-  kernels :func:`lowbit.kernels.select` picks), ``lowbit-w4-int4`` / ``lowbit-w4-gemv`` (the same, decoding pinned
-  to ``torch-int4`` / ``triton-gemv``; the prompt runs where the pinned kernel does not apply), and
+  kernels :func:`lowbit.kernels.select` picks: a fine-tuned model), ``lowbit-w4-base`` (the same without a LoRA: a
+  served model, e.g. ``export --requantize``'s), ``lowbit-w4-int4`` / ``lowbit-w4-gemv`` (without a LoRA, decoding
+  pinned to ``torch-int4`` / ``triton-gemv``; the prompt runs where the pinned kernel does not apply), and
   ``bf16-nolinear`` (``-graphs`` only: every block linear replaced by an uninitialized output of its shape, so no
   kernel runs for it -- the floor that attention, norms, the head and the step's bookkeeping set, which no matmul
   kernel can go below); by default ``-graphs`` only for ``bf16`` and ``lowbit-w4`` (compiling takes about a minute a
@@ -75,10 +76,13 @@ GRAPH_METHODS_LAYER = ("dense-bf16", "bnb-nf4", "lowbit-w4-base", "lowbit-w3-bas
                        "lowbit-w2-int4", "gemlite-w4", "gemlite-w2")  # fmt: skip
 # Method suffixes that pin one kernel (pin-only kernels, lowbit.kernels.PIN_ONLY): the rows that measure them.
 PINNED = {"gemv": "triton-gemv", "int4": "torch-int4"}
+NO_LORA = ("-base", *(f"-{suffix}" for suffix in PINNED))  # lowbit methods measured without an adapter
 ONLY_KERNEL = {"lowbit-w4-gemm": "triton-gemm", "lowbit-w4-dequant": "triton-dequant"}
 TRAIN_METHODS = ("bf16-lora", "bnb-qlora", "lowbit-w4", "lowbit-w3", "lowbit-w2")
-DECODE_METHODS = ("bf16", "bnb-nf4", "lowbit-w4", "lowbit-w3", "lowbit-w2", "lowbit-w4-int4", "lowbit-w4-gemv")
-GRAPH_METHODS = ("bf16", "lowbit-w4", "lowbit-w3", "lowbit-w2", "lowbit-w4-int4", "lowbit-w4-gemv", "bf16-nolinear")
+DECODE_METHODS = ("bf16", "bnb-nf4", "lowbit-w4", "lowbit-w3", "lowbit-w2", "lowbit-w4-base", "lowbit-w4-int4",
+                  "lowbit-w4-gemv")  # fmt: skip
+GRAPH_METHODS = ("bf16", "lowbit-w4", "lowbit-w3", "lowbit-w2", "lowbit-w4-base", "lowbit-w4-int4", "lowbit-w4-gemv",
+                 "bf16-nolinear")  # fmt: skip
 TINYLLAMA = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                  num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)  # fmt: skip
 RANK, ALPHA, GROUP = 16, 32.0, 64
@@ -208,7 +212,7 @@ def make_layer(method: str, in_f: int, out_f: int, setup: Setup):
             nn.init.normal_(layer[0].lora_B["default"].weight, std=0.01)
         return layer
     layer = QuantLinear.from_linear(linear, lowbit_spec(method))
-    if not method.endswith(("-base", *(f"-{suffix}" for suffix in PINNED))):
+    if not method.endswith(NO_LORA):
         layer.add_lora(RANK, ALPHA)
         nn.init.normal_(layer.lora_B, std=0.01)  # a trained-looking adapter (B = 0 would be the same work)
     return layer
@@ -475,7 +479,7 @@ def decode_row(name: str, setup: Setup) -> dict:
 
     method = name.removeprefix("decode-").removesuffix("-graphs")
     graphs = name.endswith("-graphs")
-    model = make_model(method, setup, lora=method.startswith("lowbit"))
+    model = make_model(method, setup, lora=method.startswith("lowbit") and not method.endswith(NO_LORA))
     gen = torch.Generator(device=setup.device).manual_seed(0)
     prompt = torch.randint(3, setup.model["vocab_size"], (1, 8), device=setup.device, generator=gen)
     kwargs = dict(max_new_tokens=setup.new_tokens, min_new_tokens=setup.new_tokens, do_sample=False, pad_token_id=0)
