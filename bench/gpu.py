@@ -42,6 +42,7 @@ activations under autocast. Rows:
 
     python bench/gpu.py                          # the default rows (DEFAULT_ROWS; at most 8 minutes on one H100)
     python bench/gpu.py --rows layer,decode-lowbit-w4-graphs
+    python bench/gpu.py --rows train-lowbit-w4,train-lowbit-w2 --profile   # + each kernel's device time a step
     python bench/gpu.py --dry-run                # tiny shapes on the CPU: checks the script in well under a minute
     python bench/gpu.py --table                  # the stored results as markdown
 
@@ -106,10 +107,11 @@ DEFAULT_ROWS = ",".join(["layer", "train", *(f"decode-{m}" for m in DECODE_METHO
 class Setup:
     """Sizes and device of a run: P4's, or tiny ones on the CPU for ``--dry-run``."""
 
-    def __init__(self, dry_run: bool) -> None:
+    def __init__(self, dry_run: bool, profile: bool = False) -> None:
         import torch
 
         self.dry_run = dry_run
+        self.profile = profile  # train and decode rows: where the device time goes (kernel_profile)
         self.device = torch.device("cpu" if dry_run else "cuda")
         self.scale = 32 if dry_run else 1  # layer widths divided by this
         self.big_m = 64 if dry_run else 2048
@@ -469,6 +471,8 @@ def train_row(name: str, setup: Setup) -> dict:
            "final_loss": round(float(loss), 4), "trainable_params": sum(p.numel() for p in params)}  # fmt: skip
     if setup.device.type == "cuda":
         row["peak_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    if setup.profile:  # after the peak: the profiler's own buffers must not count
+        row["profile_per_step"] = kernel_profile(step, setup, calls=2)
     return row
 
 
@@ -498,8 +502,39 @@ def decode_row(name: str, setup: Setup) -> dict:
         start = time.perf_counter()
         out = model.generate(prompt, **kwargs)
         setup.sync()
-    row["tokens_per_s"] = round((out.shape[1] - prompt.shape[1]) / (time.perf_counter() - start), 2)
+        row["tokens_per_s"] = round((out.shape[1] - prompt.shape[1]) / (time.perf_counter() - start), 2)
+        if setup.profile:  # one more generation, per new token (the prompt's prefill included)
+            row["profile_per_token"] = kernel_profile(lambda: model.generate(prompt, **kwargs), setup, calls=1,
+                                                      per=setup.new_tokens)  # fmt: skip
     return row
+
+
+def kernel_profile(fn: Callable[[], object], setup: Setup, calls: int, per: int = 1) -> dict:
+    """Where the device time of ``calls`` calls of ``fn`` goes: the total and the 15 largest kernels, in us per
+    ``calls * per`` (a training step, a decoded token), with their launch counts on the same footing.
+
+    On CUDA these are the kernels (CUPTI; graph replays included where the driver reports them); on the CPU of
+    ``--dry-run`` the ops' self CPU time stands in, which checks the code path only. Meant to attribute a gap
+    between two rows (e.g. W4 against W2 training) to the kernels that differ.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = setup.device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
+        for _ in range(calls):
+            fn()
+        setup.sync()
+    unit = calls * per
+    found = []
+    for event in prof.key_averages():
+        if event.device_type == (DeviceType.CUDA if cuda else DeviceType.CPU):
+            us = event.self_device_time_total if cuda else event.self_cpu_time_total
+            found.append((us / unit, event.key, event.count / unit))
+    found.sort(key=lambda item: -item[0])
+    top = [{"name": name[:100], "us": round(us, 1), "launches": round(n, 2)} for us, name, n in found[:15]]
+    return {"total_us": round(sum(us for us, _, _ in found), 1), "device": "cuda kernels" if cuda else "cpu ops",
+            "top": top}  # fmt: skip
 
 
 # ----- driver -----------------------------------------------------------------------------------------------------
@@ -601,6 +636,11 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU; nothing is stored")
     parser.add_argument("--table", action="store_true", help="print the stored results as markdown and exit")
     parser.add_argument("--blocks", type=int, help="calib rows: blocks built and timed (default 3)")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="train and decode rows: also record each kernel's device time (kernel_profile)",
+    )
     args = parser.parse_args()
     if args.table:
         stored = json.loads(RESULTS.read_text())["rows"] if RESULTS.is_file() else {}
@@ -611,7 +651,7 @@ def main() -> None:
     if not args.dry_run and not torch.cuda.is_available():
         sys.exit("gpu.py: error: no CUDA device; use --dry-run to check the script on the CPU")
     names = select_rows(args.rows)
-    setup = Setup(args.dry_run)
+    setup = Setup(args.dry_run, args.profile)
     env = benchlib.environment()
     env["versions"]["triton"] = benchlib._version("triton")
     rows = []
