@@ -13,7 +13,8 @@ tinygemm kernel) that reads 4-bit codes directly; lowbit's ``(q - z) * s`` is it
 and ``decode-w4/w3/w2``: greedy decoding of 32 new tokens after a short prompt (at most 16 tokens) with the default
 model (SmolLM2-135M-Instruct) quantized W4/W3/W2 g64 (RTN, QLoRA start), on the reference kernel and on
 ``torch-int4`` (``--kernel torch-int4``): tokens/s and whether the two runs chose the same tokens;
-``stepwise-w4/w3``: the default model at W4/W3 g64 (RTN) reads 256 tokens of PTB test text and 256 of the P3
+``stepwise-w4/w3/w2``: the default model at W4/W3 g64 (RTN; W2: P1's apiq-bw-gptq2-w2 start, since RTN W2 is a
+broken model, made by ``bench/p1.py --keep`` when missing) reads 256 tokens of PTB test text and 256 of the P3
 Bible eval text one token at a time, as decoding does (KV cache, one row per call), on each kernel: perplexity of
 each next token, how far the two kernels' perplexities are apart and how often their top-1 predictions agree --
 what bf16 rounding inside the layers costs a decoder, in numbers rather than in a few sampled outputs -- and, for
@@ -24,7 +25,7 @@ split, as ``lowbit eval --mt`` does) by the default model at W4g64 on each kerne
 translations are identical.
 
     python bench/cpu_int4.py                       # all rows; stores bench/results/cpu_int4.json
-    python bench/cpu_int4.py --rows decode,stepwise,mt   # the end-to-end rows only
+    python bench/cpu_int4.py --rows decode,stepwise,mt   # the end-to-end rows only (stepwise-w2: that row alone)
 """
 
 from __future__ import annotations
@@ -130,9 +131,14 @@ def stepwise_row(bits: int, tokens: int = 256) -> dict:
     import lowbit
     from lowbit import kernels
 
-    model, tokenizer = lowbit.load_model(None)
-    lowbit.quantize(model, lowbit.QuantConfig(bits=bits, group_size=64, init="qlora"), progress=False)
-    row: dict = {"row": f"stepwise-w{bits}", "tokens": tokens}
+    if bits == 2:  # RTN W2 is a broken model (P1: perplexity 1e6); W2 users decode a calibrated one: P1's best
+        from p2 import start_checkpoint
+
+        model, tokenizer = lowbit.load(start_checkpoint("lowbit-apiq-gptq-w2"))
+    else:
+        model, tokenizer = lowbit.load_model(None)
+        lowbit.quantize(model, lowbit.QuantConfig(bits=bits, group_size=64, init="qlora"), progress=False)
+    row: dict = {"row": f"stepwise-w{bits}", "tokens": tokens, "model": "apiq-bw-gptq2-w2" if bits == 2 else "rtn"}
     for domain, ids in stepwise_texts(tokenizer, tokens).items():
         logprobs, top1 = {}, {}
         for name in ("reference", "torch-int4", "bf16"):
@@ -203,7 +209,7 @@ def main() -> None:
         row = decode_row(bits)
         print(row, flush=True)
         benchlib.save_rows(RESULTS, [row], env, "cpu-int4")
-    for bits in (4, 3) if "stepwise" in wanted else ():
+    for bits in [b for b in (4, 3, 2) if "stepwise" in wanted or f"stepwise-w{b}" in wanted]:
         row = stepwise_row(bits)
         print(row, flush=True)
         benchlib.save_rows(RESULTS, [row], env, "cpu-int4")

@@ -27,16 +27,18 @@ activations under autocast. Rows:
 - ``train-<method>``: LoRA r16/alpha 32 training of a TinyLlama-1.1B-shaped Llama (all 7 linears of each block) at
   batch 4 x 512 tokens: tokens/s over 8 AdamW steps after 2 warm-up steps, and peak allocated memory. Methods:
   ``bf16-lora`` (PEFT on the bf16 model), ``bnb-qlora`` (PEFT + bitsandbytes NF4), ``lowbit-w4/w3/w2``.
-- ``decode-<method>[-graphs]``: greedy decoding of 64 new tokens after an 8-token prompt, batch 1, tokens/s after
-  a warm-up call; ``-graphs`` uses transformers' static cache, which compiles the forward with ``torch.compile``
-  (mode ``reduce-overhead``: CUDA graphs). Methods: ``bf16``, ``bnb-nf4``, ``lowbit-w4/w3/w2`` (with r16 LoRA, the
-  kernels :func:`lowbit.kernels.select` picks: a fine-tuned model), ``lowbit-w4-base`` (the same without a LoRA: a
-  served model, e.g. ``export --requantize``'s), ``lowbit-w4-int4`` / ``lowbit-w4-gemv`` (without a LoRA, decoding
-  pinned to ``torch-int4`` / ``triton-gemv``; the prompt runs where the pinned kernel does not apply), and
-  ``bf16-nolinear`` (``-graphs`` only: every block linear replaced by an uninitialized output of its shape, so no
-  kernel runs for it -- the floor that attention, norms, the head and the step's bookkeeping set, which no matmul
-  kernel can go below); by default ``-graphs`` only for ``bf16`` and ``lowbit-w4`` (compiling takes about a minute a
-  model).
+- ``decode-<method>[-graphs]``: greedy decoding of 64 new tokens after an 8-token prompt, batch 1, tokens/s after a
+  warm-up call (``tokens_per_s``, the prompt's prefill included; ``decode_tokens_per_s``: the 63 tokens after the
+  first, from the time of a one-token call subtracted); ``-graphs`` uses transformers' static cache, which compiles
+  the forward with ``torch.compile`` (mode ``reduce-overhead``: CUDA graphs). Methods: ``bf16``, ``bnb-nf4``,
+  ``lowbit-w4/w3/w2`` (with r16 LoRA, the kernels :func:`lowbit.kernels.select` picks: a fine-tuned model),
+  ``lowbit-w4-base`` (the same without a LoRA: a served model, e.g. ``export --requantize``'s), ``lowbit-w4-int4`` /
+  ``lowbit-w4-gemv`` (without a LoRA, decoding pinned to ``torch-int4`` / ``triton-gemv``; calls a pinned kernel does
+  not take, such as the 8-token prompt on the one-row GEMV, run on the reference -- hence ``decode_tokens_per_s``,
+  which leaves the prompt out), and ``bf16-nolinear`` (``-graphs`` only: every block linear replaced by an
+  uninitialized output of its shape, so no kernel runs for it -- the floor that attention, norms, the head and the
+  step's bookkeeping set, which no matmul kernel can go below); by default ``-graphs`` only for ``bf16`` and
+  ``lowbit-w4`` (compiling takes about a minute a model).
 - ``calib-*`` (``calib``: all of them): calibration speed and CPU/CUDA agreement rows from ``bench/gpu_calib.py``
   (``calibration_rows(args)``, imported only when a ``calib`` row is asked for; ``--blocks`` passes through).
 
@@ -502,7 +504,13 @@ def decode_row(name: str, setup: Setup) -> dict:
         start = time.perf_counter()
         out = model.generate(prompt, **kwargs)
         setup.sync()
-        row["tokens_per_s"] = round((out.shape[1] - prompt.shape[1]) / (time.perf_counter() - start), 2)
+        seconds = time.perf_counter() - start
+        row["tokens_per_s"] = round((out.shape[1] - prompt.shape[1]) / seconds, 2)
+        one = dict(kwargs, max_new_tokens=1, min_new_tokens=1)
+        start = time.perf_counter()
+        model.generate(prompt, **one)  # the prompt and the first token alone
+        setup.sync()
+        row["decode_tokens_per_s"] = round((setup.new_tokens - 1) / (seconds - (time.perf_counter() - start)), 2)
         if setup.profile:  # one more generation, per new token (the prompt's prefill included)
             row["profile_per_token"] = kernel_profile(lambda: model.generate(prompt, **kwargs), setup, calls=1,
                                                       per=setup.new_tokens)  # fmt: skip

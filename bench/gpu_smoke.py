@@ -1,14 +1,14 @@
 """Every command on a GPU, once, on a tiny random-init model: a device bug (a tensor left on the CPU) fails here.
 
-Runs the CLI in-process with ``--device`` (default ``cuda``): quantize (gptq with the activation streams on the
-GPU; apiq-bw gptq-warm with ``--act-budget 0``, i.e. pinned host streams), finetune (bf16 precision, bf16 LoRA
-factors, gradient checkpointing), eval (the same checkpoint on the CPU too: perplexities compared), generate,
-translate, report and ``export --requantize``; generate again with ``--static-cache`` (CUDA graphs on a GPU) and
-once more with ``--kernel torch-int4 --static-cache`` too (tinygemm on a GPU, compiled), whether their tokens equal
-eager decoding's reported; and the apiq-bw quantize once more in a child process
-killed with SIGKILL right after its first block is committed, then resumed here: every tensor of the checkpoint
-must equal the uninterrupted run's bit for bit. Prints one JSON object: each command's exit status and output.
-CI has no GPU; ``--device cpu`` runs the same script here in about a minute.
+Runs the CLI in-process with ``--device`` (default ``cuda``): quantize (gptq with the activation streams on the GPU;
+apiq-bw gptq-warm with ``--act-budget 0``, i.e. pinned host streams), finetune (bf16 precision, bf16 LoRA factors,
+gradient checkpointing), eval (the same checkpoint on the CPU too: perplexities compared), generate, translate, report
+and ``export --requantize``; generate again with ``--static-cache`` (CUDA graphs on a GPU) and once more with
+``--kernel torch-int4 --static-cache`` too (tinygemm on a GPU, compiled), whether their tokens equal eager decoding's
+reported; torch-int4 against the reference kernel on W2-W4 layers (error bounded); and the apiq-bw quantize once more
+in a child process killed with SIGKILL right after its first block is committed, then resumed here: every tensor of
+the checkpoint must equal the uninterrupted run's bit for bit. Prints one JSON object: each command's exit status and
+output. CI has no GPU; ``--device cpu`` runs the same script here in about a minute.
 
     python bench/gpu_smoke.py [--device cuda] [--out smoke.json]
 """
@@ -94,6 +94,31 @@ def killed_then_resumed(argv: list, twin: Path) -> dict:
     return result
 
 
+def int4_agreement(device: str) -> dict:
+    """torch-int4 (tinygemm on CUDA) against the reference kernel on W2-W4 layers whose widths take 2, 4 and 8
+    k-tiles: the largest error relative to the output's largest value; ``code`` 1 beyond 2e-2 (a wrong packing
+    gives errors of order 1), so a bad conversion fails the smoke run instead of printing garbage tokens."""
+    import torch
+    from torch import nn
+
+    from lowbit.kernels import reference, torch_int4
+    from lowbit.layers import QuantLinear
+    from lowbit.quant import QuantSpec
+
+    if not torch_int4.AVAILABLE:
+        return {"code": 0, "skipped": "torch before 2.6"}
+    errors = {}
+    for bits in (2, 3, 4):
+        for in_f in (64, 576, 4096):
+            torch.manual_seed(bits * in_f)
+            layer = QuantLinear.from_linear(nn.Linear(in_f, 48), QuantSpec(bits=bits, group_size=32)).to(device)
+            x = torch.randn(3, in_f, device=device, dtype=torch.bfloat16)
+            with torch.no_grad():
+                ours, ref = torch_int4.matmul(layer, x).float(), reference.matmul(layer, x.float())
+            errors[f"w{bits}-in{in_f}"] = float(f"{((ours - ref).abs().max() / ref.abs().max()).item():.3g}")
+    return {"code": int(max(errors.values()) > 2e-2), "max_rel_err": errors}
+
+
 def smoke(device: str, folder: Path) -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import save_tiny, tiny_text
@@ -127,6 +152,7 @@ def smoke(device: str, folder: Path) -> dict:
         "export-requantize": ["export", folder / "ft", "--requantize", folder / "rq", *calib, *dev],
     }  # fmt: skip
     results = {name: run(argv) for name, argv in steps.items()}
+    results["torch-int4-vs-reference"] = int4_agreement(device)
     apiq = steps["quantize-apiq-host-streams"]
     killed = [folder / "apiq-killed" if a == folder / "apiq" else a for a in apiq]
     results["quantize-apiq-killed-then-resumed"] = killed_then_resumed(killed, folder / "apiq")

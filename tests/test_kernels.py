@@ -7,6 +7,7 @@ never reaches any other test.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -23,7 +24,7 @@ import lowbit
 from conftest import tiny_model
 from lowbit import kernels
 from lowbit.errors import LowbitError
-from lowbit.kernels import reference
+from lowbit.kernels import reference, torch_int4
 from lowbit.layers import QuantLinear, quant_layers
 from lowbit.quant import QuantSpec
 
@@ -193,7 +194,7 @@ def test_torch_int4_matches_reference_and_declares_its_limits() -> None:
 
 
 @needs_int4
-def test_torch_int4_decodes_by_default_and_repacks_when_the_weights_change() -> None:
+def test_torch_int4_decodes_by_default_and_repacks_when_the_weights_change(monkeypatch: pytest.MonkeyPatch) -> None:
     layer, other, third = (_w4(64, out_f=32, seed=s) for s in (1, 2, 3))
     x = torch.randn(1, 256)
 
@@ -205,6 +206,14 @@ def test_torch_int4_decodes_by_default_and_repacks_when_the_weights_change() -> 
     with kernels.pinned("reference"):
         assert kernels.select(layer, x, training=False) is kernels.REFERENCE
     assert kernels.select(layer, torch.randn(17, 256), training=False) is kernels.REFERENCE  # prefill-sized
+    chosen = []
+    real_select = kernels.select
+    monkeypatch.setattr(kernels, "select", lambda *a: chosen.append(real_select(*a).name) or real_select(*a))
+    layer(x)  # grad mode, although x needs no gradient (a first block's input in training): training numerics
+    with torch.no_grad():
+        layer(x)
+    assert chosen == ["reference", "torch-int4"]
+    monkeypatch.undo()
     with torch.no_grad():
         assert close(layer(x), layer) and not close(layer(x), other)
         layer.load_state_dict(other.state_dict())  # copies into the same buffers: only their versions change
@@ -213,6 +222,38 @@ def test_torch_int4_decodes_by_default_and_repacks_when_the_weights_change() -> 
         layer.set_weight(third.quantized())
         assert close(layer(x), third) and not close(layer(x), other)
     assert not any("int4" in name for name in layer.state_dict())  # the repacked copy is never saved
+    assert torch_int4.CACHE in layer.__dict__
+    layer.to(torch.device("cpu"))  # new buffers on a move: the copy made from the old ones goes (and its memory)
+    assert torch_int4.CACHE not in layer.__dict__
+    with torch.no_grad():
+        layer(x)
+    kernels.drop_caches(nn.Sequential(layer))
+    assert torch_int4.CACHE not in layer.__dict__
+
+
+def test_torch_int4_layouts() -> None:
+    """The CUDA op's input: two codes a byte, the even column in the high nibble (torch's own int4 tests and
+    gpt-fast build it so); k-tiles grouped as deep as the width allows (the op takes 2, 4 or 8)."""
+    codes = torch.randint(0, 16, (8, 96), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    pairs = torch_int4.byte_pairs(codes)
+    assert pairs.dtype == torch.uint8 and pairs.shape == (8, 48) and pairs.is_contiguous()
+    assert torch.equal(pairs >> 4, codes[:, ::2]) and torch.equal(pairs & 15, codes[:, 1::2])
+    assert [torch_int4.inner_k_tiles(k) for k in (4096, 11008, 576, 96, 32)] == [8, 8, 4, 2, 2]
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0), reason="needs an Ampere+ GPU"
+)
+def test_torch_int4_on_cuda_matches_reference() -> None:
+    """tinygemm on lowbit's codes, checked where CI cannot: W2-W4 at widths that take 2, 4 and 8 k-tiles."""
+    for bits in (2, 3, 4):
+        for in_f in (64, 576, 4096):
+            torch.manual_seed(bits * in_f)
+            layer = QuantLinear.from_linear(nn.Linear(in_f, 48), QuantSpec(bits=bits, group_size=32)).cuda()
+            x = torch.randn(3, in_f, device="cuda", dtype=torch.bfloat16)
+            with torch.no_grad():
+                ours, ref = torch_int4.matmul(layer, x).float(), reference.matmul(layer, x.float())
+            assert (ours - ref).abs().max() <= 2e-2 * ref.abs().max(), (bits, in_f)
 
 
 @needs_int4
@@ -230,8 +271,7 @@ def test_torch_int4_under_torch_compile_packs_once_and_follows_new_weights() -> 
     compiled = torch.compile(layers, backend="aot_eager")
     with torch.no_grad(), kernels.pinned("torch-int4"):
         eager = layers(x)
-        for layer in layers:
-            del layer.__dict__["_int4pack"]  # start cold: the first compiled call makes the caches
+        kernels.drop_caches(layers)  # start cold: the first compiled call makes the caches
         assert torch.equal(compiled(x), eager) and torch.equal(compiled(x), eager)
         with profile() as prof:
             assert torch.equal(compiled(x), eager)
@@ -242,6 +282,15 @@ def test_torch_int4_under_torch_compile_packs_once_and_follows_new_weights() -> 
         layers[0].set_weight(replacement.quantized())
         expected = layers(x)
         assert not torch.equal(expected, eager) and torch.equal(compiled(x), expected)
+        # Loading copies into the same buffers (only their version counters change, which compiled code cannot
+        # read): the layer drops its cache, so the compiled model follows the new codes too.
+        # (The expected output comes from a twin: an eager call here would itself notice the change and repack.)
+        twin = copy.deepcopy(layers)
+        new_state = _w4(64, out_f=256, seed=10, bits=3).state_dict()
+        for model in (layers, twin):
+            model[1].load_state_dict(new_state)
+        reloaded = twin(x)
+        assert not torch.equal(reloaded, expected) and torch.equal(compiled(x), reloaded)
     torch._dynamo.reset()
 
 
@@ -252,9 +301,6 @@ def test_torch_int4_is_offered_on_cuda_without_triton(monkeypatch: pytest.Monkey
     monkeypatch.delattr(kernels, "triton_decode", raising=False)
     assert set(kernels._fast_kernels("cuda")) == set(kernels._torch_kernels())
     assert all("cuda" in k.devices for k in kernels._torch_kernels().values())
-    from lowbit.kernels.torch_int4 import inner_k_tiles
-
-    assert [inner_k_tiles(k) for k in (4096, 11008, 576, 96, 32)] == [8, 8, 4, 2, 2]
 
 
 def test_an_unavailable_kernel_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

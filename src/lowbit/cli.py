@@ -406,9 +406,12 @@ def cmd_adapt(args: argparse.Namespace) -> None:
              "lr", "batch_size", "micro_batch", "max_new_tokens", "test_limit")  # fmt: skip
     config = AdaptConfig(quant=quant, **{n: getattr(args, n) for n in names})
     log = (lambda line: print(line, file=sys.stderr)) if args.json else print
-    result = adapt(args.model, Path(args.out), config, progress=True, log=log, save_every=args.save_every,
-                   device=args.device)  # fmt: skip
-    summary = {k: v for k, v in result.items() if k != "hypotheses"}
+    # --kernel: the decoding kernel of its evaluation (calibration pins its own; training runs in grad mode, which
+    # the decoding kernels never take)
+    with _kernel_pin(args):
+        result = adapt(args.model, Path(args.out), config, progress=True, log=log, save_every=args.save_every,
+                       device=args.device)  # fmt: skip
+    summary = {k: v for k, v in result.items() if k != "hypotheses"} | {"kernel": args.kernel or "default"}
     _emit(args, {**summary, "out": args.out},
           [f"chrF {result['chrf']:.2f}  BLEU {result['bleu']:.2f}  {config.tgt} perplexity {result['ppl']:.2f} "
            f"on {result['segments']} test segments; stages in {args.out}"])  # fmt: skip
@@ -727,11 +730,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=cmd_generate)
-    for p in (t, g, e):  # the commands that run a finished model
+    for p in (t, g, e, a):  # the commands that run a finished model (adapt: its evaluation)
         p.add_argument("--kernel", choices=list(KERNEL_NAMES),
                        help="run the quantized layers on this kernel wherever it applies (lowbit.kernels); "
                             "default: the fastest that applies -- on the CPU, W2-W4 layers decode on torch-int4 "
-                            "(PyTorch's int4 matmul, bf16 inside: 3-5x faster, perplexity within 0.7%%); "
+                            "(PyTorch's int4 matmul, bf16 inside: 2.8-5x faster, perplexity within 0.7%%); "
                             "reference: float32 numerics everywhere")  # fmt: skip
     for p in (t, g):
         p.add_argument("--static-cache", action="store_true",

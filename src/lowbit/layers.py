@@ -97,6 +97,7 @@ class QuantLinear(nn.Module):
 
     def set_weight(self, q: QuantizedWeight) -> None:
         """Store a quantized weight, packing its codes (used by initializers that choose their own codes)."""
+        kernels.drop_caches(self)
         self.qweight = pack(q.codes, self.spec.bits)
         self.scales = q.scales.to(torch.float16).contiguous()
         if self.spec.has_zeros:
@@ -160,9 +161,11 @@ class QuantLinear(nn.Module):
         if self.adapter is not None and self.adapter.target == "weight":
             # PaFi / HiWi on the weight: one matmul on merged(dequant(Q) + s B A), the frozen LoRA start included
             return self.adapter.linear(x, self.base_weight, self.bias)
-        # The base product runs on the kernel selected for this call (lowbit.kernels): the reference on the CPU,
-        # fused Triton kernels on CUDA where they support the format and shape.
-        y = kernels.select(self, x, torch.is_grad_enabled() and x.requires_grad).matmul(self, x)
+        # The base product runs on the kernel selected for this call (lowbit.kernels): fused Triton kernels on CUDA
+        # where they support the format and shape; on the CPU torch-int4 when decoding, else the reference. Grad mode
+        # counts as training even where x needs no gradient (a first block's input): its forward keeps the
+        # training numerics, not decoding's.
+        y = kernels.select(self, x, torch.is_grad_enabled()).matmul(self, x)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         if self.lora_A is not None:
@@ -179,6 +182,18 @@ class QuantLinear(nn.Module):
         if self.adapter is not None:  # HiWi's bias variant
             y = y + self.adapter.bias_delta(self.bias, y.dtype)
         return y
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to() / .cuda() / .half() make new buffers: a kernel's state made from the old ones (torch-int4's repacked
+        # codes) must not keep them alive, nor serve the new device.
+        kernels.drop_caches(self)
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        # Loading copies into the buffers in place; a compiled model checks its cache by identity only (see
+        # lowbit.kernels.torch_int4.packed), so the cache goes here.
+        kernels.drop_caches(self)
+        super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
         return (

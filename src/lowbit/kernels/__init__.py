@@ -17,8 +17,8 @@ The Triton kernels are imported only when a CUDA tensor is seen, so CPU-only ins
   faster than ``triton-decode``;
 - ``torch-int4`` (CPU and CUDA, W2-W4, M <= 16, forward): PyTorch's own int4 matmul (tinygemm on CUDA), which
   needs no Triton: the CPU's decoding kernel (bf16 inside: decoding perplexity within 0.7% of the float32
-  reference's, top-1 the same for 97-99% of tokens, closer than running the model in bf16; ``bench/cpu_int4.py``),
-  and on CUDA what decodes where Triton cannot be imported.
+  reference's, top-1 the same for 97-99% of tokens -- more often than running the model in bf16 does;
+  ``bench/cpu_int4.py``), and on CUDA what decodes where Triton cannot be imported.
 
 The M limits are first guesses, to be set from ``bench/gpu.py``'s pinned rows on a GPU. The Triton kernels read
 the checkpoint's packed bytes in place (packing version 1, see :mod:`lowbit.quant.packing`): nothing is repacked
@@ -65,9 +65,11 @@ class Kernel:
     has_backward: bool = True
     max_m: int | None = None  # rows of x (all leading dimensions together)
     layer_check: Callable[[QuantLinear], bool] | None = None  # shape limits the fields above cannot say
+    cache: str | None = None  # the layer attribute where the kernel keeps state made from its buffers (drop_caches)
 
     def supports(self, layer: QuantLinear, x: torch.Tensor, training: bool) -> bool:
-        """Whether this kernel computes ``layer(x)`` (and, when ``training``, its gradient with respect to x)."""
+        """Whether this kernel computes ``layer(x)`` (``training``: in grad mode, where autograd may differentiate
+        the call, so kernels without a backward -- the decoding ones -- are left out)."""
         spec = layer.spec
         m = x.numel() // max(x.shape[-1], 1)
         return (
@@ -169,7 +171,7 @@ def pinned_name() -> str | None:
 
 
 def select(layer: QuantLinear, x: torch.Tensor, training: bool) -> Kernel:
-    """The kernel that computes ``layer``'s base product for input ``x`` (``training``: x needs its gradient)."""
+    """The kernel that computes ``layer``'s base product for input ``x`` (``training``: grad mode is on)."""
     name = pinned_name()
     fast = _fast_kernels(x.device.type)
     for candidate in (name,) if name else PREFERENCE:
@@ -177,6 +179,16 @@ def select(layer: QuantLinear, x: torch.Tensor, training: bool) -> Kernel:
         if found is not None and found.supports(layer, x, training):
             return found
     return REFERENCE
+
+
+def drop_caches(module: torch.nn.Module) -> None:
+    """Forget what kernels keep beside the quantized layers' buffers in ``module`` (torch-int4's repacked codes),
+    freeing that memory; the next call that needs it makes it again. ``QuantLinear`` calls this itself when its
+    buffers are replaced, loaded or moved; call it after writing them through ``.data``."""
+    names = [k.cache for k in (*_torch_kernels().values(), *(_gpu_table or {}).values()) if k.cache]
+    for layer in module.modules():
+        for name in names:
+            layer.__dict__.pop(name, None)
 
 
 def _fast_kernels(device_type: str) -> dict[str, Kernel]:
@@ -195,6 +207,7 @@ __all__ = [
     "REFERENCE",
     "Kernel",
     "compute_dtype",
+    "drop_caches",
     "kernel",
     "pinned",
     "select",

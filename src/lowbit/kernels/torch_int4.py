@@ -16,8 +16,8 @@ sits near 8. 2- and 3-bit codes are shifted instead, ``q - z + 8`` (within 1..15
 so that ``m = 0``: a large offset rounded to bf16 would cost up to 2% of the output. The codes are repacked once
 into the op's 4-bit layout and kept on the layer -- not in its state dict -- until its buffers change (see
 :func:`packed`). The ops are fast only on bf16 activations and bf16 scales (CUDA takes nothing else; on the CPU
-float32 is 13x and float16 13-60x slower than bf16, measured at 576 -> 1536 and 4096 -> 11008 on this project's
-2-core machine), so a layer's outputs differ from the float32 reference by about 0.4% of their largest magnitude.
+float32 activations are 10-29x slower: ``int4pack_fp32_ms`` in ``bench/cpu_int4.py``'s layer rows), so a layer's
+outputs differ from the float32 reference by about 0.4% of their largest magnitude.
 What that costs a decoder is measured (``stepwise-w4/w3`` rows of ``bench/cpu_int4.py``, commit 4f9ee6f: the
 default model reading 256 tokens of PTB and of Bible text one token per call): perplexity within 0.1% (W4) and
 0.7% (W3) of the float32 reference's, the same top-1 prediction for 97-99% of tokens; the whole model run under
@@ -42,19 +42,29 @@ GROUPS = (32, 64, 128, 256)  # the group sizes the op accepts
 MAX_M = 16  # beyond this the reference is as fast on the CPU (bench/cpu_int4.py)
 
 
+CACHE = "_int4pack"  # the layer attribute holding the repacked codes (see packed; lowbit.kernels.drop_caches)
+
+
 def tinygemm_form(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
-    """The layer's weight as tinygemm reads it: ``[out, in]`` int32 codes in 0..15 and ``[groups, out, 2]`` float32
-    (scale, offset) pairs, so that ``(q - 8) * scale + offset`` is lowbit's ``(q - z) * s``."""
-    q = layer.quantized(torch.int32)
+    """The layer's weight as tinygemm reads it: ``[out, in]`` uint8 codes in 0..15 and ``[groups, out, 2]`` float32
+    (scale, offset) pairs, so that ``(q - 8) * scale + offset`` is lowbit's ``(q - z) * s``. Bytes, not int32:
+    a 4096 x 11008 layer's codes take 45 MB instead of 180 while they are repacked."""
+    q = layer.quantized(torch.uint8)
     s = q.scales.float()
     z = q.zeros
     if z is None:
-        z = torch.full(s.shape, 1 << (layer.spec.bits - 1), dtype=torch.int32, device=s.device)
+        z = torch.full(s.shape, 1 << (layer.spec.bits - 1), dtype=torch.uint8, device=s.device)
     codes = q.codes
-    if layer.spec.bits < 4:  # shift the codes so that the offset is 0 (see the module docstring)
-        codes = codes - z.repeat_interleave(layer.in_features // z.shape[1], dim=1) + 8
+    if layer.spec.bits < 4:  # shift the codes so that the offset is 0 (see the module docstring); q + 8 - z >= 1
+        codes = codes + 8 - z.repeat_interleave(layer.in_features // z.shape[1], dim=1)
         z = torch.full_like(z, 8)
     return codes.contiguous(), torch.stack([s, (8 - z.float()) * s], dim=2).transpose(0, 1).contiguous()
+
+
+def byte_pairs(codes: torch.Tensor) -> torch.Tensor:
+    """``[out, in]`` codes in 0..15 two to a byte, ``[out, in / 2]`` uint8 with the even column in the high nibble:
+    the input of the CUDA op's own retiling (``torch._convert_weight_to_int4pack``, torch 2.5 and later)."""
+    return (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8).contiguous()
 
 
 def inner_k_tiles(in_features: int) -> int:
@@ -64,12 +74,11 @@ def inner_k_tiles(in_features: int) -> int:
 
 
 def int4pack(codes: torch.Tensor) -> torch.Tensor:
-    """``[out, in]`` int32 codes in 0..15 in the op's layout for their device. The CUDA op takes them two to a byte
-    (even column in the high nibble) and retiles them itself; the CPU op takes the int32 codes."""
+    """``[out, in]`` uint8 codes in 0..15 in the op's layout for their device: the CUDA op retiles byte pairs
+    (:func:`byte_pairs`), the CPU op takes int32 codes."""
     if codes.is_cuda:
-        pairs = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8).contiguous()
-        return torch._convert_weight_to_int4pack(pairs, inner_k_tiles(codes.shape[1]))
-    return torch._convert_weight_to_int4pack_for_cpu(codes, 8)
+        return torch._convert_weight_to_int4pack(byte_pairs(codes), inner_k_tiles(codes.shape[1]))
+    return torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 8)
 
 
 def _version(t: torch.Tensor) -> int | None:
@@ -83,14 +92,15 @@ def packed(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
 
     The cache holds the very buffers it was made from, so a replaced buffer is told by identity (its memory cannot
     be reused by a successor while the cache keeps it alive) and an in-place change by the version counter. Writes
-    through ``.data`` bypass that counter: after ``layer.scales.data.copy_(...)``, delete ``layer._int4pack``.
-    ``torch.compile`` cannot read version counters, so inside a compiled function only identity is checked; the
-    cache a compiled call makes (or an eager call made before) is kept like any other.
+    through ``.data`` bypass that counter: after ``layer.scales.data.copy_(...)``, call
+    :func:`lowbit.kernels.drop_caches`. ``torch.compile`` cannot read version counters, so inside a compiled
+    function only identity is checked; loading a state dict, ``set_weight`` and moving the layer (``.to``) drop the
+    cache (``QuantLinear``), so a compiled model follows them too (it recompiles).
     """
     buffers = (layer.qweight, layer.scales, layer.qzeros if layer.spec.has_zeros else None)
     compiling = torch.compiler.is_compiling()
     versions = None if compiling else tuple(None if t is None else _version(t) for t in buffers)
-    cached = getattr(layer, "_int4pack", None)
+    cached = getattr(layer, CACHE, None)
     if (
         cached is not None
         and all(a is b for a, b in zip(cached[0], buffers, strict=True))
@@ -99,7 +109,7 @@ def packed(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
         return cached[2], cached[3]
     codes, scales_and_offsets = tinygemm_form(layer)
     found = (int4pack(codes), scales_and_offsets.to(torch.bfloat16))
-    layer.__dict__["_int4pack"] = (buffers, versions, *found)  # not a buffer: never in the state dict
+    layer.__dict__[CACHE] = (buffers, versions, *found)  # not a buffer: never in the state dict
     return found
 
 
@@ -112,19 +122,13 @@ def matmul(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     return y.to(compute_dtype(x)).reshape(*x.shape[:-1], layer.out_features)
 
 
-_AMPERE: dict[int, bool] = {}  # CUDA device index -> whether tinygemm runs there (asked once per device)
-
-
 def _fits(layer: QuantLinear) -> bool:
     """Shapes the ops take (group sizes in :data:`GROUPS`, outputs in sixteens) on a device they run on (tinygemm
-    needs an Ampere or later GPU): elsewhere the call falls back instead of failing inside the op."""
+    needs an Ampere or later GPU): elsewhere the call falls back instead of failing inside the op. The device's
+    properties, unlike ``get_device_capability``, are constants to ``torch.compile``: no graph break."""
     device = layer.qweight.device
-    if device.type == "cuda":
-        index = torch.cuda.current_device() if device.index is None else device.index
-        if index not in _AMPERE:
-            _AMPERE[index] = torch.cuda.get_device_capability(index) >= (8, 0)
-        if not _AMPERE[index]:
-            return False
+    if device.type == "cuda" and torch.cuda.get_device_properties(device).major < 8:
+        return False
     return layer.spec.group_size in GROUPS and layer.out_features % 16 == 0
 
 
@@ -142,4 +146,5 @@ KERNEL = Kernel(
     has_backward=False,
     max_m=MAX_M,
     layer_check=_fits,
+    cache=CACHE,
 )
