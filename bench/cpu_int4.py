@@ -123,6 +123,7 @@ def stepwise_texts(tokenizer, tokens: int) -> dict:
 
 def stepwise_row(bits: int, tokens: int = 256) -> dict:
     """Teacher-forced decoding, one token per call, of the default model at W{bits}g64 on both kernels."""
+    import inspect
     import math
 
     import torch
@@ -139,6 +140,8 @@ def stepwise_row(bits: int, tokens: int = 256) -> dict:
         model, tokenizer = lowbit.load_model(None)
         lowbit.quantize(model, lowbit.QuantConfig(bits=bits, group_size=64, init="qlora"), progress=False)
     row: dict = {"row": f"stepwise-w{bits}", "tokens": tokens, "model": "apiq-bw-gptq2-w2" if bits == 2 else "rtn"}
+    # transformers 5.2x renamed ``past_key_values`` to ``cache`` (the old name warns, and goes in 5.40)
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     for domain, ids in stepwise_texts(tokenizer, tokens).items():
         logprobs, top1 = {}, {}
         for name in ("reference", "torch-int4", "bf16"):
@@ -147,7 +150,7 @@ def stepwise_row(bits: int, tokens: int = 256) -> dict:
             autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "bf16")
             with torch.no_grad(), kernels.pinned("torch-int4" if name == "torch-int4" else "reference"), autocast:
                 for i in range(ids.shape[1] - 1):
-                    out = model(input_ids=ids[:, i : i + 1], past_key_values=cache, use_cache=True)
+                    out = model(input_ids=ids[:, i : i + 1], **{cache_arg: cache}, use_cache=True)
                     logits = out.logits[0, -1].float()
                     nll.append(-torch.log_softmax(logits, -1)[ids[0, i + 1]].item())
                     picks.append(int(logits.argmax()))
