@@ -77,7 +77,7 @@ FORWARD_ONLY = ("gemlite",)  # peers without a backward: forward rows only, chec
 GRAPH_METHODS_LAYER = ("dense-bf16", "bnb-nf4", "lowbit-w4-base", "lowbit-w3-base", "lowbit-w2-base", "lowbit-w4",
                        "lowbit-w4-gemv", "lowbit-w3-gemv", "lowbit-w2-gemv", "lowbit-w4-int4", "lowbit-w3-int4",
                        "lowbit-w2-int4", "gemlite-w4", "gemlite-w2")  # fmt: skip
-# Method suffixes that pin one kernel (pin-only kernels, lowbit.kernels.PIN_ONLY): the rows that measure them.
+# Method suffixes that pin one kernel the seam does not pick on CUDA (triton-gemv: pin-only; torch-int4: behind Triton).
 PINNED = {"gemv": "triton-gemv", "int4": "torch-int4"}
 NO_LORA = ("-base", *(f"-{suffix}" for suffix in PINNED))  # lowbit methods measured without an adapter
 ONLY_KERNEL = {"lowbit-w4-gemm": "triton-gemm", "lowbit-w4-dequant": "triton-dequant"}
