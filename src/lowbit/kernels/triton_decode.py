@@ -19,9 +19,8 @@ from typing import TYPE_CHECKING
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
-from lowbit.kernels.triton_gemm import apply, backward, setup_context
+from lowbit.kernels.triton_gemm import apply, backward, forward_op, setup_context
 from lowbit.kernels.triton_tiles import INTERPRET, constexprs, mma, triton_kernel, weight_tile
 
 if TYPE_CHECKING:
@@ -101,13 +100,7 @@ def _qgemv(launch: Callable, x: torch.Tensor, qweight: torch.Tensor, scales: tor
     return partial.sum(0).to(x.dtype) if splits > 1 else partial
 
 
-@triton_op("lowbit::qgemv", mutates_args=())
-def qgemv(
-    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, codebook: torch.Tensor,
-    bits: int, mode: int,
-) -> torch.Tensor:  # fmt: skip
-    """``x [M, K] @ dequant(Q)^T`` for ``M <= 16``, in ``x``'s dtype (``x`` contiguous)."""
-    return _qgemv(wrap_triton, x, qweight, scales, qzeros, codebook, bits, mode)
+qgemv = forward_op("qgemv", _qgemv)  # x [M, K], M <= 16
 
 
 qgemv.register_autograd(backward, setup_context=setup_context)

@@ -148,13 +148,22 @@ def _qgemm(launch: Callable, x: torch.Tensor, qweight: torch.Tensor, scales: tor
     return y
 
 
-@triton_op("lowbit::qgemm", mutates_args=())
-def qgemm(
-    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, codebook: torch.Tensor,
-    bits: int, mode: int,
-) -> torch.Tensor:  # fmt: skip
-    """``x [M, K] @ dequant(Q)^T`` in ``x``'s dtype (``x`` contiguous)."""
-    return _qgemm(wrap_triton, x, qweight, scales, qzeros, codebook, bits, mode)
+def forward_op(name: str, impl: Callable) -> Callable:
+    """``impl`` (``launch, x, qweight, scales, qzeros, codebook, bits, mode -> x @ dequant(Q)^T`` in ``x``'s
+    dtype, ``x`` contiguous) registered as the ``torch.library`` op ``lowbit::<name>``, launching through
+    ``wrap_triton``: what ``torch.compile`` and autograd call (:func:`apply`). Every forward kernel shares this
+    signature; torch.library wants one registered op per kernel."""
+
+    def op(
+        x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, codebook: torch.Tensor,
+        bits: int, mode: int,
+    ) -> torch.Tensor:  # fmt: skip
+        return impl(wrap_triton, x, qweight, scales, qzeros, codebook, bits, mode)
+
+    return triton_op(f"lowbit::{name}", mutates_args=())(op)
+
+
+qgemm = forward_op("qgemm", _qgemm)  # x [M, K]
 
 
 @triton_op("lowbit::qgemm_grad_x", mutates_args=())

@@ -23,9 +23,8 @@ from typing import TYPE_CHECKING
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
-from lowbit.kernels.triton_gemm import apply
+from lowbit.kernels.triton_gemm import apply, forward_op
 from lowbit.kernels.triton_tiles import INTERPRET, constexprs, packed_codes, triton_kernel
 
 if TYPE_CHECKING:
@@ -125,13 +124,7 @@ def _qgemv1(launch: Callable, x: torch.Tensor, qweight: torch.Tensor, scales: to
     return y
 
 
-@triton_op("lowbit::qgemv1", mutates_args=())
-def qgemv1(
-    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, codebook: torch.Tensor,
-    bits: int, mode: int,
-) -> torch.Tensor:  # fmt: skip
-    """``x [1, K] @ dequant(Q)^T`` in ``x``'s dtype (``x`` contiguous, ``K % 32 == 0``)."""
-    return _qgemv1(wrap_triton, x, qweight, scales, qzeros, codebook, bits, mode)
+qgemv1 = forward_op("qgemv1", _qgemv1)  # x [1, K], K % 32 == 0
 
 
 def matmul(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
