@@ -411,7 +411,8 @@ def cmd_adapt(args: argparse.Namespace) -> None:
     with _kernel_pin(args):
         result = adapt(args.model, Path(args.out), config, progress=True, log=log, save_every=args.save_every,
                        device=args.device)  # fmt: skip
-    summary = {k: v for k, v in result.items() if k != "hypotheses"} | {"kernel": args.kernel or "default"}
+        used = pinned_name() or "default"
+    summary = {k: v for k, v in result.items() if k != "hypotheses"} | {"kernel": used}
     _emit(args, {**summary, "out": args.out},
           [f"chrF {result['chrf']:.2f}  BLEU {result['bleu']:.2f}  {config.tgt} perplexity {result['ppl']:.2f} "
            f"on {result['segments']} test segments; stages in {args.out}"])  # fmt: skip
