@@ -85,15 +85,23 @@ def shape_rows(in_f: int, out_f: int) -> list[dict]:
     return rows
 
 
+def rtn_model(bits: int):
+    """The default model (SmolLM2-135M-Instruct) quantized W{bits}g64 by rounding, with a QLoRA start, and its
+    tokenizer: the model of the decode, stepwise (W4, W3) and mt rows."""
+    import lowbit
+
+    model, tokenizer = lowbit.load_model(None)
+    lowbit.quantize(model, lowbit.QuantConfig(bits=bits, group_size=64, init="qlora"), progress=False)
+    return model, tokenizer
+
+
 def decode_row(bits: int, new_tokens: int = 32) -> dict:
     """Greedy decoding of the default model at W{bits}g64 on the reference kernel and on torch-int4."""
     import torch
 
-    import lowbit
     from lowbit import kernels
 
-    model, tokenizer = lowbit.load_model(None)
-    lowbit.quantize(model, lowbit.QuantConfig(bits=bits, group_size=64, init="qlora"), progress=False)
+    model, tokenizer = rtn_model(bits)
     ids = tokenizer("The history of the English language begins with", return_tensors="pt").input_ids[:, :16]
     row: dict = {"row": f"decode-w{bits}", "prompt_tokens": ids.shape[1], "new_tokens": new_tokens}
     outputs = {}
@@ -137,8 +145,7 @@ def stepwise_row(bits: int, tokens: int = 256) -> dict:
 
         model, tokenizer = lowbit.load(start_checkpoint("lowbit-apiq-gptq-w2"))
     else:
-        model, tokenizer = lowbit.load_model(None)
-        lowbit.quantize(model, lowbit.QuantConfig(bits=bits, group_size=64, init="qlora"), progress=False)
+        model, tokenizer = rtn_model(bits)
     row: dict = {"row": f"stepwise-w{bits}", "tokens": tokens, "model": "apiq-bw-gptq2-w2" if bits == 2 else "rtn"}
     # transformers 5.2x renamed ``past_key_values`` to ``cache`` (the old name warns, and goes in 5.40)
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -172,15 +179,13 @@ def mt_row(verses: int = 32) -> dict:
     """Translation of P3 test verses by the default model at W4g64 on the reference kernel and on torch-int4."""
     import torch
 
-    import lowbit
     from lowbit import kernels
     from lowbit.adapt import SHOTS, AdaptConfig, evaluate_mt
     from lowbit.parallel import bible_pairs, p3_split
 
     split = p3_split()
     test, shots = bible_pairs(split["test"])[:verses], bible_pairs(split["train"])[:SHOTS]
-    model, tokenizer = lowbit.load_model(None)
-    lowbit.quantize(model, lowbit.QuantConfig(bits=4, group_size=64, init="qlora"), progress=False)
+    model, tokenizer = rtn_model(4)
     config = AdaptConfig(max_new_tokens=64, translate_batch=8)
     row: dict = {"row": "mt-w4", "verses": len(test), "shots": len(shots)}
     hyps = {}

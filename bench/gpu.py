@@ -308,8 +308,7 @@ def graph_row(name: str, setup: Setup) -> dict:
         each()  # autotuning and allocation happen outside the capture
         return do_bench_cudagraph(each, rep=100) * 1e3 / n_copies
 
-    pinned = PINNED.get(method.rsplit("-", 1)[-1])
-    pin = kernels.pinned(pinned) if pinned else contextlib.nullcontext()
+    pinned, pin = method_pin(method)
     with pin, torch.no_grad(), torch.autocast(setup.device.type, dtype=torch.bfloat16):
         for m in (1,) if pinned == "triton-gemv" else (1, 16):
             x = torch.randn(m, in_f, device=setup.device, dtype=torch.bfloat16)
@@ -319,7 +318,7 @@ def graph_row(name: str, setup: Setup) -> dict:
             y = layer(x).float()
             with kernels.pinned("reference"):
                 y_ref = layer(x).float()
-            row["max_rel_err"] = float(f"{(y - y_ref).abs().max().item() / y_ref.abs().max().item():.3g}")
+            row["max_rel_err"] = rel_err(y, y_ref)
         if method.startswith("lowbit") and not setup.dry_run:
             from lowbit.kernels import triton_dequant
 
@@ -339,7 +338,20 @@ def peer_error(layer, method: str, in_f: int, out_f: int, x, setup: Setup) -> fl
     with torch.no_grad(), kernels.pinned("reference"):
         y_ref = ours(x).float()
         y = layer(x).float()
+    return rel_err(y, y_ref)
+
+
+def rel_err(y, y_ref) -> float:
+    """``y``'s largest error against ``y_ref``, relative to ``y_ref``'s largest magnitude, to 3 significant digits."""
     return float(f"{(y - y_ref).abs().max().item() / y_ref.abs().max().item():.3g}")
+
+
+def method_pin(method: str) -> tuple[str | None, contextlib.AbstractContextManager]:
+    """The kernel a method's suffix pins (:data:`PINNED`; None for the others) and the context that pins it."""
+    from lowbit import kernels
+
+    pinned = PINNED.get(method.rsplit("-", 1)[-1])
+    return pinned, kernels.pinned(pinned) if pinned else contextlib.nullcontext()
 
 
 @contextlib.contextmanager
@@ -481,8 +493,6 @@ def train_row(name: str, setup: Setup) -> dict:
 def decode_row(name: str, setup: Setup) -> dict:
     import torch
 
-    from lowbit import kernels
-
     method = name.removeprefix("decode-").removesuffix("-graphs")
     graphs = name.endswith("-graphs")
     model = make_model(method, setup, lora=method.startswith("lowbit") and not method.endswith(NO_LORA))
@@ -492,8 +502,7 @@ def decode_row(name: str, setup: Setup) -> dict:
     if graphs:
         kwargs["cache_implementation"] = "static"  # on CUDA transformers compiles the forward (CUDA graphs)
     row: dict = {"row": name, "label": ROWS[name], "new_tokens": setup.new_tokens}
-    pinned = PINNED.get(method.rsplit("-", 1)[-1])
-    pin = kernels.pinned(pinned) if pinned else contextlib.nullcontext()
+    pinned, pin = method_pin(method)
     if pinned:
         row["kernel"] = pinned
     with pin, torch.no_grad(), torch.autocast(setup.device.type, dtype=torch.bfloat16):
