@@ -245,16 +245,14 @@ def test_torch_int4_layouts() -> None:
 @pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0), reason="needs an Ampere+ GPU"
 )
-def test_torch_int4_on_cuda_matches_reference() -> None:
-    """tinygemm on lowbit's codes, checked where CI cannot: W2-W4 at widths that take 2, 4 and 8 k-tiles."""
-    for bits in (2, 3, 4):
-        for in_f in (64, 576, 4096):
-            torch.manual_seed(bits * in_f)
-            layer = QuantLinear.from_linear(nn.Linear(in_f, 48), QuantSpec(bits=bits, group_size=32)).cuda()
-            x = torch.randn(3, in_f, device="cuda", dtype=torch.bfloat16)
-            with torch.no_grad():
-                ours, ref = torch_int4.matmul(layer, x).float(), reference.matmul(layer, x.float())
-            assert (ours - ref).abs().max() <= 2e-2 * ref.abs().max(), (bits, in_f)
+def test_torch_int4_on_cuda_matches_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """tinygemm on lowbit's codes, checked where CI cannot: W2-W4 at widths that take 2, 4 and 8 k-tiles, each
+    within 2e-2 of the reference -- the check ``bench/gpu_smoke.py`` runs on a GPU machine, called from here."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    from gpu_smoke import int4_agreement
+
+    result = int4_agreement("cuda")
+    assert result["code"] == 0 and len(result["max_rel_err"]) == 9, result
 
 
 @needs_int4
