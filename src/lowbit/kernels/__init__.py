@@ -17,7 +17,7 @@ The Triton kernels are imported only when a CUDA tensor is seen, so CPU-only ins
   faster than ``triton-decode``;
 - ``torch-int4`` (CPU and CUDA, W2-W4, M <= 16, forward): PyTorch's own int4 matmul (tinygemm on CUDA), which
   needs no Triton: the CPU's decoding kernel (bf16 inside: decoding perplexity within 0.7% of the float32
-  reference's, top-1 the same for 97-99% of tokens -- more often than running the model in bf16 does;
+  reference's, top-1 the same for 96.9-99.2% of tokens -- more often than running the model in bf16 does;
   ``bench/cpu_int4.py``), and on CUDA what decodes where Triton cannot be imported.
 
 The M limits are first guesses, to be set from ``bench/gpu.py``'s pinned rows on a GPU. The Triton kernels read

@@ -20,9 +20,9 @@ float32 activations are 10-29x slower: ``int4pack_fp32_ms`` in ``bench/cpu_int4.
 outputs differ from the float32 reference by about 0.4% of their largest magnitude.
 What that costs a decoder is measured (``stepwise-w4/w3/w2`` rows of ``bench/cpu_int4.py``: the default model,
 and at W2 P1's apiq-bw-gptq2 start, reading 256 tokens of PTB and of Bible text one token per call): perplexity
-within 0.1% (W4), 0.7% (W3) and 0.4% (W2) of the float32 reference's, the same top-1 prediction for 97-99% of
+within 0.1% (W4), 0.7% (W3) and 0.4% (W2) of the float32 reference's, the same top-1 prediction for 96.9-99.2% of
 tokens; the whole model run under bf16 autocast, as GPU users decode, moves perplexity by 0.2-1.1% and agrees on
-93-98%. So it is the default where it applies; ``--kernel reference`` (``LOWBIT_KERNEL=reference``) gives float32
+92.5-97.7%. So it is the default where it applies; ``--kernel reference`` (``LOWBIT_KERNEL=reference``) gives float32
 numerics. The repacked codes take half a byte a weight (as much as W4's packed codes, twice W2's), kept beside the
 packed codes until the layer's buffers are moved, loaded or replaced, or :func:`lowbit.kernels.drop_caches` frees
 them.
