@@ -11,9 +11,11 @@ only learns its calibration text shows it; rows named ``...-calib-self`` calibra
 model samples itself from BOS at temperature 1 (``lowbit quantize --calib self``; data-free, the sampling time is
 part of the row's quantize time); rows named ``...-calib-mix`` calibrate on 18 PTB windows and 18 self-sampled
 ones, alternating (``lowbit quantize --calib ptb,self``), so the Bible column is a domain neither saw; rows named
-``...val...`` hold the last 4 of the 32 windows back from the training steps and keep, per block, the epoch with the
-lowest loss on them (``--val-windows 4``). LoRA r8/alpha16 on every block linear. The Bible text needs pysword and
-the Debian SWORD module (``apt-get install sword-text-web``).
+``...-nudgeN`` calibrate (and evaluate) a copy of the model whose every weight is multiplied by 1 + 1e-6 N(0, 1)
+with seed N: how far apart two equally valid runs land (on gpu_calib.py's random-init model a CUDA run lands as far
+from a CPU run); rows named ``...val...`` hold the last 4 of the 32 windows back from the training steps and keep,
+per block, the epoch with the lowest loss on them (``--val-windows 4``). LoRA r8/alpha16 on every block linear. The
+Bible text needs pysword and the Debian SWORD module (``apt-get install sword-text-web``).
 
     python bench/p1.py                                  # all rows
     python bench/p1.py --rows fp32,rtn4,rtn3,rtn2,nf4 --results runs/demo/p1.json   # what `make demo` runs
@@ -53,6 +55,12 @@ CROSS_DOMAIN = ("gptq", "apiq-bw-gptq2", "apiq-bw-gptq2val", "blockap", "blockap
 PUBLISHED = {"epochs": 20, "clip_lr": 5e-3, "lora_lr": 5e-4, "weight_decay": 0.1, "batch": 1, "clip_init": 4.0}
 WARM_EPOCHS = 2
 VAL_WINDOWS = 4  # of the 32 calibration windows, held back from the steps of the ...val rows (they train on 28)
+# W2 rows run again on copies of the model whose every weight is multiplied by 1 + NUDGE * N(0, 1) (float32
+# rounding: the size of the difference between two BLAS libraries' sums, e.g. the CPU's and CUDA's): how far apart
+# equally valid runs land, the yardstick for "same answer on both devices" (issue 13)
+NUDGED = ("gptq", "apiq-bw-gptq2")
+NUDGE = 1e-6
+NUDGE_SEEDS = (1, 2, 3)
 
 
 def _rows() -> dict[str, tuple[str, dict | None]]:
@@ -88,6 +96,11 @@ def _rows() -> dict[str, tuple[str, dict | None]]:
         rows[f"blockap-w{b}"] = (f"Block-AP (EfficientQAT) min-max start, wsvd LoRA {w}", dict(bits=b, init="blockap"))
         rows[f"blockap-gptq-w{b}"] = (f"Block-AP (EfficientQAT) GPTQ start, wsvd LoRA {w}",
                                       dict(bits=b, init="blockap", options={"warm_start": "gptq"}))  # fmt: skip
+    for name in NUDGED:
+        label, kwargs = rows[f"{name}-w2"]
+        for seed in NUDGE_SEEDS:
+            rows[f"{name}-w2-nudge{seed}"] = (f"{label}, weights nudged by (1 + {NUDGE:g} N(0,1)), seed {seed}",
+                                              {**kwargs, "nudge_seed": seed})  # fmt: skip
     for name in CROSS_DOMAIN:
         label, kwargs = rows[f"{name}-w2"]
         rows[f"{name}-w2-calib-bible"] = (f"{label}, calibrated on Bible text", {**kwargs, "calib": "bible"})
@@ -129,6 +142,7 @@ def run_row(name: str, windows: int, keep: Path | None = None, bible_column: boo
     label, kwargs = ROWS[name]
     kwargs = None if kwargs is None else dict(kwargs)
     calib_source = "ptb" if kwargs is None else kwargs.pop("calib", "ptb")
+    nudge_seed = None if kwargs is None else kwargs.pop("nudge_seed", None)
     folder = resolve_model_path(None)
     tokenizer = load_tokenizer(folder)
     row: dict = {"row": name, "label": label}
@@ -178,9 +192,13 @@ def run_row(name: str, windows: int, keep: Path | None = None, bible_column: boo
                     config.options.update(calib_temperature=1.0)
                 config.options.update(calib=calib_source, holdout_windows=HOLDOUT_WINDOWS)
             row["calib"] = calib_source if calib is not None else None
+            source = folder
+            if nudge_seed is not None:  # untimed: a copy of the model to calibrate, not part of the method
+                source = nudged_copy(folder, Path(tmp) / "nudged", NUDGE, nudge_seed)
+                row.update(nudge=NUDGE, nudge_seed=nudge_seed)
             start = time.perf_counter() - row.get("calib_seconds", 0.0)
             ckpt = keep / name if keep else Path(tmp) / "ckpt"
-            summary = calibrate(folder, config, ckpt, calib, tokenizer, overwrite=True,
+            summary = calibrate(source, config, ckpt, calib, tokenizer, overwrite=True,
                                 engine=EngineOptions(progress=sys.stderr.isatty()))  # fmt: skip
             row["seconds"] = round(time.perf_counter() - start, 2)
             row["peak_rss_mb"] = round(benchlib.peak_rss_mb(), 1)
@@ -198,6 +216,27 @@ def run_row(name: str, windows: int, keep: Path | None = None, bible_column: boo
             row.update(bible_ppl=round(result.ppl, 3), bible_eval_tokens=result.tokens,
                        bible_eval_windows=int(bible.shape[0]))  # fmt: skip
     return row
+
+
+def nudged_copy(folder: Path, out: Path, nudge: float, seed: int) -> Path:
+    """Copy the model folder to ``out`` with every floating-point weight multiplied by ``1 + nudge * N(0, 1)``
+    (seeded): a model a last-bits difference away from the default one, as valid a start as it, whose rows show
+    how far apart two equally valid runs of a method land."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(folder, out)
+    g = torch.Generator().manual_seed(seed)
+    for path in sorted(out.glob("*.safetensors")):
+        tensors = load_file(path)
+        for key in sorted(tensors):
+            t = tensors[key]
+            if t.is_floating_point():
+                tensors[key] = t * (1 + nudge * torch.randn(t.shape, generator=g, dtype=torch.float64)).to(t.dtype)
+        save_file(tensors, path, metadata={"format": "pt"})
+    return out
 
 
 def bnb_nf4(model) -> float:
