@@ -73,10 +73,11 @@ SHAPES = {"4096x4096": (4096, 4096), "4096x11008": (4096, 11008), "11008x4096": 
 LAYER_METHODS = ("dense-bf16", "bnb-nf4", "bnb-nf4-lora", "lowbit-w4", "lowbit-w3", "lowbit-w2", "lowbit-w4-base",
                  "lowbit-w4-gemm", "lowbit-w4-dequant", "lowbit-w4-reference", "gemlite-w4", "gemlite-w2")  # fmt: skip
 FORWARD_ONLY = ("gemlite",)  # peers without a backward: forward rows only, checked against lowbit
-# Layer methods that run on one kernel only, with its row limit lifted (which kernel is faster at which M?).
-GRAPH_METHODS_LAYER = ("dense-bf16", "bnb-nf4", "lowbit-w4-base", "lowbit-w3-base", "lowbit-w2-base", "lowbit-w4",
-                       "lowbit-w4-gemv", "lowbit-w3-gemv", "lowbit-w2-gemv", "lowbit-w4-int4", "lowbit-w3-int4",
-                       "lowbit-w2-int4", "gemlite-w4", "gemlite-w2")  # fmt: skip
+# Layer methods that run on one kernel only, with its row limit lifted (which kernel is faster at which M?). In the
+# order they run: the M = 1 goal's rows (W4: the default, tinygemm, the GEMV) first, in case a lease's time runs out.
+GRAPH_METHODS_LAYER = ("dense-bf16", "bnb-nf4", "lowbit-w4-base", "lowbit-w4-int4", "lowbit-w4-gemv",
+                       "lowbit-w3-base", "lowbit-w2-base", "lowbit-w3-int4", "lowbit-w2-int4", "lowbit-w3-gemv",
+                       "lowbit-w2-gemv", "lowbit-w4", "gemlite-w4", "gemlite-w2")  # fmt: skip
 # Method suffixes that pin one kernel the seam does not pick on CUDA (triton-gemv: pin-only; torch-int4: behind Triton).
 PINNED = {"gemv": "triton-gemv", "int4": "torch-int4"}
 NO_LORA = ("-base", *(f"-{suffix}" for suffix in PINNED))  # lowbit methods measured without an adapter
