@@ -12,7 +12,8 @@
 #           lowbit W4 without a LoRA on the default kernel (issue 14)
 #   train   W4 and W2 fine-tuning with each kernel's device time per step (the W2 gap's cause; issue 14)
 #
-#   device tool: LOWBIT_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_session.sh   (carry [".whl"])
+#   device tool: LOWBIT_COMMIT=<this checkout's short commit> bash bench/gpu_session.sh   (carry [".whl"]; the tree
+#                travels without .git, so the commit is named here; kind nvidia-h100-x1 for the calib step)
 #   here:        DRY=1 OUT=/tmp/session bash bench/gpu_session.sh    (the CPU, tiny shapes: checks the plumbing)
 set -u
 : "${OUT:?set OUT to the folder the results are copied to}"
