@@ -5,10 +5,11 @@ apiq-bw gptq-warm with ``--act-budget 0``, i.e. pinned host streams), finetune (
 gradient checkpointing), eval (the same checkpoint on the CPU too: perplexities compared), generate, translate, report
 and ``export --requantize``; generate again with ``--static-cache`` (CUDA graphs on a GPU) and once more with
 ``--kernel torch-int4 --static-cache`` too (tinygemm on a GPU, compiled), whether their tokens equal eager decoding's
-reported; torch-int4 against the reference kernel on W2-W4 layers (error bounded); and the apiq-bw quantize once more
-in a child process killed with SIGKILL right after its first block is committed, then resumed here: every tensor of
-the checkpoint must equal the uninterrupted run's bit for bit. Prints one JSON object: each command's exit status and
-output. CI has no GPU; ``--device cpu`` runs the same script here in about a minute.
+reported; torch-int4 against the reference kernel on W2-W4 layers (error bounded); and the apiq-bw quantize (windows
+of 256 tokens, so attention's backward meets its nondeterministic split-key path on CUDA unless deterministic mode
+holds) once more in a child process killed with SIGKILL right after its first block is committed, then resumed here:
+every tensor of the checkpoint must equal the uninterrupted run's bit for bit. Prints one JSON object: each command's
+exit status and output. CI has no GPU; ``--device cpu`` runs the same script here in about a minute.
 
     python bench/gpu_smoke.py [--device cuda] [--out smoke.json]
 """
@@ -129,12 +130,15 @@ def smoke(device: str, folder: Path) -> dict:
     lines = folder / "src.txt"
     lines.write_text("w1 w2 w3\nw4 w5\n")
     calib = ["--calib", text, "--calib-windows", "8", "--calib-seqlen", "64"]
+    # apiq-bw on windows of 256: long enough that CUDA's float32 attention backward splits the keys and would add the
+    # parts with atomics outside deterministic mode, which the killed-then-resumed check then catches
+    long_calib = [*calib[:-1], "256"]
     dev = ["--device", device, "--json"]
     steps = {
         "quantize-gptq": ["quantize", source, "--bits", "2", "--group-size", "32", "--init", "gptq", *calib,
                           "--out", folder / "gptq", *dev],
         "quantize-apiq-host-streams": ["quantize", source, "--bits", "2", "--group-size", "32", "--init", "apiq-bw",
-                                       "--warm-start", "gptq", "--epochs", "1", "--act-budget", "0", *calib,
+                                       "--warm-start", "gptq", "--epochs", "1", "--act-budget", "0", *long_calib,
                                        "--out", folder / "apiq", *dev],
         "finetune-bf16": ["finetune", folder / "apiq", "--data", text, "--seqlen", "64", "--samples", "16",
                           "--precision", "bf16", "--lora-dtype", "bf16", "--grad-checkpointing", "--out",

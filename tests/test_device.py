@@ -5,6 +5,7 @@ GPU: CUDA is simulated where only the decision is under test."""
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -282,3 +283,98 @@ def test_calibration_runs_in_full_float32_and_restores_the_callers_choice(monkey
         assert seen == ["highest", "highest"] and torch.get_float32_matmul_precision() == "high"
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+# ----- deterministic training backward (CUDA; exercised here by declaring the CPU one of its devices) ---------------
+class _NoDeterministicKernel(torch.autograd.Function):
+    """Identity whose backward is an op without a deterministic kernel, as torch reports one in that mode."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        from torch._prims_common import alert_not_deterministic
+
+        alert_not_deterministic("a test op")  # raises in strict deterministic mode, does nothing outside it
+        return grad
+
+
+def _train(alerting: bool) -> tuple[list[float], torch.Tensor]:
+    from lowbit.init.base import BlockTrainOptions, train_block
+
+    g = torch.Generator().manual_seed(0)
+    xq = torch.randn(6, 4, 8, generator=g)
+    ctx = BlockContext(0, QuantSpec(), None, torch.Generator().manual_seed(1), xq=xq, device=CPU)
+    weight = torch.nn.Parameter(torch.randn(8, 8, generator=g))
+    target = torch.randn(8, 8, generator=g)
+    opt = torch.optim.AdamW([weight], lr=1e-2)
+
+    def loss_of(idx: torch.Tensor) -> torch.Tensor:
+        w = _NoDeterministicKernel.apply(weight) if alerting else weight
+        return ((xq[idx] @ w - xq[idx] @ target) ** 2).mean()
+
+    stats = train_block(ctx, opt, loss_of, 2, BlockTrainOptions(batch=2), "test-method")
+    return stats["epoch_losses"], weight.detach().clone()
+
+
+def test_deterministic_backward_is_strict_inside_and_restores_the_callers_mode(monkeypatch) -> None:
+    from lowbit.device import deterministic_backward
+
+    with deterministic_backward(CPU):  # the CPU is not one of its devices: nothing changes
+        assert not torch.are_deterministic_algorithms_enabled()
+    monkeypatch.setattr("lowbit.device.DETERMINISTIC_DEVICE_TYPES", ("cpu",))
+    for enabled, warn_only in ((False, False), (True, True)):
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+        try:
+            with deterministic_backward(CPU):
+                assert torch.are_deterministic_algorithms_enabled()
+                assert not torch.is_deterministic_algorithms_warn_only_enabled()
+                assert torch.utils.deterministic.fill_uninitialized_memory is enabled  # as outside the scope
+            assert torch.are_deterministic_algorithms_enabled() is enabled
+            assert torch.is_deterministic_algorithms_warn_only_enabled() is warn_only
+            assert torch.utils.deterministic.fill_uninitialized_memory
+        finally:
+            torch.use_deterministic_algorithms(False)
+
+
+def test_prepare_deterministic_sets_the_cublas_workspace_for_cuda_only_and_keeps_a_users_value(monkeypatch) -> None:
+    from lowbit.device import CUBLAS_ENV, prepare_deterministic
+
+    monkeypatch.delenv(CUBLAS_ENV, raising=False)
+    prepare_deterministic(CPU)
+    assert CUBLAS_ENV not in os.environ
+    prepare_deterministic(torch.device("cuda", 0))  # only the type is read: no GPU needed
+    assert os.environ[CUBLAS_ENV] == ":4096:8"
+    monkeypatch.setenv(CUBLAS_ENV, ":16:8")
+    prepare_deterministic(torch.device("cuda", 0))
+    assert os.environ[CUBLAS_ENV] == ":16:8"
+
+
+def test_train_block_leaves_deterministic_mode_once_an_op_has_no_kernel_and_trains_the_same(monkeypatch, capsys):
+    import lowbit.init.base as base
+
+    reference = _train(alerting=False)
+    assert _train(alerting=True)[0] == reference[0]  # outside the mode the op is an identity
+    monkeypatch.setattr("lowbit.device.DETERMINISTIC_DEVICE_TYPES", ("cpu",))
+    monkeypatch.setattr(base, "_WARNED", set())
+    capsys.readouterr()
+    losses, weight = _train(alerting=False)  # every step in deterministic mode
+    assert losses == reference[0] and torch.equal(weight, reference[1]) and capsys.readouterr().err == ""
+    losses, weight = _train(alerting=True)  # the first backward raises: the step is redone outside the mode
+    assert losses == reference[0] and torch.equal(weight, reference[1])
+    err = capsys.readouterr().err
+    assert err.count("lowbit: warning: test-method block 0") == 1 and "a test op" in err
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_apiq_bw_in_deterministic_mode_equals_the_default_bit_for_bit(monkeypatch, capsys) -> None:
+    """A real block's backward (attention, norms, LoRA, the quantizer's straight-through steps) has a deterministic
+    kernel for every op on the CPU, and the mode changes no bit there."""
+    options = {"warm_start": "gptq", "epochs": 1}
+    reference, _ = _run_engine("apiq-bw", options, EngineOptions(progress=False))
+    monkeypatch.setattr("lowbit.device.DETERMINISTIC_DEVICE_TYPES", ("cpu",))
+    got, _ = _run_engine("apiq-bw", options, EngineOptions(progress=False))
+    assert _bytes(got) == _bytes(reference)
+    assert "warning" not in capsys.readouterr().err

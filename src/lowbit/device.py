@@ -11,12 +11,16 @@ memory-mapped files when spilling was asked for. :func:`default_budget` supplies
 the free memory, the rest being left for the block's working set (weights, Gram matrices, ApiQ's autograd
 activations); on the CPU device and host memory are the same RAM, so the budget is unbounded unless spilling was
 asked for, which keeps the CPU results and memory exactly what they were before devices existed.
+
+:func:`deterministic_backward` makes a block's training steps sum in a fixed order on CUDA, so that calibration
+resumed after a kill gives the uninterrupted run's tensors bit for bit there too.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Iterator
 
 import torch
@@ -32,6 +36,11 @@ DEVICE = "device"  # the streams live on the compute device (on the CPU: ordinar
 HOST = "host"  # in host RAM (pinned when the device is CUDA), moved to the device window by window
 SPILL = "spill"  # in memory-mapped files, moved to the device window by window
 PLACEMENTS = (DEVICE, HOST, SPILL)
+
+# Devices whose training backward runs under torch's deterministic mode (the CPU's kernels sum in a fixed order
+# already, so its results stay exactly what they were).
+DETERMINISTIC_DEVICE_TYPES = ("cuda",)
+CUBLAS_ENV = "CUBLAS_WORKSPACE_CONFIG"
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -104,3 +113,38 @@ def exact_float32() -> Iterator[None]:
 def place_model(model: torch.nn.Module, device: str | torch.device | None) -> torch.nn.Module:
     """``model`` moved (in place) to the device ``device`` names; None leaves it where it is."""
     return model if device is None else model.to(resolve_device(device))
+
+
+def prepare_deterministic(device: torch.device) -> None:
+    """Let :func:`deterministic_backward` run cuBLAS on ``device``: torch's deterministic mode refuses every cuBLAS
+    product unless ``CUBLAS_WORKSPACE_CONFIG`` names a fixed workspace, and torch reads that variable once, at the
+    process's first CUDA matrix product -- so calibration sets it before its first one (a value already set is
+    kept). In a process that multiplied on CUDA before, the refusal is caught like any other (see there)."""
+    if device.type in DETERMINISTIC_DEVICE_TYPES:
+        os.environ.setdefault(CUBLAS_ENV, ":4096:8")
+
+
+@contextlib.contextmanager
+def deterministic_backward(device: torch.device) -> Iterator[None]:
+    """Torch's deterministic algorithms (strict) inside on CUDA, whatever the caller chose; nothing elsewhere.
+
+    Why: a calibration resumed after a kill must give the uninterrupted run's tensors bit for bit, and two runs of
+    one command the same tensors. A block's training step on CUDA meets one kernel that sums in no fixed order: the
+    backward of float32 memory-efficient attention, which splits long key ranges (2048-token windows: several
+    splits) and adds the parts' gradients with atomics; in deterministic mode it keeps one split. An op with no
+    deterministic kernel raises a RuntimeError that says so inside: :func:`lowbit.init.base.train_block` then
+    goes on without this mode, and warns. Memory is allocated as outside (deterministic mode would also fill every
+    new tensor with NaN, a guard against kernels that read memory they never wrote, at a cost on every allocation).
+    """
+    if device.type not in DETERMINISTIC_DEVICE_TYPES:
+        yield
+        return
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = fill and before[0]
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.utils.deterministic.fill_uninitialized_memory = fill

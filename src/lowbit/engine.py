@@ -37,7 +37,16 @@ from tqdm.auto import tqdm
 from lowbit import kernels
 from lowbit.arch import find_blocks
 from lowbit.config import Calibration, LoraSpec
-from lowbit.device import DEVICE, HOST, SPILL, default_budget, exact_float32, resolve_device, stream_placement
+from lowbit.device import (
+    DEVICE,
+    HOST,
+    SPILL,
+    default_budget,
+    exact_float32,
+    prepare_deterministic,
+    resolve_device,
+    stream_placement,
+)
 from lowbit.errors import LowbitError
 from lowbit.init import BlockContext, Initializer
 from lowbit.quant import QuantSpec
@@ -202,6 +211,7 @@ class Engine:
             self.device = resolve_device(self.opts.device)
         else:
             self.device = tensors_device(self.blocks) or torch.device("cpu")
+        prepare_deterministic(self.device)
         spill = self.opts.spill_dir is not None
         self.budget = self.opts.act_budget if self.opts.act_budget is not None else default_budget(self.device, spill)
         self.placement: str | None = None  # where the streams live, decided by the first one made

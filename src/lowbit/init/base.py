@@ -10,6 +10,7 @@ piling up with depth.
 
 from __future__ import annotations
 
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.config import LoraSpec, MethodOptions, option
+from lowbit.device import deterministic_backward
 from lowbit.errors import LowbitError
 from lowbit.quant import QuantSpec
 
@@ -122,7 +124,9 @@ def train_block(
     windows on ``loss_of(window indices)``. Returns each epoch's mean loss (``epoch_losses``, also reported to ``ctx``
     as each epoch ends), and with validation windows their loss before training and after each epoch
     (``val_losses``) and the epoch kept (``best_epoch``). A loss that is not finite stops the block with the
-    method's name and the epoch (the engine adds the block).
+    method's name and the epoch (the engine adds the block). On CUDA each backward runs in torch's deterministic mode
+    (:func:`lowbit.device.deterministic_backward`), so a resumed or repeated run gives the same tensors; where an op
+    has no deterministic kernel, the step is redone outside that mode and a warning says so, once.
 
     Why validation windows: a block trained on a few dozen windows learns them -- its error on text it never saw
     rises above the untrained start's while its training loss still falls -- so with ``options.val_windows`` the
@@ -140,6 +144,24 @@ def train_block(
         with torch.no_grad():
             return loss_of(held).item()
 
+    exact = True  # backward in deterministic mode (CUDA) until an op turns out to have no deterministic kernel
+
+    def backward(idx: torch.Tensor, loss: torch.Tensor) -> None:
+        nonlocal exact
+        if exact:
+            try:
+                with deterministic_backward(ctx.device):
+                    loss.backward()
+                return
+            except RuntimeError as exc:
+                if "deterministic" not in str(exc):
+                    raise
+                exact = False
+                warn_nondeterministic(method, ctx.index, exc)
+                opt.zero_grad(set_to_none=True)  # the failed pass may have written some gradients
+                loss = loss_of(idx)
+        loss.backward()
+
     val_losses = [held_loss()] if val else []
     best = [p.detach().clone() for p in params] if val else []
     losses = []
@@ -152,7 +174,7 @@ def train_block(
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{method} loss became {loss.item()} in epoch {epoch + 1}")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            backward(idx, loss)
             opt.step()
             total += loss.item() * len(idx)
         losses.append(total / n)
@@ -172,6 +194,19 @@ def train_block(
                 p.copy_(kept)
         result.update(val_losses=val_losses, best_epoch=val_losses.index(min(val_losses)))
     return result
+
+
+_WARNED: set[str] = set()  # methods warned about in this process (once each, not once a block)
+
+
+def warn_nondeterministic(method: str, block: int, exc: RuntimeError) -> None:
+    """Say once per method that its training steps left deterministic mode, and why (torch's own first line)."""
+    if method not in _WARNED:
+        _WARNED.add(method)
+        why = str(exc).strip().splitlines()[0][:300]
+        print(f"lowbit: warning: {method} block {block}: an op has no deterministic kernel here ({why}); training "
+              "steps go on without torch's deterministic mode, so a resumed or repeated run may differ in the last "
+              "bits", file=sys.stderr)  # fmt: skip
 
 
 class Initializer(ABC):
