@@ -2,6 +2,7 @@
 budget decision is a pure function), and that the CPU results do not depend on either (bit for bit). CI has no
 GPU: CUDA is simulated where only the decision is under test."""
 
+import contextlib
 import hashlib
 import json
 import math
@@ -301,27 +302,31 @@ class _NoDeterministicKernel(torch.autograd.Function):
         return grad
 
 
-def _train(alerting: bool) -> tuple[list[float], torch.Tensor]:
+def _train(alerting: bool) -> tuple[list[float], list[torch.Tensor], dict]:
+    """A block-training loop on two parameters: ``first``'s gradient is written before ``second``'s backward runs
+    the op (with ``alerting``) that deterministic mode refuses, so a fallback that kept it would train differently.
+    SGD, not Adam: Adam's step would not see a doubled gradient."""
     from lowbit.init.base import BlockTrainOptions, train_block
 
     g = torch.Generator().manual_seed(0)
     xq = torch.randn(6, 4, 8, generator=g)
     ctx = BlockContext(0, QuantSpec(), None, torch.Generator().manual_seed(1), xq=xq, device=CPU)
-    weight = torch.nn.Parameter(torch.randn(8, 8, generator=g))
+    first, second = (torch.nn.Parameter(torch.randn(8, 8, generator=g)) for _ in range(2))
     target = torch.randn(8, 8, generator=g)
-    opt = torch.optim.AdamW([weight], lr=1e-2)
+    opt = torch.optim.SGD([first, second], lr=0.05)
 
     def loss_of(idx: torch.Tensor) -> torch.Tensor:
-        w = _NoDeterministicKernel.apply(weight) if alerting else weight
+        w = first + (_NoDeterministicKernel.apply(second) if alerting else second)
         return ((xq[idx] @ w - xq[idx] @ target) ** 2).mean()
 
     stats = train_block(ctx, opt, loss_of, 2, BlockTrainOptions(batch=2), "test-method")
-    return stats["epoch_losses"], weight.detach().clone()
+    return stats["epoch_losses"], [first.detach().clone(), second.detach().clone()], stats
 
 
 def test_deterministic_backward_is_strict_inside_and_restores_the_callers_mode(monkeypatch) -> None:
     from lowbit.device import deterministic_backward
 
+    fill = torch.utils.deterministic.fill_uninitialized_memory
     with deterministic_backward(CPU):  # the CPU is not one of its devices: nothing changes
         assert not torch.are_deterministic_algorithms_enabled()
     monkeypatch.setattr("lowbit.device.DETERMINISTIC_DEVICE_TYPES", ("cpu",))
@@ -331,10 +336,10 @@ def test_deterministic_backward_is_strict_inside_and_restores_the_callers_mode(m
             with deterministic_backward(CPU):
                 assert torch.are_deterministic_algorithms_enabled()
                 assert not torch.is_deterministic_algorithms_warn_only_enabled()
-                assert torch.utils.deterministic.fill_uninitialized_memory is enabled  # as outside the scope
+                assert torch.utils.deterministic.fill_uninitialized_memory is (fill and enabled)  # as outside
             assert torch.are_deterministic_algorithms_enabled() is enabled
             assert torch.is_deterministic_algorithms_warn_only_enabled() is warn_only
-            assert torch.utils.deterministic.fill_uninitialized_memory
+            assert torch.utils.deterministic.fill_uninitialized_memory is fill
         finally:
             torch.use_deterministic_algorithms(False)
 
@@ -342,7 +347,8 @@ def test_deterministic_backward_is_strict_inside_and_restores_the_callers_mode(m
 def test_prepare_deterministic_sets_the_cublas_workspace_for_cuda_only_and_keeps_a_users_value(monkeypatch) -> None:
     from lowbit.device import CUBLAS_ENV, prepare_deterministic
 
-    monkeypatch.delenv(CUBLAS_ENV, raising=False)
+    monkeypatch.setenv(CUBLAS_ENV, "x")  # monkeypatch restores the variable as it was, set or not
+    monkeypatch.delenv(CUBLAS_ENV)
     prepare_deterministic(CPU)
     assert CUBLAS_ENV not in os.environ
     prepare_deterministic(torch.device("cuda", 0))  # only the type is read: no GPU needed
@@ -355,15 +361,19 @@ def test_prepare_deterministic_sets_the_cublas_workspace_for_cuda_only_and_keeps
 def test_train_block_leaves_deterministic_mode_once_an_op_has_no_kernel_and_trains_the_same(monkeypatch, capsys):
     import lowbit.init.base as base
 
-    reference = _train(alerting=False)
-    assert _train(alerting=True)[0] == reference[0]  # outside the mode the op is an identity
+    losses, weights, stats = _train(alerting=False)
+    assert "deterministic" not in stats  # the CPU is not one of its devices
+    assert _train(alerting=True)[0] == losses  # outside the mode the op is an identity
     monkeypatch.setattr("lowbit.device.DETERMINISTIC_DEVICE_TYPES", ("cpu",))
-    monkeypatch.setattr(base, "_WARNED", set())
+    monkeypatch.setattr("lowbit.init.base.DETERMINISTIC_DEVICE_TYPES", ("cpu",))
+    monkeypatch.setattr(base, "_REFUSED", set())
     capsys.readouterr()
-    losses, weight = _train(alerting=False)  # every step in deterministic mode
-    assert losses == reference[0] and torch.equal(weight, reference[1]) and capsys.readouterr().err == ""
-    losses, weight = _train(alerting=True)  # the first backward raises: the step is redone outside the mode
-    assert losses == reference[0] and torch.equal(weight, reference[1])
+    got = _train(alerting=False)  # every step in deterministic mode
+    assert got[0] == losses and all(map(torch.equal, got[1], weights)) and got[2]["deterministic"]
+    assert capsys.readouterr().err == ""
+    for _ in range(2):  # the first backward is refused and its step redone; later steps and runs skip the attempt
+        got = _train(alerting=True)
+        assert got[0] == losses and all(map(torch.equal, got[1], weights)) and got[2]["deterministic"] is False
     err = capsys.readouterr().err
     assert err.count("lowbit: warning: test-method block 0") == 1 and "a test op" in err
     assert not torch.are_deterministic_algorithms_enabled()
@@ -372,9 +382,21 @@ def test_train_block_leaves_deterministic_mode_once_an_op_has_no_kernel_and_trai
 def test_apiq_bw_in_deterministic_mode_equals_the_default_bit_for_bit(monkeypatch, capsys) -> None:
     """A real block's backward (attention, norms, LoRA, the quantizer's straight-through steps) has a deterministic
     kernel for every op on the CPU, and the mode changes no bit there."""
+    from lowbit.device import CUBLAS_ENV, deterministic_backward
+
     options = {"warm_start": "gptq", "epochs": 1}
     reference, _ = _run_engine("apiq-bw", options, EngineOptions(progress=False))
+    monkeypatch.setenv(CUBLAS_ENV, ":4096:8")  # the engine would set it for a "cpu" that is now one of the devices
     monkeypatch.setattr("lowbit.device.DETERMINISTIC_DEVICE_TYPES", ("cpu",))
+    strict = []
+
+    def spy(device):
+        with deterministic_backward(device):
+            strict.append(torch.are_deterministic_algorithms_enabled())
+            yield
+
+    monkeypatch.setattr("lowbit.init.base.deterministic_backward", contextlib.contextmanager(spy))
     got, _ = _run_engine("apiq-bw", options, EngineOptions(progress=False))
+    assert strict and all(strict)  # every training backward ran in the mode
     assert _bytes(got) == _bytes(reference)
     assert "warning" not in capsys.readouterr().err

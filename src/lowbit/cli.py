@@ -20,7 +20,7 @@ from pathlib import Path
 
 from lowbit.adapters import HIWI_TARGETS, METHODS
 from lowbit.config import INITIALIZERS, flag
-from lowbit.device import DEVICE_CHOICES, parse_budget, resolve_device
+from lowbit.device import DEVICE_CHOICES, parse_budget, prepare_deterministic, resolve_device
 from lowbit.errors import LowbitError
 from lowbit.kernels import NAMES as KERNEL_NAMES
 from lowbit.kernels import kernel, pinned, pinned_name
@@ -202,7 +202,6 @@ def _calib_windows(args: argparse.Namespace, source: Path, tokenizer, n: int, ex
 
     def sample_self(count: int) -> torch.Tensor:
         from lowbit.api import load_model
-        from lowbit.device import resolve_device
         from lowbit.selfcal import self_calibration
 
         device = resolve_device(args.device)
@@ -793,6 +792,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if hasattr(args, "device"):  # a machine without the asked-for device fails here, before any loading
             args.device = resolve_device(args.device)
+            prepare_deterministic(args.device)  # before any CUDA product: torch reads its variable once
         args.func(args)
     except LowbitError as exc:
         print(f"lowbit: error: {exc}", file=sys.stderr)

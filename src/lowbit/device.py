@@ -118,8 +118,9 @@ def place_model(model: torch.nn.Module, device: str | torch.device | None) -> to
 def prepare_deterministic(device: torch.device) -> None:
     """Let :func:`deterministic_backward` run cuBLAS on ``device``: torch's deterministic mode refuses every cuBLAS
     product unless ``CUBLAS_WORKSPACE_CONFIG`` names a fixed workspace, and torch reads that variable once, at the
-    process's first CUDA matrix product -- so calibration sets it before its first one (a value already set is
-    kept). In a process that multiplied on CUDA before, the refusal is caught like any other (see there)."""
+    process's first CUDA matrix product. The CLI calls this as soon as ``--device`` names a GPU, the engine again
+    before calibrating (for API callers; a value already set is kept, and child processes inherit it). A process
+    that multiplied on CUDA before is refused, and calibration goes on without the mode (see there)."""
     if device.type in DETERMINISTIC_DEVICE_TYPES:
         os.environ.setdefault(CUBLAS_ENV, ":4096:8")
 
@@ -129,12 +130,14 @@ def deterministic_backward(device: torch.device) -> Iterator[None]:
     """Torch's deterministic algorithms (strict) inside on CUDA, whatever the caller chose; nothing elsewhere.
 
     Why: a calibration resumed after a kill must give the uninterrupted run's tensors bit for bit, and two runs of
-    one command the same tensors. A block's training step on CUDA meets one kernel that sums in no fixed order: the
-    backward of float32 memory-efficient attention, which splits long key ranges (2048-token windows: several
-    splits) and adds the parts' gradients with atomics; in deterministic mode it keeps one split. An op with no
-    deterministic kernel raises a RuntimeError that says so inside: :func:`lowbit.init.base.train_block` then
-    goes on without this mode, and warns. Memory is allocated as outside (deterministic mode would also fill every
-    new tensor with NaN, a guard against kernels that read memory they never wrote, at a cost on every allocation).
+    one command the same tensors. In a Llama-style block's training step on CUDA one kernel sums in no fixed order:
+    the backward of float32 memory-efficient attention (what SDPA picks for float32), which splits long key ranges
+    (2048-token windows: several splits) and adds the parts' gradients with atomics; in deterministic mode it keeps
+    one split. Where torch refuses (an op with no deterministic kernel), a RuntimeError that says so is raised
+    inside: :func:`lowbit.init.base.train_block` then goes on without this mode, and warns. Uninitialized
+    allocations (``torch.empty``) stay unfilled, as outside (the mode would fill each with NaN, at a cost).
+
+    The flags are the process's, not the thread's: another thread's CUDA work during the scope runs in this mode.
     """
     if device.type not in DETERMINISTIC_DEVICE_TYPES:
         yield

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.config import LoraSpec, MethodOptions, option
-from lowbit.device import deterministic_backward
+from lowbit.device import DETERMINISTIC_DEVICE_TYPES, deterministic_backward
 from lowbit.errors import LowbitError
 from lowbit.quant import QuantSpec
 
@@ -118,15 +118,17 @@ def train_block(
     epochs: int,
     options: BlockTrainOptions,
     method: str,
-) -> dict[str, list[float] | int]:
+) -> dict[str, list[float] | int | bool]:
     """The block-wise training loop the trained initializers share (``apiq-bw``, ``blockap``): ``epochs`` passes
     over the calibration windows in an order drawn from ``ctx.generator``, one ``opt`` step per ``options.batch``
     windows on ``loss_of(window indices)``. Returns each epoch's mean loss (``epoch_losses``, also reported to ``ctx``
     as each epoch ends), and with validation windows their loss before training and after each epoch
     (``val_losses``) and the epoch kept (``best_epoch``). A loss that is not finite stops the block with the
     method's name and the epoch (the engine adds the block). On CUDA each backward runs in torch's deterministic mode
-    (:func:`lowbit.device.deterministic_backward`), so a resumed or repeated run gives the same tensors; where an op
-    has no deterministic kernel, the step is redone outside that mode and a warning says so, once.
+    (:func:`lowbit.device.deterministic_backward`), so that a resumed or repeated run gives the same tensors; where
+    torch refuses (an op without a deterministic kernel, or cuBLAS's check when the process multiplied on CUDA before
+    ``CUBLAS_WORKSPACE_CONFIG`` was set), the step is redone outside that mode, this method's later steps skip the
+    attempt, one warning says so, and the result's ``deterministic`` is False.
 
     Why validation windows: a block trained on a few dozen windows learns them -- its error on text it never saw
     rises above the untrained start's while its training loss still falls -- so with ``options.val_windows`` the
@@ -144,23 +146,31 @@ def train_block(
         with torch.no_grad():
             return loss_of(held).item()
 
-    exact = True  # backward in deterministic mode (CUDA) until an op turns out to have no deterministic kernel
-
-    def backward(idx: torch.Tensor, loss: torch.Tensor) -> None:
-        nonlocal exact
-        if exact:
+    def step(idx: torch.Tensor, epoch: int) -> float:
+        """One optimizer step on windows ``idx``; returns their loss. The backward runs in deterministic mode
+        (CUDA) unless this method's was refused before in this process; a refusal redoes the step outside it."""
+        loss = loss_of(idx)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{method} loss became {loss.item()} in epoch {epoch + 1}")
+        value = loss.item()
+        opt.zero_grad(set_to_none=True)
+        refused = None
+        if method not in _REFUSED:
             try:
                 with deterministic_backward(ctx.device):
                     loss.backward()
-                return
+                return value
             except RuntimeError as exc:
                 if "deterministic" not in str(exc):
                     raise
-                exact = False
-                warn_nondeterministic(method, ctx.index, exc)
-                opt.zero_grad(set_to_none=True)  # the failed pass may have written some gradients
-                loss = loss_of(idx)
+                refused = str(exc)  # the exception (and the graph its traceback holds) ends with this block
+        if refused is not None:
+            refuse(method, ctx.index, refused)
+            del loss  # the failed pass's graph goes before the forward is run again
+            opt.zero_grad(set_to_none=True)  # that pass may have written some gradients
+            loss = loss_of(idx)
         loss.backward()
+        return value
 
     val_losses = [held_loss()] if val else []
     best = [p.detach().clone() for p in params] if val else []
@@ -170,13 +180,8 @@ def train_block(
         total = 0.0
         for s in range(0, n, options.batch):
             idx = order[s : s + options.batch]
-            loss = loss_of(idx)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{method} loss became {loss.item()} in epoch {epoch + 1}")
-            opt.zero_grad(set_to_none=True)
-            backward(idx, loss)
+            total += step(idx, epoch) * len(idx)
             opt.step()
-            total += loss.item() * len(idx)
         losses.append(total / n)
         stats = {"epoch": epoch + 1, "loss": total / n}
         if val:
@@ -187,7 +192,9 @@ def train_block(
         ctx.report(stats)
         if options.patience and epoch + 1 - val_losses.index(min(val_losses)) >= options.patience:
             break
-    result: dict[str, list[float] | int] = {"epoch_losses": losses}
+    result: dict[str, list[float] | int | bool] = {"epoch_losses": losses}
+    if ctx.device.type in DETERMINISTIC_DEVICE_TYPES:
+        result["deterministic"] = method not in _REFUSED
     if val:
         with torch.no_grad():
             for p, kept in zip(params, best, strict=True):
@@ -196,17 +203,18 @@ def train_block(
     return result
 
 
-_WARNED: set[str] = set()  # methods warned about in this process (once each, not once a block)
+# Methods whose training backward was refused in deterministic mode in this process: their later steps and blocks
+# skip the attempt (the refusal is the process's: cuBLAS's check is read once, an op lacks a kernel for good).
+_REFUSED: set[str] = set()
 
 
-def warn_nondeterministic(method: str, block: int, exc: RuntimeError) -> None:
-    """Say once per method that its training steps left deterministic mode, and why (torch's own first line)."""
-    if method not in _WARNED:
-        _WARNED.add(method)
-        why = str(exc).strip().splitlines()[0][:300]
-        print(f"lowbit: warning: {method} block {block}: an op has no deterministic kernel here ({why}); training "
-              "steps go on without torch's deterministic mode, so a resumed or repeated run may differ in the last "
-              "bits", file=sys.stderr)  # fmt: skip
+def refuse(method: str, block: int, why: str) -> None:
+    """Record that ``method``'s backward has no deterministic run here, and say so once (torch's first line)."""
+    if method not in _REFUSED:
+        _REFUSED.add(method)
+        print(f"lowbit: warning: {method} block {block}: an op has no deterministic kernel here "
+              f"({why.strip().splitlines()[0][:300]}); its training steps go on without torch's deterministic mode "
+              "from here on, so a resumed or repeated run may differ in the last bits", file=sys.stderr)  # fmt: skip
 
 
 class Initializer(ABC):
