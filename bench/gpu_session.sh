@@ -47,7 +47,8 @@ step() {  # NAME LIMIT COMMAND...: run COMMAND for at most LIMIT seconds (less i
     echo "[session] $name: $* (limit ${limit}s)" | tee -a "$log"
     timeout -k 10 "$limit" "$@" >>"$log" 2>&1
     echo "[session] $name: exit $? after $((SECONDS - began))s" | tee -a "$log"
-    cp bench/results/gpu.json bench/results/gpu_smoke.json "$OUT"/ 2>/dev/null
+    # the stored results, updated by the step (a dry run stores nothing: its smoke writes to $OUT itself)
+    [ -z "$DRY" ] && cp bench/results/gpu.json bench/results/gpu_smoke.json "$OUT"/ 2>/dev/null
 }
 
 for s in "${steps[@]}"; do
