@@ -74,7 +74,8 @@ LAYER_METHODS = ("dense-bf16", "bnb-nf4", "bnb-nf4-lora", "lowbit-w4", "lowbit-w
                  "lowbit-w4-gemm", "lowbit-w4-dequant", "lowbit-w4-reference", "gemlite-w4", "gemlite-w2")  # fmt: skip
 FORWARD_ONLY = ("gemlite",)  # peers without a backward: forward rows only, checked against lowbit
 # Layer methods that run on one kernel only, with its row limit lifted (which kernel is faster at which M?). In the
-# order they run: the M = 1 goal's rows (W4: the default, tinygemm, the GEMV) first, in case a lease's time runs out.
+# order they run within a shape: the M = 1 goal's rows (W4: the default, tinygemm, the GEMV) first, in case a lease's
+# time runs out (the goal's shape, 4096x11008, is the first graph shape gpu_session.sh names).
 GRAPH_METHODS_LAYER = ("dense-bf16", "bnb-nf4", "lowbit-w4-base", "lowbit-w4-int4", "lowbit-w4-gemv",
                        "lowbit-w3-base", "lowbit-w2-base", "lowbit-w3-int4", "lowbit-w2-int4", "lowbit-w3-gemv",
                        "lowbit-w2-gemv", "lowbit-w4", "gemlite-w4", "gemlite-w2")  # fmt: skip
@@ -668,6 +669,10 @@ def main() -> None:
 
     if not args.dry_run and not torch.cuda.is_available():
         sys.exit("gpu.py: error: no CUDA device; use --dry-run to check the script on the CPU")
+    if not args.dry_run:  # before the first CUDA product, as the CLI does: calib rows train in deterministic mode
+        from lowbit.device import prepare_deterministic
+
+        prepare_deterministic(torch.device("cuda"))
     names = select_rows(args.rows)
     setup = Setup(args.dry_run, args.profile)
     env = benchlib.environment()

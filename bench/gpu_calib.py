@@ -14,7 +14,7 @@ calibration at 7B scale, and CPU-versus-CUDA agreement.
   whose blocks visit the GPU one at a time); the relative difference of every block's output and of the final
   logits between the two, on held-out windows, next to the quantization error itself for scale.
 - ``calib-nudge``: how far two equally valid runs of ``gptq`` land on ``calib-agree``'s model: calibrated once as is
-  and once with every weight nudged by a relative 1e-6 (float32 rounding); runs on any device, the CPU included
+  and once with every weight nudged by a relative 1e-6 (a few float32 ulps); runs on any device, the CPU included
   (``--device cpu --store`` merges it into bench/results/gpu.json).
 - ``calib-devices``: every initializer (qlora, none, NF, loftq, wsvd, gptq, apiq-lw, apiq-bw with each warm start)
   on the device, with the activation streams on the device and in pinned host memory: final-logit differences
@@ -323,7 +323,7 @@ def agreement_row(shape: Shape, layers: int, device: torch.device) -> dict:
 
 def nudge_row(shape: Shape, layers: int, device: torch.device, nudge: float = 1e-6) -> dict:
     """How far apart two equally valid GPTQ runs land: ``calib-agree``'s model and calibration set, calibrated on
-    ``device`` as is and with every weight multiplied by ``1 + nudge * N(0, 1)`` (1e-6: float32 rounding, the size
+    ``device`` as is and with every weight multiplied by ``1 + nudge * N(0, 1)`` (1e-6: a few float32 ulps, the size
     of the difference between two BLAS libraries' sums). Compare its differences with ``calib-agree``'s."""
     from transformers import AutoModelForCausalLM
 
@@ -464,6 +464,9 @@ def main() -> None:
     parser.add_argument("--out", help="write {env, rows} as JSON here")
     parser.add_argument("--store", action="store_true", help="merge the rows into bench/results/gpu.json")
     args = parser.parse_args()
+    from lowbit.device import prepare_deterministic, resolve_device
+
+    prepare_deterministic(resolve_device(args.device))  # before the first CUDA product, as the CLI does
     result = {"env": benchlib.environment(), "rows": calibration_rows(args)}
     if args.store and not args.dry_run:
         benchlib.save_rows(benchlib.ROOT / "bench" / "results" / "gpu.json", result["rows"], result["env"], "P4")

@@ -4,7 +4,8 @@
 # A lease is short (minutes of device time, a machine start included), so each step runs under its own time limit,
 # cut to what is left of BUDGET seconds, and a step that does not fit is skipped and said so; bench/gpu.py stores
 # each row as soon as it ends, and after every step the results are copied to $OUT, so a step cut off at its limit
-# loses only its unfinished row. Steps (default: all, in this order; name a subset as arguments):
+# loses only its unfinished row; the exit status is 1 when a step failed or was skipped for lack of time. Steps
+# (default: all, in this order; name a subset as arguments):
 #   smoke   every command with --device cuda, the CUDA kill -9 resume, tinygemm against the reference (issue 13)
 #   graph   device time of one layer at M = 1 and 16 from replayed CUDA graphs, weights from memory (issue 14)
 #   calib   the 7B-shaped apiq-bw calibration row, two blocks -- only on an H100, where the goal is set (issue 13)
@@ -22,17 +23,22 @@ DRY=${DRY:-}
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(smoke graph calib decode train)
 start=$SECONDS
+mkdir -p "$OUT"
 log=$OUT/session.log
+failed=0
+py=${PYTHON:-python3}
 
 if [ -z "$DRY" ] && ls .whl/*.whl >/dev/null 2>&1; then  # bitsandbytes, gemlite, gguf: not in the GPU image
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         || exit 1
     export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 export PYTHONPATH=src:bench:${PYTHONPATH:-} PYTHONUNBUFFERED=1
-py=${PYTHON:-python3}
 dry=${DRY:+--dry-run}
-device=$($py -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")')
+if ! device=$($py -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")'); then
+    echo "[session] $py cannot import torch: set PYTHON to an interpreter that has it" | tee -a "$log"
+    exit 1
+fi
 echo "[session] $device, commit ${LOWBIT_COMMIT:-unknown}, budget ${BUDGET}s, steps: ${steps[*]}" | tee -a "$log"
 
 step() {  # NAME LIMIT COMMAND...: run COMMAND for at most LIMIT seconds (less if the budget has less left)
@@ -41,21 +47,25 @@ step() {  # NAME LIMIT COMMAND...: run COMMAND for at most LIMIT seconds (less i
     left=$((BUDGET - (SECONDS - start)))
     if [ "$left" -lt 30 ]; then
         echo "[session] $name: skipped, ${left}s of the budget left" | tee -a "$log"
+        failed=1
         return
     fi
     [ "$limit" -gt "$left" ] && limit=$left
     echo "[session] $name: $* (limit ${limit}s)" | tee -a "$log"
     timeout -k 10 "$limit" "$@" >>"$log" 2>&1
-    echo "[session] $name: exit $? after $((SECONDS - began))s" | tee -a "$log"
-    # the stored results, updated by the step (a dry run stores nothing: its smoke writes to $OUT itself)
-    [ -z "$DRY" ] && cp bench/results/gpu.json bench/results/gpu_smoke.json "$OUT"/ 2>/dev/null
+    local code=$?
+    echo "[session] $name: exit $code after $((SECONDS - began))s" | tee -a "$log"
+    [ "$code" -ne 0 ] && failed=1
+    # gpu.py stores each row as it ends (a dry run stores nothing); the smoke writes its own file to $OUT
+    [ -z "$DRY" ] && cp bench/results/gpu.json "$OUT"/ 2>/dev/null
+    return 0
 }
 
 for s in "${steps[@]}"; do
     case $s in
-    smoke)
+    smoke)  # its JSON is written at its end only: a smoke cut off leaves none in $OUT, not a stale one
         if [ -n "$DRY" ]; then step smoke 300 $py bench/gpu_smoke.py --device cpu --out "$OUT"/gpu_smoke.json
-        else step smoke 200 $py bench/gpu_smoke.py --device cuda --out bench/results/gpu_smoke.json; fi ;;
+        else step smoke 200 $py bench/gpu_smoke.py --device cuda --out "$OUT"/gpu_smoke.json; fi ;;
     graph) step graph 200 $py bench/gpu.py $dry --rows graph-4096x11008,graph-11008x4096 ;;
     calib)
         if [[ $device == *H100* || -n $DRY ]]; then step calib 240 $py bench/gpu.py $dry --rows calib-apiq --blocks 2
@@ -65,4 +75,6 @@ for s in "${steps[@]}"; do
     *) echo "[session] unknown step $s (smoke, graph, calib, decode, train)" | tee -a "$log"; exit 2 ;;
     esac
 done
-echo "[session] done after $((SECONDS - start))s" | tee -a "$log"
+echo "[session] done after $((SECONDS - start))s$([ $failed -ne 0 ] && echo ', some steps failed or were skipped')" \
+    | tee -a "$log"
+exit $failed

@@ -55,9 +55,9 @@ CROSS_DOMAIN = ("gptq", "apiq-bw-gptq2", "apiq-bw-gptq2val", "blockap", "blockap
 PUBLISHED = {"epochs": 20, "clip_lr": 5e-3, "lora_lr": 5e-4, "weight_decay": 0.1, "batch": 1, "clip_init": 4.0}
 WARM_EPOCHS = 2
 VAL_WINDOWS = 4  # of the 32 calibration windows, held back from the steps of the ...val rows (they train on 28)
-# W2 rows run again on copies of the model whose every weight is multiplied by 1 + NUDGE * N(0, 1) (float32
-# rounding: the size of the difference between two BLAS libraries' sums, e.g. the CPU's and CUDA's): how far apart
-# equally valid runs land, the yardstick for "same answer on both devices" (issue 13)
+# W2 rows run again on copies of the model whose every weight is multiplied by 1 + NUDGE * N(0, 1) (a few float32
+# ulps, whose one is 1.2e-7: the order of the difference between two BLAS libraries' sums, e.g. the CPU's and
+# CUDA's): how far apart equally valid runs land, the yardstick for "same answer on both devices" (issue 13)
 NUDGED = ("gptq", "apiq-bw-gptq2")
 NUDGE = 1e-6
 NUDGE_SEEDS = (1, 2, 3)

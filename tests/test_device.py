@@ -360,7 +360,15 @@ def test_prepare_deterministic_sets_the_cublas_workspace_for_cuda_only_and_keeps
 
 def test_train_block_leaves_deterministic_mode_once_an_op_has_no_kernel_and_trains_the_same(monkeypatch, capsys):
     import lowbit.init.base as base
+    from lowbit.device import deterministic_backward
 
+    entered = []
+
+    def counting(device):
+        entered.append(device)
+        return deterministic_backward(device)
+
+    monkeypatch.setattr(base, "deterministic_backward", counting)
     losses, weights, stats = _train(alerting=False)
     assert "deterministic" not in stats  # the CPU is not one of its devices
     assert _train(alerting=True)[0] == losses  # outside the mode the op is an identity
@@ -368,12 +376,15 @@ def test_train_block_leaves_deterministic_mode_once_an_op_has_no_kernel_and_trai
     monkeypatch.setattr("lowbit.init.base.DETERMINISTIC_DEVICE_TYPES", ("cpu",))
     monkeypatch.setattr(base, "_REFUSED", set())
     capsys.readouterr()
+    entered.clear()
     got = _train(alerting=False)  # every step in deterministic mode
     assert got[0] == losses and all(map(torch.equal, got[1], weights)) and got[2]["deterministic"]
-    assert capsys.readouterr().err == ""
+    assert capsys.readouterr().err == "" and len(entered) == 6  # 2 epochs x 3 steps
+    entered.clear()
     for _ in range(2):  # the first backward is refused and its step redone; later steps and runs skip the attempt
         got = _train(alerting=True)
         assert got[0] == losses and all(map(torch.equal, got[1], weights)) and got[2]["deterministic"] is False
+    assert len(entered) == 1
     err = capsys.readouterr().err
     assert err.count("lowbit: warning: test-method block 0") == 1 and "a test op" in err
     assert not torch.are_deterministic_algorithms_enabled()
@@ -388,6 +399,7 @@ def test_apiq_bw_in_deterministic_mode_equals_the_default_bit_for_bit(monkeypatc
     reference, _ = _run_engine("apiq-bw", options, EngineOptions(progress=False))
     monkeypatch.setenv(CUBLAS_ENV, ":4096:8")  # the engine would set it for a "cpu" that is now one of the devices
     monkeypatch.setattr("lowbit.device.DETERMINISTIC_DEVICE_TYPES", ("cpu",))
+    monkeypatch.setattr("lowbit.init.base._REFUSED", set())  # a refusal here stays out of later tests
     strict = []
 
     def spy(device):

@@ -119,8 +119,10 @@ def prepare_deterministic(device: torch.device) -> None:
     """Let :func:`deterministic_backward` run cuBLAS on ``device``: torch's deterministic mode refuses every cuBLAS
     product unless ``CUBLAS_WORKSPACE_CONFIG`` names a fixed workspace, and torch reads that variable once, at the
     process's first CUDA matrix product. The CLI calls this as soon as ``--device`` names a GPU, the engine again
-    before calibrating (for API callers; a value already set is kept, and child processes inherit it). A process
-    that multiplied on CUDA before is refused, and calibration goes on without the mode (see there)."""
+    before calibrating (for API callers); child processes inherit it. A value already set is kept: one other than
+    ``:4096:8`` or ``:16:8``, like a process that multiplied on CUDA before this, makes torch refuse the mode, and
+    calibration goes on without it and warns (see there). The fixed workspace may move cuBLAS results by the last
+    bits against a process without it."""
     if device.type in DETERMINISTIC_DEVICE_TYPES:
         os.environ.setdefault(CUBLAS_ENV, ":4096:8")
 
@@ -132,10 +134,11 @@ def deterministic_backward(device: torch.device) -> Iterator[None]:
     Why: a calibration resumed after a kill must give the uninterrupted run's tensors bit for bit, and two runs of
     one command the same tensors. In a Llama-style block's training step on CUDA one kernel sums in no fixed order:
     the backward of float32 memory-efficient attention (what SDPA picks for float32), which splits long key ranges
-    (2048-token windows: several splits) and adds the parts' gradients with atomics; in deterministic mode it keeps
-    one split. Where torch refuses (an op with no deterministic kernel), a RuntimeError that says so is raised
-    inside: :func:`lowbit.init.base.train_block` then goes on without this mode, and warns. Uninitialized
-    allocations (``torch.empty``) stay unfilled, as outside (the mode would fill each with NaN, at a cost).
+    (2048-token windows: several splits, by PyTorch's heuristic) and adds the parts' gradients with atomics; in
+    deterministic mode it keeps one split (read from PyTorch's source, not yet observed on a GPU). Where torch
+    refuses (an op with no deterministic kernel), a RuntimeError that says so is raised inside:
+    :func:`lowbit.init.base.train_block` then goes on without this mode, and warns. Uninitialized allocations
+    (``torch.empty``) stay unfilled, as outside (the mode would fill each with NaN, at a cost).
 
     The flags are the process's, not the thread's: another thread's CUDA work during the scope runs in this mode.
     """

@@ -16,8 +16,9 @@ ranks, so one process and ``P`` processes take the same optimizer steps up to fl
 Every ``save_every`` steps the adapter, AdamW state, scheduler, step, metrics and each rank's RNG state are
 written atomically to ``.OUT.partial/state``. Running the same command again after a crash (even ``kill -9``)
 checks that data, settings and base checkpoint are unchanged and continues from there; the final adapter equals
-an uninterrupted run's (bit for bit on the CPU; on CUDA up to the last bits, as two uninterrupted runs are: attention's
-backward adds partial gradients with atomics there, and fine-tuning does not pay for deterministic mode). The
+an uninterrupted run's (bit for bit on the CPU, tested; on CUDA expect last-bit differences, as between two
+uninterrupted runs: attention's backward adds partial gradients with atomics there, and fine-tuning does not pay for
+deterministic mode). The
 result is a complete lowbit checkpoint (packed base + PEFT adapter) in ``OUT``.
 """
 

@@ -212,9 +212,9 @@ def refuse(method: str, block: int, why: str) -> None:
     """Record that ``method``'s backward has no deterministic run here, and say so once (torch's first line)."""
     if method not in _REFUSED:
         _REFUSED.add(method)
-        print(f"lowbit: warning: {method} block {block}: an op has no deterministic kernel here "
-              f"({why.strip().splitlines()[0][:300]}); its training steps go on without torch's deterministic mode "
-              "from here on, so a resumed or repeated run may differ in the last bits", file=sys.stderr)  # fmt: skip
+        print(f"lowbit: warning: {method} block {block}: torch refused deterministic mode here "
+              f"({why.strip().splitlines()[0][:300]}); its training steps go on without it from here on, so a "
+              "resumed or repeated run may differ in the last bits", file=sys.stderr)  # fmt: skip
 
 
 class Initializer(ABC):
