@@ -135,7 +135,7 @@ def smoke(device: str, folder: Path) -> dict:
     calib = ["--calib", text, "--calib-windows", "8", "--calib-seqlen", "64"]
     # apiq-bw on windows of 256: long enough that CUDA's float32 attention backward splits the keys and would add the
     # parts with atomics outside deterministic mode, which the killed-then-resumed check then catches
-    long_calib = [*calib[:-1], "256"]
+    long_calib = ["--calib", text, "--calib-windows", "8", "--calib-seqlen", "256"]
     dev = ["--device", device, "--json"]
     steps = {
         "quantize-gptq": ["quantize", source, "--bits", "2", "--group-size", "32", "--init", "gptq", *calib,

@@ -18,8 +18,7 @@ written atomically to ``.OUT.partial/state``. Running the same command again aft
 checks that data, settings and base checkpoint are unchanged and continues from there; the final adapter equals
 an uninterrupted run's (bit for bit on the CPU, tested; on CUDA expect last-bit differences, as between two
 uninterrupted runs: attention's backward adds partial gradients with atomics there, and fine-tuning does not pay for
-deterministic mode). The
-result is a complete lowbit checkpoint (packed base + PEFT adapter) in ``OUT``.
+deterministic mode). The result is a complete lowbit checkpoint (packed base + PEFT adapter) in ``OUT``.
 """
 
 from __future__ import annotations

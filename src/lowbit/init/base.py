@@ -154,7 +154,6 @@ def train_block(
             raise FloatingPointError(f"{method} loss became {loss.item()} in epoch {epoch + 1}")
         value = loss.item()
         opt.zero_grad(set_to_none=True)
-        refused = None
         if method not in _REFUSED:
             try:
                 with deterministic_backward(ctx.device):
@@ -163,11 +162,11 @@ def train_block(
             except RuntimeError as exc:
                 if "deterministic" not in str(exc):
                     raise
-                refused = str(exc)  # the exception (and the graph its traceback holds) ends with this block
-        if refused is not None:
-            refuse(method, ctx.index, refused)
-            del loss  # the failed pass's graph goes before the forward is run again
-            opt.zero_grad(set_to_none=True)  # that pass may have written some gradients
+                refuse(method, ctx.index, str(exc))
+            # out of the except block, whose exception (and the graph its traceback holds) is gone: the failed
+            # pass's graph goes before the forward runs again, and the gradients it may have written with it
+            del loss
+            opt.zero_grad(set_to_none=True)
             loss = loss_of(idx)
         loss.backward()
         return value
