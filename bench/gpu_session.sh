@@ -7,11 +7,14 @@
 # loses only its unfinished row; the exit status is 1 when a step failed or was skipped for lack of time. Steps
 # (default: all, in this order; name a subset as arguments):
 #   smoke   every command with --device cuda, the CUDA kill -9 resume, tinygemm against the reference (issue 13)
-#   graph   device time of one layer at M = 1 and 16 from replayed CUDA graphs, weights from memory (issue 14)
+#   graph   device time of the goal's layer, 4096 -> 11008, at M = 1 and 16 from replayed CUDA graphs, weights read
+#           from memory (issue 14)
 #   calib   the 7B-shaped apiq-bw calibration row, two blocks -- only on an H100, where the goal is set (issue 13)
-#   decode  greedy decoding with CUDA graphs: bf16, lowbit W4 without a LoRA on tinygemm, bf16's no-linear floor,
-#           lowbit W4 without a LoRA on the default kernel (issue 14)
+#   decode  greedy decoding with CUDA graphs: bf16, lowbit W4 without a LoRA on tinygemm, bf16's no-linear floor
+#           (issue 14)
 #   train   W4 and W2 fine-tuning with each kernel's device time per step (the W2 gap's cause; issue 14)
+#   graph2  the graph rows of the other shape, 11008 -> 4096
+#   decode-base  greedy decoding with CUDA graphs, lowbit W4 without a LoRA on the default kernel
 #
 #   device tool: LOWBIT_COMMIT=<this checkout's short commit> bash bench/gpu_session.sh   (carry [".whl"]; the tree
 #                travels without .git, so the commit is named here; kind nvidia-h100-x1 for the calib step)
@@ -21,7 +24,7 @@ set -u
 BUDGET=${BUDGET:-540}
 DRY=${DRY:-}
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(smoke graph calib decode train)
+[ ${#steps[@]} -eq 0 ] && steps=(smoke graph calib decode train graph2 decode-base)
 start=$SECONDS
 mkdir -p "$OUT"
 log=$OUT/session.log
@@ -66,13 +69,15 @@ for s in "${steps[@]}"; do
     smoke)  # its JSON is written at its end only: a smoke cut off leaves none in $OUT, not a stale one
         if [ -n "$DRY" ]; then step smoke 300 $py bench/gpu_smoke.py --device cpu --out "$OUT"/gpu_smoke.json
         else step smoke 200 $py bench/gpu_smoke.py --device cuda --out "$OUT"/gpu_smoke.json; fi ;;
-    graph) step graph 200 $py bench/gpu.py $dry --rows graph-4096x11008,graph-11008x4096 ;;
+    graph) step graph 200 $py bench/gpu.py $dry --rows graph-4096x11008 ;;
+    graph2) step graph2 120 $py bench/gpu.py $dry --rows graph-11008x4096 ;;
     calib)
         if [[ $device == *H100* || -n $DRY ]]; then step calib 240 $py bench/gpu.py $dry --rows calib-apiq --blocks 2
         else echo "[session] calib: skipped on $device (the goal is an H100's; the H200 row is stored)" | tee -a "$log"; fi ;;
-    decode) step decode 300 $py bench/gpu.py $dry --rows decode-bf16-graphs,decode-lowbit-w4-int4-graphs,decode-bf16-nolinear-graphs,decode-lowbit-w4-base-graphs ;;
+    decode) step decode 240 $py bench/gpu.py $dry --rows decode-bf16-graphs,decode-lowbit-w4-int4-graphs,decode-bf16-nolinear-graphs ;;
+    decode-base) step decode-base 120 $py bench/gpu.py $dry --rows decode-lowbit-w4-base-graphs ;;
     train) step train 150 $py bench/gpu.py $dry --rows train-lowbit-w4,train-lowbit-w2 --profile ;;
-    *) echo "[session] unknown step $s (smoke, graph, calib, decode, train)" | tee -a "$log"; exit 2 ;;
+    *) echo "[session] unknown step $s (smoke, graph, calib, decode, train, graph2, decode-base)" | tee -a "$log"; exit 2 ;;
     esac
 done
 echo "[session] done after $((SECONDS - start))s$([ $failed -ne 0 ] && echo ', some steps failed or were skipped')" \
