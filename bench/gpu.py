@@ -15,11 +15,15 @@ activations under autocast. Rows:
   3-bit; the library the kernel seam would call if it won). The forward-only peers record their largest error
   against lowbit's reference kernel on the same codes (``max_rel_err``), which checks the conversion. lowbit rows
   also record the kernel used at each size and its largest error against the reference at full size
-  (``max_rel_err``: relative to the output's largest magnitude).
+  (``max_rel_err``: relative to the output's largest magnitude). With ``--profile`` each row also records the
+  device time of its forward + backward at M = 2048 (``fwdbwd_device``: kernels only, where the eager
+  ``fwdbwd_ms`` also holds Python and launch overhead).
 - ``graph-<in>x<out>-<method>``: the same layers' forward at M = 1 and 16 captured in a CUDA graph and replayed
   (``triton.testing.do_bench_cudagraph``): device time without Python and launch overhead, as in graph-captured
   decoding; for lowbit also the dequantization kernel alone (``dequant_us``: the transient weight of
-  ``triton-dequant``). Methods: ``dense-bf16``, ``bnb-nf4``, ``lowbit-w4/w3/w2-base``, ``lowbit-w4`` (LoRA),
+  ``triton-dequant``) and the kernel that ran at each M (``kernels``). Methods: ``dense-bf16``, ``bnb-nf4``,
+  ``lowbit-w4/w3/w2-base`` (what :func:`lowbit.kernels.select` picks: ``triton-decode`` in rows of commit cd0db78
+  and before, ``torch-int4`` after), ``lowbit-w4/w3/w2-decode`` (pinned to ``triton-decode``), ``lowbit-w4`` (LoRA),
   ``lowbit-w4/w3/w2-gemv`` (no LoRA, pinned to ``triton-gemv``: M = 1 only), ``lowbit-w4/w3/w2-int4`` (no LoRA,
   pinned to ``torch-int4``: PyTorch's tinygemm kernel, ``torch._weight_int4pack_mm``, which gpt-fast and torchao
   decode with, on the layer's codes repacked to its 4-bit layout), both with their largest error against the
@@ -32,7 +36,8 @@ activations under autocast. Rows:
   first, from the time of a one-token call subtracted); ``-graphs`` uses transformers' static cache, which compiles
   the forward with ``torch.compile`` (mode ``reduce-overhead``: CUDA graphs). Methods: ``bf16``, ``bnb-nf4``,
   ``lowbit-w4/w3/w2`` (with r16 LoRA, the kernels :func:`lowbit.kernels.select` picks: a fine-tuned model),
-  ``lowbit-w4-base`` (the same without a LoRA: a served model, e.g. ``export --requantize``'s), ``lowbit-w4-int4`` /
+  ``lowbit-w4-base`` (the same without a LoRA: a served model, e.g. ``export --requantize``'s; on ``triton-decode``
+  in commit cd0db78's rows, on ``torch-int4`` after), ``lowbit-w4-int4`` /
   ``lowbit-w4-gemv`` (without a LoRA, decoding pinned to ``torch-int4`` / ``triton-gemv``; calls a pinned kernel does
   not take, such as the 8-token prompt on the one-row GEMV, run on the reference -- hence ``decode_tokens_per_s``,
   which leaves the prompt out), and ``bf16-nolinear`` (``-graphs`` only: every block linear replaced by an
@@ -78,9 +83,11 @@ FORWARD_ONLY = ("gemlite",)  # peers without a backward: forward rows only, chec
 # time runs out (the goal's shape, 4096x11008, is the first graph shape gpu_session.sh names).
 GRAPH_METHODS_LAYER = ("dense-bf16", "bnb-nf4", "lowbit-w4-base", "lowbit-w4-int4", "lowbit-w4-gemv",
                        "lowbit-w3-base", "lowbit-w2-base", "lowbit-w3-int4", "lowbit-w2-int4", "lowbit-w3-gemv",
-                       "lowbit-w2-gemv", "lowbit-w4", "gemlite-w4", "gemlite-w2")  # fmt: skip
-# Method suffixes that pin one kernel the seam does not pick on CUDA (triton-gemv: pin-only; torch-int4: behind Triton).
-PINNED = {"gemv": "triton-gemv", "int4": "torch-int4"}
+                       "lowbit-w2-gemv", "lowbit-w4", "gemlite-w4", "gemlite-w2", "lowbit-w4-decode",
+                       "lowbit-w3-decode", "lowbit-w2-decode")  # fmt: skip
+# Method suffixes that pin one kernel (triton-gemv: pin-only; triton-decode: what -base rows ran up to commit cd0db78,
+# behind torch-int4 after it, measured faster there).
+PINNED = {"gemv": "triton-gemv", "int4": "torch-int4", "decode": "triton-decode"}
 NO_LORA = ("-base", *(f"-{suffix}" for suffix in PINNED))  # lowbit methods measured without an adapter
 ONLY_KERNEL = {"lowbit-w4-gemm": "triton-gemm", "lowbit-w4-dequant": "triton-dequant"}
 TRAIN_METHODS = ("bf16-lora", "bnb-qlora", "lowbit-w4", "lowbit-w3", "lowbit-w2")
@@ -115,7 +122,7 @@ class Setup:
         import torch
 
         self.dry_run = dry_run
-        self.profile = profile  # train and decode rows: where the device time goes (kernel_profile)
+        self.profile = profile  # layer, train and decode rows: where the device time goes (kernel_profile)
         self.device = torch.device("cpu" if dry_run else "cuda")
         self.scale = 32 if dry_run else 1  # layer widths divided by this
         self.big_m = 64 if dry_run else 2048
@@ -258,6 +265,8 @@ def layer_row(name: str, setup: Setup) -> dict:
             row["max_rel_err"] = peer_error(layer, method, in_f, out_f, xs[16], setup)
         else:
             row["fwdbwd_ms"] = round(timed_ms(setup, step), 4)
+            if setup.profile:  # the same call's device time: no Python or launch overhead, which the eager time holds
+                row["fwdbwd_device"] = kernel_profile(step, setup, calls=5)
         if method.startswith("lowbit") and not method.endswith("-reference"):
             row.update(kernel_check(layer, xs, x_big, grad, setup))
     row["fwdbwd_m"] = setup.big_m
@@ -315,6 +324,9 @@ def graph_row(name: str, setup: Setup) -> dict:
         for m in (1,) if pinned == "triton-gemv" else (1, 16):
             x = torch.randn(m, in_f, device=setup.device, dtype=torch.bfloat16)
             row[f"fwd_m{m}_us"] = round(bench(lambda one, x=x: one(x)), 2)
+        if method.startswith("lowbit"):  # which kernel ran (the default changes as kernels are measured)
+            row["kernels"] = {f"m{m}": kernels.select(layer, x[:m], training=False).name for m in (1, 16)
+                              if m <= x.shape[0]}  # fmt: skip
         if pinned:
             row["kernel"] = kernels.select(layer, x, training=False).name
             y = layer(x).float()
@@ -484,6 +496,7 @@ def train_row(name: str, setup: Setup) -> dict:
     seconds = time.perf_counter() - start
     row = {"row": name, "label": ROWS[name], "steps": setup.steps, "batch": [setup.batch, setup.seqlen],
            "tokens_per_s": round(setup.steps * setup.batch * setup.seqlen / seconds, 1),
+           "step_ms": round(seconds / setup.steps * 1e3, 1),  # against profile_per_step's device time: idle GPU
            "final_loss": round(float(loss), 4), "trainable_params": sum(p.numel() for p in params)}  # fmt: skip
     if setup.device.type == "cuda":
         row["peak_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
@@ -658,7 +671,8 @@ def main() -> None:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="train and decode rows: also record each kernel's device time (kernel_profile)",
+        help="layer (forward + backward), train and decode rows: also record each kernel's device time "
+        "(kernel_profile)",
     )
     args = parser.parse_args()
     if args.table:

@@ -1,20 +1,20 @@
 #!/usr/bin/env bash
-# One GPU lease in one call: the P4 measurements issues 13 and 14 still wait for, most important first.
+# One GPU lease in one call: the P4 measurements issue 14 still waits for, most important first.
 #
 # A lease is short (minutes of device time, a machine start included), so each step runs under its own time limit,
 # cut to what is left of BUDGET seconds, and a step that does not fit is skipped and said so; bench/gpu.py stores
 # each row as soon as it ends, and after every step the results are copied to $OUT, so a step cut off at its limit
 # loses only its unfinished row; the exit status is 1 when a step failed or was skipped for lack of time. Steps
-# (default: all, in this order; name a subset as arguments):
-#   smoke   every command with --device cuda, the CUDA kill -9 resume, tinygemm against the reference (issue 13)
-#   graph   device time of the goal's layer, 4096 -> 11008, at M = 1 and 16 from replayed CUDA graphs, weights read
-#           from memory (issue 14)
+# (default: train layers decode smoke, in this order; name others or a subset as arguments):
+#   train   fine-tuning: PEFT + bitsandbytes, then lowbit W2 before W4 and W3 (an order effect would show as W4
+#           slowing), each with its device time per step against its wall time (where W2's 7% goes)
+#   layers  forward + backward at M = 2048 of the three Llama-2-7B layer shapes, eager and in device time
+#           (the training-size goal, without the Python noise of eager timings)
+#   decode  greedy decoding with CUDA graphs, bf16 and lowbit W4 without a LoRA on the default kernel (tinygemm
+#           since cd0db78), each kernel's device time per token (what the W4 linears cost at TinyLlama's sizes)
+#   smoke   every command with --device cuda (decoding now on tinygemm by default), the CUDA kill -9 resume
+#   graph   device time of both layer shapes at M = 1 and 16 from replayed CUDA graphs, weights read from memory
 #   calib   the 7B-shaped apiq-bw calibration row, two blocks -- only on an H100, where the goal is set (issue 13)
-#   decode  greedy decoding with CUDA graphs: bf16, lowbit W4 without a LoRA on tinygemm, bf16's no-linear floor
-#           (issue 14)
-#   train   W4 and W2 fine-tuning with each kernel's device time per step (the W2 gap's cause; issue 14)
-#   graph2  the graph rows of the other shape, 11008 -> 4096
-#   decode-base  greedy decoding with CUDA graphs, lowbit W4 without a LoRA on the default kernel
 #
 #   device tool: LOWBIT_COMMIT=<this checkout's short commit> bash bench/gpu_session.sh   (carry [".whl"]; the tree
 #                travels without .git, so the commit is named here; kind nvidia-h100-x1 for the calib step)
@@ -24,7 +24,7 @@ set -u
 BUDGET=${BUDGET:-540}
 DRY=${DRY:-}
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(smoke graph calib decode train graph2 decode-base)
+[ ${#steps[@]} -eq 0 ] && steps=(train layers decode smoke)
 start=$SECONDS
 mkdir -p "$OUT"
 log=$OUT/session.log
@@ -69,15 +69,19 @@ for s in "${steps[@]}"; do
     smoke)  # its JSON is written at its end only: a smoke cut off leaves none in $OUT, not a stale one
         if [ -n "$DRY" ]; then step smoke 300 $py bench/gpu_smoke.py --device cpu --out "$OUT"/gpu_smoke.json
         else step smoke 200 $py bench/gpu_smoke.py --device cuda --out "$OUT"/gpu_smoke.json; fi ;;
-    graph) step graph 200 $py bench/gpu.py $dry --rows graph-4096x11008 ;;
-    graph2) step graph2 120 $py bench/gpu.py $dry --rows graph-11008x4096 ;;
+    graph) step graph 200 $py bench/gpu.py $dry --rows graph-4096x11008,graph-11008x4096 ;;
     calib)
         if [[ $device == *H100* || -n $DRY ]]; then step calib 240 $py bench/gpu.py $dry --rows calib-apiq --blocks 2
-        else echo "[session] calib: skipped on $device (the goal is an H100's; the H200 row is stored)" | tee -a "$log"; fi ;;
-    decode) step decode 240 $py bench/gpu.py $dry --rows decode-bf16-graphs,decode-lowbit-w4-int4-graphs,decode-bf16-nolinear-graphs ;;
-    decode-base) step decode-base 120 $py bench/gpu.py $dry --rows decode-lowbit-w4-base-graphs ;;
-    train) step train 150 $py bench/gpu.py $dry --rows train-lowbit-w4,train-lowbit-w2 --profile ;;
-    *) echo "[session] unknown step $s (smoke, graph, calib, decode, train, graph2, decode-base)" | tee -a "$log"; exit 2 ;;
+        else echo "[session] calib: skipped on $device (the goal is an H100's)" | tee -a "$log"; fi ;;
+    decode) step decode 200 $py bench/gpu.py $dry --rows decode-bf16-graphs,decode-lowbit-w4-base-graphs --profile ;;
+    train) step train 200 $py bench/gpu.py $dry --profile \
+        --rows train-bnb-qlora,train-lowbit-w2,train-lowbit-w4,train-lowbit-w3 ;;
+    layers)  # each shape's peers side by side: dense, PEFT + bitsandbytes, lowbit W4/W3/W2 (all with a LoRA but dense)
+        rows=$(for shape in 4096x11008 11008x4096 4096x4096; do
+            for m in dense-bf16 bnb-nf4-lora lowbit-w4 lowbit-w3 lowbit-w2; do printf 'layer-%s-%s,' $shape $m; done
+        done)
+        step layers 200 $py bench/gpu.py $dry --profile --rows "${rows%,}" ;;
+    *) echo "[session] unknown step $s (train, layers, decode, smoke, graph, calib)" | tee -a "$log"; exit 2 ;;
     esac
 done
 echo "[session] done after $((SECONDS - start))s$([ $failed -ne 0 ] && echo ', some steps failed or were skipped')" \

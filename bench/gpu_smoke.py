@@ -185,8 +185,11 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu")
     parser.add_argument("--out", help="write the result as JSON here")
     args = parser.parse_args()
+    import benchlib  # bench/ is this script's folder
+
+    env = benchlib.environment()  # machine, versions, commit, command and date, as every bench row has
     with tempfile.TemporaryDirectory(prefix="lowbit-gpu-smoke-") as tmp:
-        result = {"device": args.device, "steps": smoke(args.device, Path(tmp))}
+        result = {"device": args.device, "env": env, "steps": smoke(args.device, Path(tmp))}
     text = json.dumps(result, indent=1)
     if args.out:
         Path(args.out).write_text(text)

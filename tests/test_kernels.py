@@ -106,6 +106,27 @@ def test_select_by_rows_format_dtype_and_training(fast) -> None:
         assert kernels.select(layer, torch.randn(1, 128), training=True) is gemm
 
 
+def test_select_prefers_tinygemm_for_decoding(fast, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where both run (CUDA), int W2-W4 decoding goes to torch-int4 (tinygemm: 3.3x triton-decode at one row on an
+    H100); triton-decode keeps what tinygemm does not take, and training and prefill never reach either."""
+    if not kernels._torch_kernels():
+        pytest.skip("torch-int4 needs torch 2.6 or later (its CPU int4 ops)")
+    decode, gemm, _, _ = fast
+    int4 = kernels.kernel("torch-int4")
+    monkeypatch.setattr(kernels, "_fast_kernels", lambda device: {k.name: k for k in (*fast, int4)})
+    for bits in (2, 3, 4):
+        layer = _w4(64, bits=bits)
+        for m in (1, 16):
+            assert kernels.select(layer, torch.randn(m, 256), training=False) is int4
+            assert kernels.select(layer, torch.randn(m, 256).bfloat16(), training=False) is int4
+        assert kernels.select(layer, torch.randn(17, 256), training=False) is gemm  # prefill-sized
+        assert kernels.select(layer, torch.randn(1, 256), training=True) is decode  # tinygemm has no backward
+        assert kernels.select(layer, torch.randn(1, 256).half(), training=False) is decode  # it takes no fp16
+    assert kernels.select(_w4(64, out_f=40), torch.randn(1, 256), training=False) is decode  # outputs not in 16s
+    assert kernels.select(_w4(64, bits=8), torch.randn(1, 256), training=False) is decode
+    assert kernels.select(_layer(4, 64, fmt="nf"), torch.randn(1, 128), training=False) is decode
+
+
 def test_pinning(fast, monkeypatch: pytest.MonkeyPatch) -> None:
     decode, gemm, _, gemv = fast
     layer = _layer(4, 64)
@@ -131,7 +152,7 @@ def test_pinning(fast, monkeypatch: pytest.MonkeyPatch) -> None:
         kernels.select(layer, x, training=False)
     with pytest.raises(LowbitError, match="unknown kernel"), kernels.pinned("fastest"):
         pass
-    with pytest.raises(LowbitError, match="unknown kernel 'fastest'; choose one of triton-decode"):
+    with pytest.raises(LowbitError, match="unknown kernel 'fastest'; choose one of torch-int4, triton-decode"):
         kernels.kernel("fastest")
     assert kernels.kernel("reference") is kernels.REFERENCE
 

@@ -6,9 +6,8 @@ The reference kernel dequantizes the whole weight on every call, which at one to
 gpt-fast and torchao decode with (``torch._weight_int4pack_mm``), on the CPU its twin
 (``torch._weight_int4pack_mm_for_cpu``). On the CPU it is 7-39x faster than the reference at one row, 2-8x at 16; at
 64 rows it is slower on the small layers (0.8x), so beyond 16 rows (prefill, training) another kernel runs. It is
-the CPU's decoding kernel; on CUDA the Triton kernels come first (see :mod:`lowbit.kernels`) and this one decodes
-where they cannot be imported, or where pinned (``--kernel torch-int4``, ``LOWBIT_KERNEL``) for the ``*-int4`` rows
-of ``bench/gpu.py``.
+the decoding kernel on both devices: on an H100 it beats lowbit's Triton decoding kernels, dense bf16 and
+bitsandbytes NF4 at one row (``graph-*`` rows of ``bench/gpu.py``; numbers in :mod:`lowbit.kernels`).
 
 Its dequantization is ``(q - 8) * scale + m`` per group, with ``scale`` and ``m`` in bf16. lowbit's ``(q - z) * s``
 (symmetric codes: ``z = 2^(bits-1)``) is that with ``m = (8 - z) s`` -- small for 4-bit codes, whose zero point
