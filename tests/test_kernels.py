@@ -253,6 +253,40 @@ def test_torch_int4_decodes_by_default_and_repacks_when_the_weights_change(monke
     assert torch_int4.CACHE not in layer.__dict__
 
 
+@needs_int4
+def test_torch_int4_leaves_a_layer_whose_copy_does_not_fit_to_another_kernel(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """On a GPU the repacked copy doubles a W4 layer's memory and triples a W2 one's: a layer whose copy would not
+    leave HEADROOM of the device free decodes on the next kernel instead, one warning says so, and a move or a load
+    (drop_caches) asks again; a layer that has its copy is never asked."""
+    small, large = _w4(64, out_f=32, seed=1), _w4(64, out_f=64, seed=2, bits=2)
+    need = torch_int4.repacked_bytes(small)
+    assert need == 32 * 256 // 2 + (256 // 64) * 32 * 4  # half a byte a weight + a bf16 pair per group and row
+    total = 100 * need
+    left = {"bytes": need + int(torch_int4.HEADROOM * total)}  # exactly the small layer's copy and the headroom
+    monkeypatch.setattr(torch_int4, "memory_left", lambda device: (left["bytes"], total))
+    monkeypatch.setattr(torch_int4, "_warned_no_room", False)
+    x = torch.randn(1, 256)
+    assert kernels.select(small, x, training=False).name == "torch-int4"
+    with torch.no_grad():
+        small(x)  # makes the copy: from here on its memory is never asked about
+    monkeypatch.setattr(torch_int4, "memory_left", lambda device: pytest.fail("asked again"))
+    assert kernels.select(small, x, training=False).name == "torch-int4"
+    monkeypatch.setattr(torch_int4, "memory_left", lambda device: (left["bytes"], total))
+    assert kernels.select(large, x, training=False) is kernels.REFERENCE  # 2x the bytes: no room
+    assert kernels.select(large, x, training=False) is kernels.REFERENCE
+    with kernels.pinned("torch-int4"):  # a pin cannot force it either
+        assert kernels.select(large, x, training=False) is kernels.REFERENCE
+    with torch.no_grad():
+        assert torch.equal(large(x), reference.matmul(large, x) + large.bias)
+    err = capsys.readouterr().err
+    assert err.count("lowbit: warning: no room on the GPU") == 1 and "64x256 layer" in err, err
+    kernels.drop_caches(nn.Sequential(large))  # as a move or a load does: asked again, and now it fits
+    left["bytes"] = total
+    assert kernels.select(large, x, training=False).name == "torch-int4"
+
+
 def test_torch_int4_layouts() -> None:
     """The CUDA op's input: two codes a byte, the even column in the high nibble (torch's own int4 tests and
     gpt-fast build it so); k-tiles grouped as deep as the width allows (the op takes 2, 4 or 8)."""

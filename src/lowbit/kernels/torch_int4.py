@@ -29,6 +29,7 @@ them.
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING
 
 import torch
@@ -41,6 +42,11 @@ if TYPE_CHECKING:
 GROUPS = (32, 64, 128, 256)  # the group sizes the op accepts
 MAX_M = 16  # beyond this the reference is as fast on the CPU (bench/cpu_int4.py)
 CACHE = "_int4pack"  # the layer attribute holding the repacked codes (see packed; lowbit.kernels.drop_caches)
+# What CACHE holds for a CUDA layer whose repacked copy did not fit (see has_room): it decodes on another kernel
+# until lowbit.kernels.drop_caches (or a move, a load, new weights) clears it.
+NO_ROOM = "no room"
+HEADROOM = 0.1  # the share of the GPU's memory a repacked copy must leave free (the KV cache and activations grow)
+_warned_no_room = False
 
 
 def tinygemm_form(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,7 +106,7 @@ def packed(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
     versions = None if compiling else tuple(None if t is None else _version(t) for t in buffers)
     cached = getattr(layer, CACHE, None)
     if (
-        cached is not None
+        isinstance(cached, tuple)
         and all(a is b for a, b in zip(cached[0], buffers, strict=True))
         and (compiling or cached[1] == versions)
     ):
@@ -122,12 +128,56 @@ def matmul(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
 
 def _fits(layer: QuantLinear) -> bool:
     """Shapes the ops take (group sizes in :data:`GROUPS`, outputs in sixteens) on a device they run on (tinygemm
-    needs an Ampere or later GPU): elsewhere the call falls back instead of failing inside the op. The device's
-    properties, unlike ``get_device_capability``, are constants to ``torch.compile``: no graph break."""
+    needs an Ampere or later GPU), with room for the repacked copy: elsewhere the call falls back instead of
+    failing inside the op. The device's properties, unlike ``get_device_capability``, are constants to
+    ``torch.compile``: no graph break."""
     device = layer.qweight.device
     if device.type == "cuda" and torch.cuda.get_device_properties(device).major < 8:
         return False
-    return layer.spec.group_size in GROUPS and layer.out_features % 16 == 0
+    return layer.spec.group_size in GROUPS and layer.out_features % 16 == 0 and has_room(layer)
+
+
+def repacked_bytes(layer: QuantLinear) -> int:
+    """Bytes of a layer's repacked copy: half a byte a weight and a bf16 (scale, offset) pair per group and row."""
+    groups = layer.in_features // layer.spec.group_size
+    return layer.out_features * layer.in_features // 2 + groups * layer.out_features * 4
+
+
+def memory_left(device: torch.device) -> tuple[int, int] | None:
+    """(bytes a new tensor can take, the device's total) on a CUDA device -- the driver's free memory plus what
+    torch's allocator holds unused -- or None where the copies are not counted (the CPU)."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device), total
+
+
+def has_room(layer: QuantLinear) -> bool:
+    """Whether the layer's repacked copy exists or fits, leaving :data:`HEADROOM` of the GPU free.
+
+    The copy doubles a W4 layer's memory and triples a W2 one's, and lowbit is chosen to fit large models on small
+    GPUs: a layer whose copy would not fit decodes on another kernel (``triton-decode``, about 3x slower at one
+    token) rather than running the GPU out of memory, and the first such layer says so. Checked once per layer,
+    outside compiled code (a compiled call reads the answer; a copy first made inside compiled code is not
+    checked).
+    """
+    global _warned_no_room
+    cached = getattr(layer, CACHE, None)
+    if cached is not None or torch.compiler.is_compiling():
+        return cached is not NO_ROOM
+    left = memory_left(layer.qweight.device)
+    need = repacked_bytes(layer)
+    if left is None or need + HEADROOM * left[1] <= left[0]:
+        return True
+    layer.__dict__[CACHE] = NO_ROOM
+    if not _warned_no_room:
+        _warned_no_room = True
+        print(f"lowbit: warning: no room on the GPU for the torch-int4 kernel's repacked codes of a "
+              f"{layer.out_features}x{layer.in_features} layer ({need / 2**20:.0f} MiB, keeping {HEADROOM:.0%} of "
+              "the GPU free); it and any other such layer decode on another kernel, about 3x slower at one token. "
+              "Free GPU memory, or pass --kernel triton-decode to decode without the copies",
+              file=sys.stderr)  # fmt: skip
+    return False
 
 
 # The CPU ops arrived in torch 2.6 (the CUDA op's byte-pair input with 2.5); before that the kernel is not offered.
