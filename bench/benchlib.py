@@ -73,7 +73,7 @@ def environment() -> dict:
             "torch_threads": torch.get_num_threads(),
             "device": device,
         },
-        "versions": {p: _version(p) for p in ("lowbit", "torch", "transformers", "peft", "bitsandbytes")},
+        "versions": {p: _version(p) for p in ("lowbit", "torch", "transformers", "peft", "bitsandbytes", "triton")},
     }
 
 
@@ -113,11 +113,16 @@ def stored_table(results: Path, order: list[str], table) -> str:
 
 def save_rows(results: Path, rows: list[dict], env: dict, protocol: str) -> None:
     """Merge ``rows`` into the JSON file ``results`` by row name (atomic rewrite), each with the run's ``env``; a
-    bench calls it after every row, so an interrupted run keeps the rows it finished."""
+    bench calls it after every row, so an interrupted run keeps the rows it finished. A row run again moves its
+    earlier result to the file's ``superseded`` list: a number quoted from an earlier run (another commit, another
+    GPU) stays on record."""
     previous = json.loads(results.read_text()) if results.is_file() else {"rows": {}}
+    for r in rows:
+        if r["row"] in previous["rows"]:
+            previous.setdefault("superseded", []).append(previous["rows"][r["row"]])
     previous["rows"].update({r["row"]: {**r, "env": env} for r in rows})
     previous["protocol"] = protocol
     results.parent.mkdir(parents=True, exist_ok=True)
     tmp = results.with_suffix(".tmp")
-    tmp.write_text(json.dumps(previous, indent=2) + "\n")
+    tmp.write_text(json.dumps(previous, indent=2, ensure_ascii=False) + "\n")
     tmp.replace(results)

@@ -690,7 +690,6 @@ def main() -> None:
     names = select_rows(args.rows)
     setup = Setup(args.dry_run, args.profile)
     env = benchlib.environment()
-    env["versions"]["triton"] = benchlib._version("triton")
     rows = []
     for name in [n for n in names if not n.startswith("calib")]:
         print(f"[gpu] {name} ...", file=sys.stderr, flush=True)

@@ -10,8 +10,9 @@
 #           slowing), each with its device time per step against its wall time (where W2's 7% goes)
 #   layers  forward + backward at M = 2048 of the three Llama-2-7B layer shapes, eager and in device time
 #           (the training-size goal, without the Python noise of eager timings)
-#   decode  greedy decoding with CUDA graphs, bf16 and lowbit W4 without a LoRA on the default kernel (tinygemm
-#           since cd0db78), each kernel's device time per token (what the W4 linears cost at TinyLlama's sizes)
+#   decode  greedy decoding with CUDA graphs, bf16 and lowbit W4 without and with a LoRA on the default kernel
+#           (tinygemm after cd0db78), each kernel's device time per token (what the W4 linears cost at TinyLlama's
+#           sizes)
 #   smoke   every command with --device cuda (decoding now on tinygemm by default), the CUDA kill -9 resume
 #   graph   device time of both layer shapes at M = 1 and 16 from replayed CUDA graphs, weights read from memory
 #   calib   the 7B-shaped apiq-bw calibration row, two blocks -- only on an H100, where the goal is set (issue 13)
@@ -73,7 +74,8 @@ for s in "${steps[@]}"; do
     calib)
         if [[ $device == *H100* || -n $DRY ]]; then step calib 240 $py bench/gpu.py $dry --rows calib-apiq --blocks 2
         else echo "[session] calib: skipped on $device (the goal is an H100's)" | tee -a "$log"; fi ;;
-    decode) step decode 200 $py bench/gpu.py $dry --rows decode-bf16-graphs,decode-lowbit-w4-base-graphs --profile ;;
+    decode) step decode 200 $py bench/gpu.py $dry --profile \
+        --rows decode-bf16-graphs,decode-lowbit-w4-base-graphs,decode-lowbit-w4-graphs ;;
     train) step train 200 $py bench/gpu.py $dry --profile \
         --rows train-bnb-qlora,train-lowbit-w2,train-lowbit-w4,train-lowbit-w3 ;;
     layers)  # each shape's peers side by side: dense, PEFT + bitsandbytes, lowbit W4/W3/W2 (all with a LoRA but dense)

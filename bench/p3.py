@@ -166,14 +166,8 @@ def main() -> None:
 
 
 def save(row: dict, env: dict) -> None:
-    """Merge one finished row into bench/results/p3.json (atomic replace)."""
-    previous = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"rows": {}}
-    previous["rows"][row["row"]] = {**row, "env": env}
-    previous["protocol"] = "P3"
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".tmp")
-    tmp.write_text(json.dumps(previous, indent=2, ensure_ascii=False) + "\n")
-    tmp.replace(RESULTS)
+    """Merge one finished row into bench/results/p3.json (``benchlib.save_rows``)."""
+    benchlib.save_rows(RESULTS, [row], env, "P3")
     print(f"[p3] {row['row']} saved to {RESULTS.relative_to(benchlib.ROOT)}", file=sys.stderr, flush=True)
 
 

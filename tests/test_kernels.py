@@ -287,6 +287,32 @@ def test_torch_int4_leaves_a_layer_whose_copy_does_not_fit_to_another_kernel(
     assert kernels.select(large, x, training=False).name == "torch-int4"
 
 
+@needs_int4
+def test_prepare_decoding_makes_the_copies_that_fit_one_after_another(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Made up front (as generate and translate do before a compiled decoding step), each layer's copy is weighed
+    against the memory its predecessors' copies left: the first two fit, the third decodes elsewhere. Nothing is
+    made where memory is not counted (the CPU) or where a pin keeps torch-int4 from running."""
+    layers = nn.Sequential(*(_w4(64, out_f=32, seed=s) for s in range(3)))
+    need = torch_int4.repacked_bytes(layers[0])
+    total = 100 * need
+    start = 2 * need + int(torch_int4.HEADROOM * total)
+
+    def left(device: torch.device) -> tuple[int, int]:
+        copies = sum(isinstance(getattr(m, torch_int4.CACHE, None), tuple) for m in layers)
+        return start - copies * need, total
+
+    assert kernels.prepare_decoding(layers) == (0, 0)  # the CPU: copies are made lazily, as before
+    assert not any(torch_int4.CACHE in m.__dict__ for m in layers)
+    monkeypatch.setattr(torch_int4, "memory_left", left)
+    monkeypatch.setattr(torch_int4, "_warned_no_room", True)  # the warning is tested above
+    with kernels.pinned("reference"):
+        assert kernels.prepare_decoding(layers) == (0, 0)
+    assert kernels.prepare_decoding(layers) == (2, 1)
+    assert kernels.prepare_decoding(layers) == (0, 1)  # made once
+    x = torch.randn(1, 256)
+    assert [kernels.select(m, x, training=False).name for m in layers] == ["torch-int4", "torch-int4", "reference"]
+
+
 def test_torch_int4_layouts() -> None:
     """The CUDA op's input: two codes a byte, the even column in the high nibble (torch's own int4 tests and
     gpt-fast build it so); k-tiles grouped as deep as the width allows (the op takes 2, 4 or 8)."""

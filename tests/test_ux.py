@@ -106,7 +106,11 @@ def test_p1_results_path_and_rows_printed_as_they_finish(monkeypatch, tmp_path: 
     results = tmp_path / "runs" / "p1.json"
     p1.main(["--rows", "fp32,rtn4", "--results", str(results)])
     assert "| FP32 reference |" in seen_before["rtn4"]  # the first row was shown before the second ran
-    assert set(json.loads(results.read_text())["rows"]) == {"fp32", "rtn4"}
+    first = json.loads(results.read_text())
+    assert set(first["rows"]) == {"fp32", "rtn4"} and "superseded" not in first
+    p1.main(["--rows", "rtn4", "--results", str(results)])  # a rerun keeps the earlier result on record
+    again = json.loads(results.read_text())
+    assert again["superseded"] == [first["rows"]["rtn4"]] and again["rows"]["fp32"] == first["rows"]["fp32"]
     assert (p1.RESULTS.read_bytes() if p1.RESULTS.is_file() else None) == tracked
 
 

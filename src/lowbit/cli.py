@@ -23,7 +23,7 @@ from lowbit.config import INITIALIZERS, flag
 from lowbit.device import DEVICE_CHOICES, parse_budget, prepare_deterministic, resolve_device
 from lowbit.errors import LowbitError
 from lowbit.kernels import NAMES as KERNEL_NAMES
-from lowbit.kernels import kernel, pinned, pinned_name
+from lowbit.kernels import kernel, pinned, pinned_name, prepare_decoding
 
 EXIT_USER_ERROR = 2
 
@@ -487,6 +487,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     inputs = tokenizer(text, return_tensors="pt").to(model.device)
     torch.manual_seed(args.seed)
     with torch.no_grad(), _kernel_pin(args):
+        prepare_decoding(model)  # per-layer kernel copies made while they fit, not inside a compiled step
         out = model.generate(
             **inputs,
             max_new_tokens=args.max_new_tokens,

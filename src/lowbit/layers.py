@@ -161,8 +161,9 @@ class QuantLinear(nn.Module):
         if self.adapter is not None and self.adapter.target == "weight":
             # PaFi / HiWi on the weight: one matmul on merged(dequant(Q) + s B A), the frozen LoRA start included
             return self.adapter.linear(x, self.base_weight, self.bias)
-        # The base product runs on the kernel selected for this call (lowbit.kernels): fused Triton kernels on CUDA
-        # where they support the format and shape; on the CPU torch-int4 when decoding, else the reference. Grad mode
+        # The base product runs on the kernel selected for this call (lowbit.kernels): torch-int4 when decoding int
+        # W2-W4 (CPU and CUDA), fused Triton kernels on CUDA otherwise where they support the format and shape, else
+        # the reference. Grad mode
         # counts as training even where x needs no gradient (a first block's input): its forward keeps the
         # training numerics, not decoding's.
         y = kernels.select(self, x, torch.is_grad_enabled()).matmul(self, x)

@@ -18,7 +18,8 @@ CPU-only installs never import Triton):
   (decoding perplexity within 0.7% of the float32 reference's, top-1 the same for 96.9-99.2% of tokens -- more
   often than running the model in bf16 does; ``bench/cpu_int4.py``) and needs no Triton;
 - ``triton-decode`` (M <= 16): fused dequantize + GEMV / small GEMM with split-K, for what tinygemm does not take
-  (NormalFloat, W8, fp16 activations, group sizes other than 32-256, outputs not in sixteens);
+  (NormalFloat, W8, fp16 activations, group sizes other than 32-256, outputs not in sixteens, GPUs before Ampere,
+  layers whose repacked copy does not fit);
 - ``triton-gemm`` (M <= 1024): fused dequantize + GEMM forward and ``grad_x`` backward, for prefill and small
   training batches;
 - ``triton-dequant`` (any M): one-kernel dequantization into a transient weight, then cuBLAS (forward and
@@ -186,6 +187,19 @@ def select(layer: QuantLinear, x: torch.Tensor, training: bool) -> Kernel:
     return REFERENCE
 
 
+def prepare_decoding(model: torch.nn.Module) -> tuple[int, int]:
+    """Before decoding on a GPU: make the kernels' per-layer copies (torch-int4's repacked codes) now, while they
+    fit, rather than inside a compiled decoding step; (copies made, layers left to another kernel). A no-op on the
+    CPU, or where a pin keeps torch-int4 from running."""
+    pin = pinned_name()
+    int4 = _torch_kernels().get("torch-int4")
+    if int4 is None or pin not in (None, int4.name):
+        return 0, 0
+    from lowbit.kernels import torch_int4
+
+    return torch_int4.prepare(model)
+
+
 def drop_caches(module: torch.nn.Module) -> None:
     """Forget what kernels keep beside the quantized layers' buffers in ``module`` (torch-int4's repacked codes),
     freeing that memory; the next call that needs it makes it again. ``QuantLinear`` calls this itself when its
@@ -215,5 +229,6 @@ __all__ = [
     "drop_caches",
     "kernel",
     "pinned",
+    "prepare_decoding",
     "select",
 ]

@@ -156,10 +156,10 @@ def has_room(layer: QuantLinear) -> bool:
     """Whether the layer's repacked copy exists or fits, leaving :data:`HEADROOM` of the GPU free.
 
     The copy doubles a W4 layer's memory and triples a W2 one's, and lowbit is chosen to fit large models on small
-    GPUs: a layer whose copy would not fit decodes on another kernel (``triton-decode``, about 3x slower at one
-    token) rather than running the GPU out of memory, and the first such layer says so. Checked once per layer,
-    outside compiled code (a compiled call reads the answer; a copy first made inside compiled code is not
-    checked).
+    GPUs: a layer whose copy would not fit decodes on another kernel (``triton-decode``: 3.3x tinygemm's time on a
+    7B layer at one row) rather than running the GPU out of memory, and the first such layer says so. Checked once
+    per layer, outside compiled code (a compiled call reads the answer; a copy first made inside compiled code is
+    not checked, which is why :func:`prepare` makes them beforehand).
     """
     global _warned_no_room
     cached = getattr(layer, CACHE, None)
@@ -174,10 +174,34 @@ def has_room(layer: QuantLinear) -> bool:
         _warned_no_room = True
         print(f"lowbit: warning: no room on the GPU for the torch-int4 kernel's repacked codes of a "
               f"{layer.out_features}x{layer.in_features} layer ({need / 2**20:.0f} MiB, keeping {HEADROOM:.0%} of "
-              "the GPU free); it and any other such layer decode on another kernel, about 3x slower at one token. "
-              "Free GPU memory, or pass --kernel triton-decode to decode without the copies",
+              "the GPU free); it and any other such layer decode on another kernel, slower (a 1.1B W4 model: 1.36x "
+              "the time a token). Free GPU memory to decode every layer on torch-int4",
               file=sys.stderr)  # fmt: skip
     return False
+
+
+def prepare(model: torch.nn.Module) -> tuple[int, int]:
+    """Make the repacked copies of ``model``'s decodable layers now, layer by layer while they fit, on devices
+    whose memory :func:`memory_left` counts (CUDA); returns (copies made, layers left to another kernel).
+
+    Made lazily, a copy is checked against free memory at the layer's first eager decoding call. Under
+    ``generate``'s static cache a prompt longer than :data:`MAX_M` rows is prefilled on another kernel and the
+    first one-row call is compiled, where memory cannot be read, so every copy would be made unchecked; made
+    here, eagerly, each layer sees the memory its predecessors' copies took.
+    """
+    from lowbit.layers import QuantLinear
+
+    made = refused = 0
+    for layer in model.modules():
+        if not isinstance(layer, QuantLinear) or memory_left(layer.qweight.device) is None:
+            continue
+        probe = torch.empty(1, layer.in_features, device=layer.qweight.device, dtype=torch.bfloat16)
+        if KERNEL.supports(layer, probe, training=False):
+            made += not isinstance(getattr(layer, CACHE, None), tuple)
+            packed(layer)
+        elif getattr(layer, CACHE, None) is NO_ROOM:
+            refused += 1
+    return made, refused
 
 
 # The CPU ops arrived in torch 2.6 (the CUDA op's byte-pair input with 2.5); before that the kernel is not offered.

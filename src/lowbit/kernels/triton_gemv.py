@@ -11,8 +11,9 @@ zero points enter once per word: ``sum_j (q_j - z) s x_j = s (sum_j q_j x_j - z 
 sum at the end gives the output; no split of the reduction, so no float32 scratch, ``sum`` or cast kernels.
 
 Forward only (one-row training steps take another kernel); rows must start on a 32-bit word (``in % 32 == 0``).
-Not preferred by :func:`lowbit.kernels.select` until ``bench/gpu.py`` (``*-gemv`` rows) shows it faster than
-``triton-decode``; pin it with ``LOWBIT_KERNEL=triton-gemv``.
+Not preferred by :func:`lowbit.kernels.select`: on an H100 (``bench/gpu.py`` ``*-gemv`` rows, commit cd0db78) it
+beats ``triton-decode`` at one row (28.9 against 49.7 us, W4 4096 -> 11008) but not ``torch-int4`` (15.0), which
+decodes instead; pin it with ``LOWBIT_KERNEL=triton-gemv``.
 """
 
 from __future__ import annotations
