@@ -307,7 +307,8 @@ def test_prepare_decoding_makes_the_copies_that_fit_one_after_another(monkeypatc
     monkeypatch.setattr(torch_int4, "_warned_no_room", True)  # the warning is tested above
     with kernels.pinned("reference"):
         assert kernels.prepare_decoding(layers) == (0, 0)
-    assert kernels.prepare_decoding(layers) == (2, 1)
+    assert kernels.prepare_decoding(layers, rows=4 * 8) == (0, 0)  # batch 4 x 8 beams: no copy would be read
+    assert kernels.prepare_decoding(layers, rows=16) == (2, 1)
     assert kernels.prepare_decoding(layers) == (0, 1)  # made once
     x = torch.randn(1, 256)
     assert [kernels.select(m, x, training=False).name for m in layers] == ["torch-int4", "torch-int4", "reference"]

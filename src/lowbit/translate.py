@@ -83,7 +83,7 @@ def translate(
     side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation continues at the right edge
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model.eval()
-    kernels.prepare_decoding(model)  # per-layer kernel copies made while they fit, not inside a compiled step
+    kernels.prepare_decoding(model, rows=batch_size * beams)  # kernel copies made while they fit, not when compiled
     out: list[str] = []
     try:
         bar = tqdm(total=len(sources), desc="translating", unit="seg", disable=not progress)

@@ -187,17 +187,18 @@ def select(layer: QuantLinear, x: torch.Tensor, training: bool) -> Kernel:
     return REFERENCE
 
 
-def prepare_decoding(model: torch.nn.Module) -> tuple[int, int]:
-    """Before decoding on a GPU: make the kernels' per-layer copies (torch-int4's repacked codes) now, while they
-    fit, rather than inside a compiled decoding step; (copies made, layers left to another kernel). A no-op on the
-    CPU, or where a pin keeps torch-int4 from running."""
+def prepare_decoding(model: torch.nn.Module, rows: int = 1) -> tuple[int, int]:
+    """Before decoding ``rows`` rows a step (batch x beams) on a GPU: make the kernels' per-layer copies
+    (torch-int4's repacked codes) now, while they fit, rather than inside a compiled decoding step; (copies made,
+    layers left to another kernel). A no-op on the CPU, where a pin keeps torch-int4 from running, or for steps
+    too large for it."""
     pin = pinned_name()
     int4 = _torch_kernels().get("torch-int4")
     if int4 is None or pin not in (None, int4.name):
         return 0, 0
     from lowbit.kernels import torch_int4
 
-    return torch_int4.prepare(model)
+    return torch_int4.prepare(model, rows)
 
 
 def drop_caches(module: torch.nn.Module) -> None:

@@ -180,9 +180,10 @@ def has_room(layer: QuantLinear) -> bool:
     return False
 
 
-def prepare(model: torch.nn.Module) -> tuple[int, int]:
-    """Make the repacked copies of ``model``'s decodable layers now, layer by layer while they fit, on devices
-    whose memory :func:`memory_left` counts (CUDA); returns (copies made, layers left to another kernel).
+def prepare(model: torch.nn.Module, rows: int = 1) -> tuple[int, int]:
+    """Make the repacked copies of ``model``'s layers that will decode ``rows`` rows a step on this kernel now,
+    layer by layer while they fit, on devices whose memory :func:`memory_left` counts (CUDA); returns (copies
+    made, layers left to another kernel). Steps of more than :data:`MAX_M` rows never read a copy: none is made.
 
     Made lazily, a copy is checked against free memory at the layer's first eager decoding call. Under
     ``generate``'s static cache a prompt longer than :data:`MAX_M` rows is prefilled on another kernel and the
@@ -195,7 +196,7 @@ def prepare(model: torch.nn.Module) -> tuple[int, int]:
     for layer in model.modules():
         if not isinstance(layer, QuantLinear) or memory_left(layer.qweight.device) is None:
             continue
-        probe = torch.empty(1, layer.in_features, device=layer.qweight.device, dtype=torch.bfloat16)
+        probe = torch.empty(rows, layer.in_features, device=layer.qweight.device, dtype=torch.bfloat16)
         if KERNEL.supports(layer, probe, training=False):
             made += not isinstance(getattr(layer, CACHE, None), tuple)
             packed(layer)
