@@ -308,6 +308,10 @@ def test_prepare_decoding_makes_the_copies_that_fit_one_after_another(monkeypatc
     with kernels.pinned("reference"):
         assert kernels.prepare_decoding(layers) == (0, 0)
     assert kernels.prepare_decoding(layers, rows=4 * 8) == (0, 0)  # batch 4 x 8 beams: no copy would be read
+    fp16 = nn.Module()  # a model whose activations are fp16 (its embeddings say so): tinygemm never takes them
+    fp16.layers, fp16.embed = layers, nn.Embedding(8, 256, dtype=torch.float16)
+    fp16.get_input_embeddings = lambda: fp16.embed
+    assert kernels.prepare_decoding(fp16) == (0, 0)
     assert kernels.prepare_decoding(layers, rows=16) == (2, 1)
     assert kernels.prepare_decoding(layers) == (0, 1)  # made once
     x = torch.randn(1, 256)

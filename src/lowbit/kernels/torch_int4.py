@@ -192,11 +192,14 @@ def prepare(model: torch.nn.Module, rows: int = 1) -> tuple[int, int]:
     """
     from lowbit.layers import QuantLinear
 
+    # The activations' dtype, as the embeddings give it (an fp16 model never decodes on this kernel: no copies).
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    dtype = embeddings.weight.dtype if isinstance(embeddings, torch.nn.Embedding) else torch.bfloat16
     made = refused = 0
     for layer in model.modules():
         if not isinstance(layer, QuantLinear) or memory_left(layer.qweight.device) is None:
             continue
-        probe = torch.empty(rows, layer.in_features, device=layer.qweight.device, dtype=torch.bfloat16)
+        probe = torch.empty(rows, layer.in_features, device=layer.qweight.device, dtype=dtype)
         if KERNEL.supports(layer, probe, training=False):
             made += not isinstance(getattr(layer, CACHE, None), tuple)
             packed(layer)
