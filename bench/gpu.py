@@ -27,7 +27,9 @@ activations under autocast. Rows:
   ``lowbit-w4/w3/w2-gemv`` (no LoRA, pinned to ``triton-gemv``: M = 1 only), ``lowbit-w4/w3/w2-int4`` (no LoRA,
   pinned to ``torch-int4``: PyTorch's tinygemm kernel, ``torch._weight_int4pack_mm``, which gpt-fast and torchao
   decode with, on the layer's codes repacked to its 4-bit layout), both with their largest error against the
-  reference (``max_rel_err``), and ``gemlite-w4/w2``.
+  reference (``max_rel_err``), and ``gemlite-w4/w2``. Also at TinyLlama-1.1B's layer shapes (2048->2048,
+  2048->256, 2048->5632, 5632->2048: the decode rows' model) for the peers and the W4/W2 decoding kernels, each
+  replay over at most 512 copies.
 - ``train-<method>``: LoRA r16/alpha 32 training of a TinyLlama-1.1B-shaped Llama (all 7 linears of each block) at
   batch 4 x 512 tokens: tokens/s over 8 AdamW steps after 2 warm-up steps, and peak allocated memory. Methods:
   ``bf16-lora`` (PEFT on the bf16 model), ``bnb-qlora`` (PEFT + bitsandbytes NF4), ``lowbit-w4/w3/w2``.
@@ -75,6 +77,12 @@ import benchlib
 
 RESULTS = benchlib.ROOT / "bench" / "results" / "gpu.json"
 SHAPES = {"4096x4096": (4096, 4096), "4096x11008": (4096, 11008), "11008x4096": (11008, 4096)}
+# TinyLlama-1.1B's layers (the decode rows' model: q/o, k/v, gate/up, down), graph rows only: is a W4 kernel's time at
+# these sizes set by the bytes or by a per-call cost, and which kernel is fastest at each?
+DECODE_SHAPES = {"2048x2048": (2048, 2048), "2048x256": (2048, 256), "2048x5632": (2048, 5632),
+                 "5632x2048": (5632, 2048)}  # fmt: skip
+GRAPH_METHODS_DECODE = ("dense-bf16", "bnb-nf4", "lowbit-w4-int4", "lowbit-w4-decode", "lowbit-w4-gemv",
+                        "lowbit-w2-gemv", "gemlite-w4", "gemlite-w2")  # fmt: skip
 LAYER_METHODS = ("dense-bf16", "bnb-nf4", "bnb-nf4-lora", "lowbit-w4", "lowbit-w3", "lowbit-w2", "lowbit-w4-base",
                  "lowbit-w4-gemm", "lowbit-w4-dequant", "lowbit-w4-reference", "gemlite-w4", "gemlite-w2")  # fmt: skip
 FORWARD_ONLY = ("gemlite",)  # peers without a backward: forward rows only, checked against lowbit
@@ -104,6 +112,8 @@ def _rows() -> dict[str, str]:
     rows = {f"layer-{s}-{m}": f"layer {s.replace('x', '->')}, {m}" for s in SHAPES for m in LAYER_METHODS}
     rows.update({f"graph-{s}-{m}": f"layer {s.replace('x', '->')}, {m}, CUDA graph" for s in SHAPES
                  for m in GRAPH_METHODS_LAYER})  # fmt: skip
+    rows.update({f"graph-{s}-{m}": f"layer {s.replace('x', '->')} (TinyLlama), {m}, CUDA graph" for s in DECODE_SHAPES
+                 for m in GRAPH_METHODS_DECODE})  # fmt: skip
     rows.update({f"train-{m}": f"TinyLlama-1.1B LoRA training, {m}" for m in TRAIN_METHODS})
     rows.update({f"decode-{m}": f"TinyLlama-1.1B greedy decoding, {m}, eager" for m in DECODE_METHODS})
     rows.update({f"decode-{m}-graphs": f"TinyLlama-1.1B greedy decoding, {m}, CUDA graphs" for m in GRAPH_METHODS})
@@ -273,8 +283,10 @@ def layer_row(name: str, setup: Setup) -> dict:
     return row
 
 
-# Weights each graph-row replay reads: over twice the L2 of an H100 or H200 (50 MB), so every layer comes from memory.
+# Weights each graph-row replay reads: over twice the L2 of an H100 or H200 (50 MB), so every layer comes from memory;
+# a small layer takes many copies (a W4 2048 -> 256 layer: 512).
 L2_FLUSH_BYTES = 128 * 2**20
+MAX_COPIES = 512
 
 
 def weight_bytes(method: str, in_f: int, out_f: int) -> float:
@@ -301,8 +313,8 @@ def graph_row(name: str, setup: Setup) -> dict:
     from lowbit import kernels
 
     shape, method = name.removeprefix("graph-").split("-", 1)
-    in_f, out_f = (setup.width(d) for d in SHAPES[shape])
-    n_copies = 2 if setup.dry_run else min(64, math.ceil(L2_FLUSH_BYTES / weight_bytes(method, in_f, out_f)))
+    in_f, out_f = (setup.width(d) for d in (SHAPES | DECODE_SHAPES)[shape])
+    n_copies = 2 if setup.dry_run else min(MAX_COPIES, math.ceil(L2_FLUSH_BYTES / weight_bytes(method, in_f, out_f)))
     layers = [make_layer(method, in_f, out_f, setup) for _ in range(n_copies)]
     layer = layers[0]
     row: dict = {"row": name, "label": ROWS[name], "in": in_f, "out": out_f, "copies": n_copies}
