@@ -81,6 +81,30 @@ def test_generate_on_the_cpu_int4_kernel(tiny_folder: Path, tmp_path: Path, caps
     assert exc.value.code == 2 and "invalid choice: 'fastest'" in capsys.readouterr().err
 
 
+def test_generate_precision(ckpt: Path, capsys, monkeypatch) -> None:
+    """``--precision``: auto keeps float32 on the CPU (exact results there); bf16 puts the model's float32
+    parameters in bf16 and decodes under bf16 autocast, as ``auto`` does on a CUDA GPU; a GPU's auto is bf16."""
+    import lowbit.cli
+    from lowbit.device import uses_bf16
+
+    seen = []
+
+    def spy(model, rows=1):
+        seen.append((model.get_input_embeddings().weight.dtype, torch.is_autocast_enabled("cpu")))
+        return 0, 0
+
+    monkeypatch.setattr(lowbit.cli, "prepare_decoding", spy)
+    for flags, expected in (([], (torch.float32, False)), (["--precision", "bf16"], (torch.bfloat16, True))):
+        code, out, _ = run(capsys, "generate", ckpt, "w1 w2 w3", "--max-new-tokens", "3", "--json", *flags)
+        assert code == 0 and json.loads(out)["new_tokens"] <= 3 and seen[-1] == expected, flags
+    assert not uses_bf16("auto", torch.device("cpu")) and uses_bf16("bf16", torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert uses_bf16("auto", torch.device("cuda")) and not uses_bf16("fp32", torch.device("cuda"))
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", str(ckpt), "w1", "--precision", "fp16"])
+    assert exc.value.code == 2 and "invalid choice: 'fp16'" in capsys.readouterr().err
+
+
 def test_jsonl_data(ckpt: Path, tmp_path: Path, capsys) -> None:
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join(json.dumps({"text": tiny_text(200, seed=i)}) for i in range(4)) + "\n")

@@ -20,7 +20,14 @@ from pathlib import Path
 
 from lowbit.adapters import HIWI_TARGETS, METHODS
 from lowbit.config import INITIALIZERS, flag
-from lowbit.device import DEVICE_CHOICES, parse_budget, prepare_deterministic, resolve_device
+from lowbit.device import (
+    DEVICE_CHOICES,
+    PRECISIONS,
+    inference_precision,
+    parse_budget,
+    prepare_deterministic,
+    resolve_device,
+)
 from lowbit.errors import LowbitError
 from lowbit.kernels import NAMES as KERNEL_NAMES
 from lowbit.kernels import kernel, pinned, pinned_name, prepare_decoding
@@ -306,7 +313,7 @@ def cmd_translate(args: argparse.Namespace) -> None:
     shots = _shots(args)
     model, tokenizer = load_model(args.model, device=args.device)
     start = time.perf_counter()
-    with _kernel_pin(args):
+    with _kernel_pin(args), inference_precision(model, args.precision):
         hyps = translate(model, tokenizer, sources, args.src, args.tgt, shots, batch_size=args.batch_size,
                          beams=args.beams, max_new_tokens=args.max_new_tokens, progress=True,
                          static_cache=args.static_cache)  # fmt: skip
@@ -486,7 +493,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         text = args.prompt
     inputs = tokenizer(text, return_tensors="pt").to(model.device)
     torch.manual_seed(args.seed)
-    with torch.no_grad(), _kernel_pin(args):
+    with torch.no_grad(), _kernel_pin(args), inference_precision(model, args.precision):
         prepare_decoding(model)  # per-layer kernel copies made while they fit, not inside a compiled step
         out = model.generate(
             **inputs,
@@ -609,7 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--eval-windows", type=int, default=16)
     f.add_argument("--save-every", type=int, default=0, help="steps between resumable checkpoints (0: none)")
     f.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
-    f.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on CUDA")
+    f.add_argument("--precision", default="auto", choices=list(PRECISIONS), help="auto: bf16 on CUDA")
     f.add_argument("--lora-dtype", default="fp32", choices=["fp32", "bf16"],
                    help="storage of the trained adapter (and AdamW state): bf16 halves it")  # fmt: skip
     f.add_argument("--rank", type=int, default=8, help="LoRA rank when the checkpoint has no adapter")
@@ -739,6 +746,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "on an H100 3.3x triton-decode's at one row); "
                             "reference: float32 numerics everywhere")  # fmt: skip
     for p in (t, g):
+        p.add_argument("--precision", default="auto", choices=list(PRECISIONS),
+                       help="auto: bf16 on a CUDA GPU (its embeddings, head, norms and LoRA in bf16, bf16 autocast: "
+                            "what P4's decoding rows measure), float32 on the CPU")  # fmt: skip
         p.add_argument("--static-cache", action="store_true",
                        help="keep the KV cache in fixed-size buffers: on a CUDA GPU transformers then compiles the "
                             "decoding step into CUDA graphs (a minute or two of warm-up for a 1B model, then several "

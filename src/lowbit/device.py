@@ -110,6 +110,36 @@ def exact_float32() -> Iterator[None]:
         torch.set_float32_matmul_precision(before)
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """Whether ``precision`` (:data:`PRECISIONS`) computes in bf16 on ``device``: ``auto`` does on a CUDA GPU that
+    has bf16 (as PEFT + bitsandbytes users run), and keeps float32 on the CPU, where lowbit's results are exact."""
+    if precision not in PRECISIONS:
+        raise LowbitError(f"unknown precision {precision!r}: choose {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return precision == "bf16"
+
+
+@contextlib.contextmanager
+def inference_precision(model: torch.nn.Module, precision: str) -> Iterator[None]:
+    """Run ``model`` for inference in ``precision`` inside: in bf16, its float32 parameters (embeddings, head,
+    norms, LoRA factors; the packed weights are buffers and stay as they are) become bf16 for good -- half their
+    memory and no cast per call -- and everything runs under bf16 autocast, so decoding reads what the P4 rows
+    measure. In float32 nothing changes."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if not uses_bf16(precision, device):
+        yield
+        return
+    for p in model.parameters():
+        if p.dtype == torch.float32:
+            p.data = p.data.to(torch.bfloat16)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        yield
+
+
 def place_model(model: torch.nn.Module, device: str | torch.device | None) -> torch.nn.Module:
     """``model`` moved (in place) to the device ``device`` names; None leaves it where it is."""
     return model if device is None else model.to(resolve_device(device))

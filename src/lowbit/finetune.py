@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from lowbit.adapters import HiWi, PaFi, check_settings, is_adapter_tensor, select_layers
 from lowbit.checkpoint import load_checkpoint, save_checkpoint, save_weight_adapter, write_extra
 from lowbit.data import IGNORE, Example, clm_examples, collate, sample_windows, sft_examples, text_windows
-from lowbit.device import resolve_device
+from lowbit.device import PRECISIONS, resolve_device, uses_bf16
 from lowbit.errors import LowbitError
 from lowbit.fsutil import (
     atomic_dir,
@@ -105,8 +105,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise LowbitError(f"unknown task {self.task!r}: choose clm (plain text) or sft (prompt/response JSONL)")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise LowbitError(f"unknown precision {self.precision!r}: choose auto, fp32 or bf16")
+        if self.precision not in PRECISIONS:
+            raise LowbitError(f"unknown precision {self.precision!r}: choose {', '.join(PRECISIONS)}")
         if self.lora_dtype not in DTYPES:
             raise LowbitError(f"unknown --lora-dtype {self.lora_dtype!r}: choose {' or '.join(DTYPES)}")
         for name in ("epochs", "batch_size", "micro_batch", "seqlen"):
@@ -354,11 +354,8 @@ class MetricsLog:
 
 
 def _mixed_precision(precision: str, device: torch.device) -> str:
-    if precision == "bf16":
-        return "bf16"
-    if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "no"
+    """accelerate's name for ``precision`` on ``device``."""
+    return "bf16" if uses_bf16(precision, device) else "no"
 
 
 def _prepare_model(
