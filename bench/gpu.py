@@ -29,7 +29,7 @@ activations under autocast. Rows:
   decode with, on the layer's codes repacked to its 4-bit layout), both with their largest error against the
   reference (``max_rel_err``), and ``gemlite-w4/w2``. Also at TinyLlama-1.1B's layer shapes (2048->2048,
   2048->256, 2048->5632, 5632->2048: the decode rows' model) for the peers and the W4/W2 decoding kernels, each
-  replay over at most 512 copies.
+  replay over at most 1024 copies.
 - ``train-<method>``: LoRA r16/alpha 32 training of a TinyLlama-1.1B-shaped Llama (all 7 linears of each block) at
   batch 4 x 512 tokens: tokens/s over 8 AdamW steps after 2 warm-up steps, and peak allocated memory. Methods:
   ``bf16-lora`` (PEFT on the bf16 model), ``bnb-qlora`` (PEFT + bitsandbytes NF4), ``lowbit-w4/w3/w2``.
@@ -284,9 +284,9 @@ def layer_row(name: str, setup: Setup) -> dict:
 
 
 # Weights each graph-row replay reads: over twice the L2 of an H100 or H200 (50 MB), so every layer comes from memory;
-# a small layer takes many copies (a W4 2048 -> 256 layer: 512).
+# a small layer takes many copies (a W2 2048 -> 256 layer: 1024).
 L2_FLUSH_BYTES = 128 * 2**20
-MAX_COPIES = 512
+MAX_COPIES = 1024
 
 
 def weight_bytes(method: str, in_f: int, out_f: int) -> float:

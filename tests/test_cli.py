@@ -84,8 +84,10 @@ def test_generate_on_the_cpu_int4_kernel(tiny_folder: Path, tmp_path: Path, caps
 def test_generate_precision(ckpt: Path, capsys, monkeypatch) -> None:
     """``--precision``: auto keeps float32 on the CPU (exact results there); bf16 puts the model's float32
     parameters in bf16 and decodes under bf16 autocast, as ``auto`` does on a CUDA GPU; a GPU's auto is bf16."""
+    from types import SimpleNamespace
+
     import lowbit.cli
-    from lowbit.device import uses_bf16
+    from lowbit.device import inference_precision, uses_bf16
 
     seen = []
 
@@ -98,8 +100,13 @@ def test_generate_precision(ckpt: Path, capsys, monkeypatch) -> None:
         code, out, _ = run(capsys, "generate", ckpt, "w1 w2 w3", "--max-new-tokens", "3", "--json", *flags)
         assert code == 0 and json.loads(out)["new_tokens"] <= 3 and seen[-1] == expected, flags
     assert not uses_bf16("auto", torch.device("cpu")) and uses_bf16("bf16", torch.device("cpu"))
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert uses_bf16("auto", torch.device("cuda")) and not uses_bf16("fp32", torch.device("cuda"))
+    for major, expected in ((8, True), (9, True), (7, False)):  # torch only emulates bf16 before Ampere
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, m=major: SimpleNamespace(major=m))
+        assert uses_bf16("auto", torch.device("cuda")) == expected and not uses_bf16("fp32", torch.device("cuda"))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with inference_precision(model, "bf16"):  # bf16 inside, the float32 parameters back afterwards
+        assert model[0].weight.dtype == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+    assert model[0].weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
     with pytest.raises(SystemExit) as exc:
         main(["generate", str(ckpt), "w1", "--precision", "fp16"])
     assert exc.value.code == 2 and "invalid choice: 'fp16'" in capsys.readouterr().err

@@ -179,6 +179,18 @@ def test_translate_is_batch_invariant_and_one_line() -> None:
     assert tok.padding_side == "right"  # restored
 
 
+def test_translate_prepares_each_batch_for_its_own_rows(monkeypatch) -> None:
+    """The kernel copies are made per batch for that batch's decoding rows (segments x beams): a short last batch
+    may decode on a kernel that a full one would not."""
+    from lowbit import kernels
+
+    seen = []
+    monkeypatch.setattr(kernels, "prepare_decoding", lambda model, rows=1: seen.append(rows) or (0, 0))
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    translate(model, tok, ["w1 w2", "w3", "w4 w5"], batch_size=2, beams=2, max_new_tokens=2)
+    assert seen == [4, 2]
+
+
 def test_static_cache_gives_the_same_translations_on_a_quantized_model() -> None:
     """The static KV cache (compiled into CUDA graphs on a GPU) changes speed, not tokens -- through QuantLinear."""
     model, tok = tiny_model("llama"), tiny_tokenizer()

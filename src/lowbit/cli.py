@@ -616,7 +616,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--eval-windows", type=int, default=16)
     f.add_argument("--save-every", type=int, default=0, help="steps between resumable checkpoints (0: none)")
     f.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
-    f.add_argument("--precision", default="auto", choices=list(PRECISIONS), help="auto: bf16 on CUDA")
+    f.add_argument("--precision", default="auto", choices=list(PRECISIONS),
+                   help="auto: bf16 on a CUDA GPU of the Ampere generation or later, float32 elsewhere")  # fmt: skip
     f.add_argument("--lora-dtype", default="fp32", choices=["fp32", "bf16"],
                    help="storage of the trained adapter (and AdamW state): bf16 halves it")  # fmt: skip
     f.add_argument("--rank", type=int, default=8, help="LoRA rank when the checkpoint has no adapter")
@@ -747,8 +748,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "reference: float32 numerics everywhere")  # fmt: skip
     for p in (t, g):
         p.add_argument("--precision", default="auto", choices=list(PRECISIONS),
-                       help="auto: bf16 on a CUDA GPU (its embeddings, head, norms and LoRA in bf16, bf16 autocast: "
-                            "what P4's decoding rows measure), float32 on the CPU")  # fmt: skip
+                       help="auto: bf16 on a CUDA GPU of the Ampere generation or later (embeddings, head, norms "
+                            "and LoRA in bf16, bf16 autocast), float32 on the CPU")  # fmt: skip
         p.add_argument("--static-cache", action="store_true",
                        help="keep the KV cache in fixed-size buffers: on a CUDA GPU transformers then compiles the "
                             "decoding step into CUDA graphs (a minute or two of warm-up for a 1B model, then several "

@@ -19,6 +19,7 @@ resumed after a kill gives the uninterrupted run's tensors bit for bit there too
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 from collections.abc import Iterator
@@ -114,30 +115,37 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def uses_bf16(precision: str, device: torch.device) -> bool:
-    """Whether ``precision`` (:data:`PRECISIONS`) computes in bf16 on ``device``: ``auto`` does on a CUDA GPU that
-    has bf16 (as PEFT + bitsandbytes users run), and keeps float32 on the CPU, where lowbit's results are exact."""
+    """Whether ``precision`` (:data:`PRECISIONS`) computes in bf16 on ``device``: ``auto`` does on a CUDA GPU with
+    bf16 units (Ampere or later; torch emulates bf16 on older ones, slowly), as PEFT + bitsandbytes users run, and
+    keeps float32 on the CPU, where lowbit's results are exact."""
     if precision not in PRECISIONS:
         raise LowbitError(f"unknown precision {precision!r}: choose {', '.join(PRECISIONS)}")
     if precision == "auto":
-        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return device.type == "cuda" and torch.cuda.get_device_properties(device).major >= 8
     return precision == "bf16"
 
 
 @contextlib.contextmanager
 def inference_precision(model: torch.nn.Module, precision: str) -> Iterator[None]:
-    """Run ``model`` for inference in ``precision`` inside: in bf16, its float32 parameters (embeddings, head,
-    norms, LoRA factors; the packed weights are buffers and stay as they are) become bf16 for good -- half their
-    memory and no cast per call -- and everything runs under bf16 autocast, so decoding reads what the P4 rows
-    measure. In float32 nothing changes."""
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    """Run ``model`` for inference in ``precision`` inside: in bf16 its float32 parameters (embeddings, head,
+    norms, LoRA factors; the packed weights are buffers and stay as they are) are bf16 -- half their memory and no
+    cast per call -- and everything runs under bf16 autocast, as P4's decoding rows run (there the LoRA factors
+    stay float32 and autocast casts them per call); the float32 parameters come back on exit. In float32 nothing
+    changes."""
+    device = next(itertools.chain((p.device for p in model.parameters()), (b.device for b in model.buffers())),
+                  torch.device("cpu"))  # fmt: skip
     if not uses_bf16(precision, device):
         yield
         return
-    for p in model.parameters():
-        if p.dtype == torch.float32:
-            p.data = p.data.to(torch.bfloat16)
-    with torch.autocast(device.type, dtype=torch.bfloat16):
-        yield
+    originals = {p: p.data for p in model.parameters() if p.dtype == torch.float32}
+    try:
+        for p, data in originals.items():
+            p.data = data.to(torch.bfloat16)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            yield
+    finally:
+        for p, data in originals.items():
+            p.data = data
 
 
 def place_model(model: torch.nn.Module, device: str | torch.device | None) -> torch.nn.Module:

@@ -83,11 +83,12 @@ def translate(
     side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation continues at the right edge
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model.eval()
-    kernels.prepare_decoding(model, rows=batch_size * beams)  # kernel copies made while they fit, not when compiled
     out: list[str] = []
     try:
         bar = tqdm(total=len(sources), desc="translating", unit="seg", disable=not progress)
         for chunk in _batches(list(sources), batch_size):
+            # kernel copies for this batch's decoding steps, made while they fit rather than inside a compiled step
+            kernels.prepare_decoding(model, rows=len(chunk) * beams)
             texts = [prompt(s, src, tgt, shots) for s in chunk]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=True)
             device = next(model.parameters()).device

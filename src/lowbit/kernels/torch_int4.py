@@ -192,13 +192,13 @@ def prepare(model: torch.nn.Module, rows: int = 1) -> tuple[int, int]:
     """
     from lowbit.layers import QuantLinear
 
-    # The activations' dtype, as the embeddings give it (an fp16 model never decodes on this kernel: no copies).
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    dtype = embeddings.weight.dtype if isinstance(embeddings, torch.nn.Embedding) else torch.bfloat16
     made = refused = 0
+    dtype = None
     for layer in model.modules():
         if not isinstance(layer, QuantLinear) or memory_left(layer.qweight.device) is None:
             continue
+        if dtype is None:  # an fp16 model never decodes on this kernel: it gets no copies
+            dtype = activation_dtype(model)
         probe = torch.empty(rows, layer.in_features, device=layer.qweight.device, dtype=dtype)
         if KERNEL.supports(layer, probe, training=False):
             made += not isinstance(getattr(layer, CACHE, None), tuple)
@@ -206,6 +206,17 @@ def prepare(model: torch.nn.Module, rows: int = 1) -> tuple[int, int]:
         elif getattr(layer, CACHE, None) is NO_ROOM:
             refused += 1
     return made, refused
+
+
+def activation_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype ``model``'s activations flow in: its input embeddings', else its first float parameter's."""
+    try:
+        weight = getattr(model.get_input_embeddings(), "weight", None)
+    except (AttributeError, NotImplementedError):  # not a transformers model, or one without embeddings
+        weight = None
+    if weight is None:
+        weight = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return torch.bfloat16 if weight is None else weight.dtype
 
 
 # The CPU ops arrived in torch 2.6 (the CUDA op's byte-pair input with 2.5); before that the kernel is not offered.
