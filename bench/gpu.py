@@ -336,11 +336,9 @@ def graph_row(name: str, setup: Setup) -> dict:
         for m in (1,) if pinned == "triton-gemv" else (1, 16):
             x = torch.randn(m, in_f, device=setup.device, dtype=torch.bfloat16)
             row[f"fwd_m{m}_us"] = round(bench(lambda one, x=x: one(x)), 2)
-        if method.startswith("lowbit"):  # which kernel ran (the default changes as kernels are measured)
-            row["kernels"] = {f"m{m}": kernels.select(layer, x[:m], training=False).name for m in (1, 16)
-                              if m <= x.shape[0]}  # fmt: skip
+            if method.startswith("lowbit"):  # which kernel ran (the default changes as kernels are measured)
+                row.setdefault("kernels", {})[f"m{m}"] = kernels.select(layer, x, training=False).name
         if pinned:
-            row["kernel"] = kernels.select(layer, x, training=False).name
             y = layer(x).float()
             with kernels.pinned("reference"):
                 y_ref = layer(x).float()

@@ -163,9 +163,8 @@ class QuantLinear(nn.Module):
             return self.adapter.linear(x, self.base_weight, self.bias)
         # The base product runs on the kernel selected for this call (lowbit.kernels): torch-int4 when decoding int
         # W2-W4 (CPU and CUDA), fused Triton kernels on CUDA otherwise where they support the format and shape, else
-        # the reference. Grad mode
-        # counts as training even where x needs no gradient (a first block's input): its forward keeps the
-        # training numerics, not decoding's.
+        # the reference. Grad mode counts as training even where x needs no gradient (a first block's input): its
+        # forward keeps the training numerics, not decoding's.
         y = kernels.select(self, x, torch.is_grad_enabled()).matmul(self, x)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
