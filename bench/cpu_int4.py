@@ -12,7 +12,9 @@ tinygemm kernel) that reads 4-bit codes directly; lowbit's ``(q - z) * s`` is it
 
 and ``decode-w4/w3/w2``: greedy decoding of 32 new tokens after a short prompt (at most 16 tokens) with the default
 model (SmolLM2-135M-Instruct) quantized W4/W3/W2 g64 (RTN, QLoRA start), on the reference kernel and on
-``torch-int4`` (``--kernel torch-int4``): tokens/s and whether the two runs chose the same tokens;
+``torch-int4`` (``--kernel torch-int4``), there with each layer on its own repacked copy and with the layers that
+read one tensor fused (``torch-int4-fused``: q/k/v and gate/up as two products, as ``lowbit generate`` decodes;
+the two alternated three times, medians): tokens/s and whether the runs chose the same tokens;
 ``stepwise-w4/w3/w2``: the default model at W4/W3 g64 (RTN; W2: P1's apiq-bw-gptq2-w2 start, since RTN W2 is a
 broken model, made by ``bench/p1.py --keep`` when missing) reads 256 tokens of PTB test text and 256 of the P3
 Bible eval text one token at a time, as decoding does (KV cache, one row per call), on each kernel: perplexity of
@@ -95,25 +97,44 @@ def rtn_model(bits: int):
     return model, tokenizer
 
 
-def decode_row(bits: int, new_tokens: int = 32) -> dict:
-    """Greedy decoding of the default model at W{bits}g64 on the reference kernel and on torch-int4."""
+def decode_row(bits: int, new_tokens: int = 32, rounds: int = 3) -> dict:
+    """Greedy decoding of the default model at W{bits}g64 on the reference kernel and on torch-int4, the latter with
+    each layer on its own copy (``torch-int4``) and with sibling layers fused (``torch-int4-fused``: what
+    ``lowbit generate`` runs since ``kernels.prepare_decoding`` fuses them), alternated ``rounds`` times (medians)."""
     import torch
 
     from lowbit import kernels
 
     model, tokenizer = rtn_model(bits)
     ids = tokenizer("The history of the English language begins with", return_tensors="pt").input_ids[:, :16]
-    row: dict = {"row": f"decode-w{bits}", "prompt_tokens": ids.shape[1], "new_tokens": new_tokens}
-    outputs = {}
-    for name in ("reference", "torch-int4"):
-        with torch.no_grad(), kernels.pinned(name):
-            kwargs = dict(do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    row: dict = {"row": f"decode-w{bits}", "prompt_tokens": ids.shape[1], "new_tokens": new_tokens, "rounds": rounds}
+    kwargs = dict(do_sample=False, pad_token_id=tokenizer.eos_token_id)
+
+    def generate(name: str) -> tuple[float, torch.Tensor]:
+        with torch.no_grad(), kernels.pinned(name.removesuffix("-fused")):
+            if name.endswith("-fused"):
+                row["fused_layers"] = kernels.prepare_decoding(model)[0]
+            else:
+                kernels.drop_caches(model)  # no fused copies: each layer makes its own
             model.generate(ids, max_new_tokens=2, min_new_tokens=2, **kwargs)  # warm-up (and the repacking)
             start = time.perf_counter()
-            outputs[name] = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
-            row[f"{name}_tokens_per_s"] = round(new_tokens / (time.perf_counter() - start), 2)
+            out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+            return new_tokens / (time.perf_counter() - start), out
+
+    speeds: dict[str, list[float]] = {"torch-int4": [], "torch-int4-fused": []}
+    outputs = {}
+    speed, outputs["reference"] = generate("reference")
+    row["reference_tokens_per_s"] = round(speed, 2)
+    for _ in range(rounds):
+        for name in speeds:
+            speed, outputs[name] = generate(name)
+            speeds[name].append(speed)
+    for name, found in speeds.items():
+        row[f"{name}_tokens_per_s"] = round(statistics.median(found), 2)
     row["speedup"] = round(row["torch-int4_tokens_per_s"] / row["reference_tokens_per_s"], 2)
+    row["fused_speedup"] = round(row["torch-int4-fused_tokens_per_s"] / row["torch-int4_tokens_per_s"], 3)
     row["same_tokens"] = bool(torch.equal(outputs["reference"], outputs["torch-int4"]))
+    row["same_tokens_fused"] = bool(torch.equal(outputs["torch-int4"], outputs["torch-int4-fused"]))
     return row
 
 

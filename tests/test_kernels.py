@@ -24,9 +24,9 @@ import lowbit
 from conftest import tiny_model
 from lowbit import kernels
 from lowbit.errors import LowbitError
-from lowbit.kernels import reference, torch_int4
+from lowbit.kernels import reference, siblings, torch_int4
 from lowbit.layers import QuantLinear, quant_layers
-from lowbit.quant import QuantSpec
+from lowbit.quant import QuantSpec, quantize_weight
 
 
 @pytest.fixture
@@ -416,3 +416,163 @@ def test_packing_version_recorded_and_old_checkpoints_load(tmp_path: Path) -> No
     config_path.write_text(json.dumps(config))
     with pytest.raises(LowbitError, match="layout version 2"):
         lowbit.load(tmp_path / "ckpt")
+
+
+def _int4_calls(fn) -> int:
+    """How many times ``fn`` runs the CPU int4 op."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key == "aten::_weight_int4pack_mm_for_cpu")
+
+
+def _members(model: nn.Module) -> dict[str, tuple[object, int]]:
+    """Each fused layer's (group, index), by name."""
+    found = {}
+    for name, m in quant_layers(model).items():
+        cached = m.__dict__.get(torch_int4.CACHE)
+        if isinstance(cached, siblings.Member):
+            found[name] = (cached.group, cached.index)
+    return found
+
+
+@needs_int4
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma", "phi3", "gpt2"])
+def test_prepare_decoding_fuses_the_layers_that_read_one_tensor(arch: str) -> None:
+    """The probe finds q/k/v and gate/up as siblings in every block of the Llama-like models and none in those whose
+    projections are fused already (Phi-3's qkv_proj and gate_up_proj, GPT-2's c_attn); decoding then calls the op
+    once per group -- 4 times a block instead of 7 -- with the unfused outputs bit for bit, and keeps no activation
+    once the step is done."""
+    model = tiny_model(arch)
+    lowbit.quantize(model, lowbit.QuantConfig(bits=4, group_size=64), progress=False)
+    ids = torch.randint(3, 128, (1, 1), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        unfused = model(ids).logits
+        calls_unfused = _int4_calls(lambda: model(ids))
+        made, refused = kernels.prepare_decoding(model)
+        groups = {}
+        for name, (group, index) in _members(model).items():
+            block, _, layer = name.rpartition(".")
+            groups.setdefault((block.rsplit(".", 2)[-2], id(group)), {})[index] = layer
+        fused = model(ids).logits
+        calls_fused = _int4_calls(lambda: model(ids))
+    kept = {id(g): g for g, _ in _members(model).values()}.values()
+    assert torch.equal(fused, unfused)
+    assert all(g.x is None and g.outputs == (None,) * len(g.layers) for g in kept)
+    if arch in ("phi3", "gpt2"):
+        assert (made, refused, groups) == (0, 0, {}) and calls_fused == calls_unfused == 2 * 4
+        return
+    assert refused == 0 and made == 2 * 5
+    expected = 2 * [["gate_proj", "up_proj"]] + 2 * [["k_proj", "q_proj", "v_proj"]]  # two blocks
+    assert sorted(sorted(g.values()) for g in groups.values()) == expected
+    assert all(g[0] in ("q_proj", "gate_proj") for g in groups.values())  # in call order
+    assert (calls_unfused, calls_fused) == (2 * 7, 2 * 4)
+    assert kernels.prepare_decoding(model) == (0, 0)  # made once
+
+
+def _own(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    """The layer's product on a copy made from its current buffers alone."""
+    codes, scales_and_offsets = torch_int4.tinygemm_form(layer)
+    y = torch_int4.product(x, torch_int4.int4pack(codes), scales_and_offsets.bfloat16(), layer.spec.group_size)
+    return y.reshape(*x.shape[:-1], layer.out_features)
+
+
+@needs_int4
+def test_fused_layers_follow_new_weights_and_inputs_changed_in_place() -> None:
+    """A member given new weights (replaced or changed in place) dissolves its group: every member decodes on its own
+    copy of its current weights. A member called with another tensor, or with the one its siblings saw changed in
+    place since, gets a new product rather than a kept one."""
+    model = tiny_model("llama")
+    lowbit.quantize(model, lowbit.QuantConfig(bits=4, group_size=64), progress=False)
+    attn = model.model.layers[0].self_attn
+    names = ("q_proj", "k_proj", "v_proj")
+    x = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        kernels.prepare_decoding(model)
+        group = attn.q_proj.__dict__[torch_int4.CACHE].group
+        assert [m.__dict__[torch_int4.CACHE].group for m in (attn.k_proj, attn.v_proj)] == [group, group]
+        assert torch.equal(attn.q_proj(x), _own(attn.q_proj, x))
+        y = x.clone()
+        assert torch.equal(attn.k_proj(y), _own(attn.k_proj, y))  # another tensor: a new product
+        y.mul_(2)  # in place after its product was made: v_proj must not get the kept one
+        assert torch.equal(attn.v_proj(y), _own(attn.v_proj, y)) and not torch.equal(y, x)
+        attn.k_proj(y), attn.q_proj(y)  # the rest taken: nothing kept
+        assert group.x is None
+        # new weights for one member: the whole group goes, each member follows its own weights
+        attn.k_proj.set_weight(quantize_weight(torch.randn(32, 64), attn.k_proj.spec))
+        assert not any(isinstance(getattr(attn, n).__dict__.get(torch_int4.CACHE), siblings.Member) for n in names)
+        assert all(torch.equal(getattr(attn, n)(x), _own(getattr(attn, n), x)) for n in names)
+        # in place, through the buffers' version counters: the group sees it at its next product
+        assert kernels.prepare_decoding(model)[0] == 3
+        attn.v_proj.scales.mul_(2)
+        assert all(torch.equal(getattr(attn, n)(x), _own(getattr(attn, n), x)) for n in names)
+        assert not isinstance(attn.v_proj.__dict__.get(torch_int4.CACHE), siblings.Member)
+
+
+@needs_int4
+def test_fused_decoding_compiles_into_one_graph() -> None:
+    """Compiled whole (as ``generate --static-cache`` compiles the step), the fused model traces without a graph break,
+    gives the eager logits, calls the op once per group, and leaves no activation kept after a step (under CUDA
+    graphs a kept output would be overwritten by the next replay)."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_model("qwen2")
+    lowbit.quantize(model, lowbit.QuantConfig(bits=3, group_size=32), progress=False)
+    ids = torch.tensor([[5]])
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        kernels.prepare_decoding(model)
+        eager = model(ids).logits
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        assert torch.equal(compiled(ids).logits, eager) and torch.equal(compiled(ids).logits, eager)
+        assert _int4_calls(lambda: compiled(ids)) == 2 * 4
+    assert not counters["graph_break"]
+    assert all(g.x is None and g.outputs == (None,) * len(g.layers) for g, _ in _members(model).values())
+    torch._dynamo.reset()
+
+
+class _SharedBlock(nn.Module):
+    """A block whose ``a`` reads two tensors (its weights shared by two calls) and whose ``b`` and ``d`` read one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.d = (nn.Linear(64, 64, bias=False) for _ in range(4))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.a(h) + self.b(h) + self.c(self.a(2 * h)) + self.d(h)
+
+
+class _SharedModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(16, 64)
+        self.blocks = nn.ModuleList(_SharedBlock() for _ in range(3))
+
+    def forward(self, input_ids: torch.Tensor, use_cache: bool = False) -> torch.Tensor:
+        h = self.embed(input_ids)
+        for block in self.blocks:
+            h = block(h)
+        return h
+
+
+@needs_int4
+def test_a_layer_that_reads_two_tensors_is_fused_with_nothing() -> None:
+    """Siblings come from what the layers read, not from their names: in a block where ``a`` reads ``h`` with ``b``
+    and ``d`` and then reads ``2h``, one product could not serve both of ``a``'s calls, so only ``b`` and ``d`` are
+    fused, in every block, and the outputs stay the unfused ones."""
+    torch.manual_seed(0)
+    model = _SharedModel()
+    lowbit.quantize(model, lowbit.QuantConfig(bits=4, group_size=64), progress=False)
+    ids = torch.tensor([[3, 4]])
+    with torch.no_grad():
+        unfused = model(ids[:, :1])
+        assert kernels.prepare_decoding(model) == (3 * 2, 0)
+        assert sorted(n.rsplit(".", 1)[-1] for n in _members(model)) == 3 * ["b"] + 3 * ["d"]
+        assert torch.equal(model(ids[:, :1]), unfused)
+        assert _int4_calls(lambda: model(ids[:, :1])) == 3 * 4  # a twice, c, and b with d
+        twin = copy.deepcopy(model)
+        kernels.drop_caches(twin)  # unfused
+        assert _members(model) and not _members(twin)
+        assert torch.equal(model(ids), twin(ids))  # two rows a step

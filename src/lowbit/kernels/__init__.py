@@ -187,18 +187,18 @@ def select(layer: QuantLinear, x: torch.Tensor, training: bool) -> Kernel:
     return REFERENCE
 
 
-def prepare_decoding(model: torch.nn.Module, rows: int = 1) -> tuple[int, int]:
-    """Before decoding ``rows`` rows a step (batch x beams) on a GPU: make the kernels' per-layer copies
-    (torch-int4's repacked codes) now, while they fit, rather than inside a compiled decoding step; (copies made,
-    layers left to another kernel). A no-op on the CPU, where a pin keeps torch-int4 from running, or for steps
-    too large for it."""
+def prepare_decoding(model: torch.nn.Module, rows: int = 1, fuse: bool = True) -> tuple[int, int]:
+    """Before decoding ``rows`` rows a step (batch x beams): make the kernels' per-layer copies (torch-int4's repacked
+    codes) now -- on a GPU while they fit, rather than inside a compiled decoding step -- and, with ``fuse``, one
+    copy for each set of layers that read one tensor (:mod:`lowbit.kernels.siblings`); (layers given a copy, layers
+    left to another kernel). A no-op where a pin keeps torch-int4 from running or for steps too large for it."""
     pin = pinned_name()
     int4 = _torch_kernels().get("torch-int4")
     if int4 is None or pin not in (None, int4.name):
         return 0, 0
     from lowbit.kernels import torch_int4
 
-    return torch_int4.prepare(model, rows)
+    return torch_int4.prepare(model, rows, fuse)
 
 
 def drop_caches(module: torch.nn.Module) -> None:
@@ -208,7 +208,21 @@ def drop_caches(module: torch.nn.Module) -> None:
     names = [k.cache for k in (*_torch_kernels().values(), *(_gpu_table or {}).values()) if k.cache]
     for layer in module.modules():
         for name in names:
-            layer.__dict__.pop(name, None)
+            cached = layer.__dict__.pop(name, None)
+            release = getattr(cached, "release", None)
+            if release is not None:  # a copy shared with sibling layers: it goes for all of them
+                release()
+
+
+def layer_buffers(layer: QuantLinear) -> tuple[torch.Tensor | None, ...]:
+    """The buffers a kernel's copy of ``layer`` is made from: packed codes, scales, zero points (None without)."""
+    return layer.qweight, layer.scales, layer.qzeros if layer.spec.has_zeros else None
+
+
+def versions(tensors: tuple[torch.Tensor | None, ...]) -> tuple[int | None, ...]:
+    """The tensors' in-place-change counters (None for a missing tensor and for inference-mode tensors, which have
+    none): with their identity, what tells a kernel's copy that its source changed."""
+    return tuple(None if t is None or t.is_inference() else t._version for t in tensors)
 
 
 def _fast_kernels(device_type: str) -> dict[str, Kernel]:
@@ -229,7 +243,9 @@ __all__ = [
     "compute_dtype",
     "drop_caches",
     "kernel",
+    "layer_buffers",
     "pinned",
     "prepare_decoding",
     "select",
+    "versions",
 ]

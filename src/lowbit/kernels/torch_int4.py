@@ -29,12 +29,15 @@ them.
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import TYPE_CHECKING
 
 import torch
 
-from lowbit.kernels import Kernel, compute_dtype
+from lowbit import kernels
+from lowbit.kernels import Kernel, compute_dtype, layer_buffers, versions
+from lowbit.kernels.siblings import Member, Siblings, shared_input_groups
 
 if TYPE_CHECKING:
     from lowbit.layers import QuantLinear
@@ -85,11 +88,6 @@ def int4pack(codes: torch.Tensor) -> torch.Tensor:
     return torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 8)
 
 
-def _version(t: torch.Tensor) -> int | None:
-    """The tensor's in-place-change counter (None for inference-mode tensors, which have none)."""
-    return None if t.is_inference() else t._version
-
-
 def packed(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
     """The layer's codes in the op's layout and its bf16 (scale, offset) pairs, made on first use and remade when
     the packed codes, scales or zero points are replaced or changed in place.
@@ -101,29 +99,39 @@ def packed(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
     function only identity is checked; loading a state dict, ``set_weight`` and moving the layer (``.to``) drop the
     cache (``QuantLinear``), so a compiled model follows them too (it recompiles).
     """
-    buffers = (layer.qweight, layer.scales, layer.qzeros if layer.spec.has_zeros else None)
+    buffers = layer_buffers(layer)
     compiling = torch.compiler.is_compiling()
-    versions = None if compiling else tuple(None if t is None else _version(t) for t in buffers)
+    made = None if compiling else versions(buffers)
     cached = getattr(layer, CACHE, None)
     if (
         isinstance(cached, tuple)
         and all(a is b for a, b in zip(cached[0], buffers, strict=True))
-        and (compiling or cached[1] == versions)
+        and (compiling or cached[1] == made)
     ):
         return cached[2], cached[3]
     codes, scales_and_offsets = tinygemm_form(layer)
     found = (int4pack(codes), scales_and_offsets.to(torch.bfloat16))
-    layer.__dict__[CACHE] = (buffers, versions, *found)  # not a buffer: never in the state dict
+    layer.__dict__[CACHE] = (buffers, made, *found)  # not a buffer: never in the state dict
     return found
 
 
 def matmul(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    """``x @ dequant(Q)^T`` through the int4 op (bf16 inside), returned in ``x``'s compute dtype."""
+    """``x @ dequant(Q)^T`` through the int4 op (bf16 inside), returned in ``x``'s compute dtype: the layer's share of
+    its siblings' product where :func:`prepare` fused it with them (:mod:`lowbit.kernels.siblings`)."""
+    cached = getattr(layer, CACHE, None)
+    if isinstance(cached, Member):
+        y = cached.group.output(cached.index, x)
+        if y is not None:
+            return y
     codes, scales_and_offsets = packed(layer)
-    x2 = x.reshape(-1, layer.in_features).to(torch.bfloat16).contiguous()
+    return product(x, codes, scales_and_offsets, layer.spec.group_size).reshape(*x.shape[:-1], layer.out_features)
+
+
+def product(x: torch.Tensor, codes: torch.Tensor, scales_and_offsets: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The op on ``x [..., in]`` and a repacked copy: ``[rows, out]`` in ``x``'s compute dtype."""
+    x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
     mm = torch._weight_int4pack_mm if x.is_cuda else torch._weight_int4pack_mm_for_cpu
-    y = mm(x2, codes, layer.spec.group_size, scales_and_offsets)
-    return y.to(compute_dtype(x)).reshape(*x.shape[:-1], layer.out_features)
+    return mm(x2, codes, group_size, scales_and_offsets).to(compute_dtype(x))
 
 
 def _fits(layer: QuantLinear) -> bool:
@@ -180,11 +188,14 @@ def has_room(layer: QuantLinear) -> bool:
     return False
 
 
-def prepare(model: torch.nn.Module, rows: int = 1) -> tuple[int, int]:
-    """Make the repacked copies of ``model``'s layers that will decode ``rows`` rows a step on this kernel now,
-    layer by layer while they fit, on devices whose memory :func:`memory_left` counts (CUDA); returns (copies
-    made, layers left to another kernel). Steps of more than :data:`MAX_M` rows never read a copy: none is made.
+def prepare(model: torch.nn.Module, rows: int = 1, fuse: bool = True) -> tuple[int, int]:
+    """Make the repacked copies of ``model``'s layers that will decode ``rows`` rows a step on this kernel now;
+    returns (layers given a copy, layers left to another kernel). Steps of more than :data:`MAX_M` rows never read
+    a copy: none is made.
 
+    With ``fuse``, layers that read one tensor (q/k/v, gate/up: :mod:`lowbit.kernels.siblings`) get one copy between
+    them, on every device, so each step calls the op once per group. The other layers' copies are made here on
+    devices whose memory :func:`memory_left` counts (CUDA), layer by layer while they fit, and lazily elsewhere.
     Made lazily, a copy is checked against free memory at the layer's first eager decoding call. Under
     ``generate``'s static cache a prompt longer than :data:`MAX_M` rows is prefilled on another kernel and the
     first one-row call is compiled, where memory cannot be read, so every copy would be made unchecked; made
@@ -192,20 +203,55 @@ def prepare(model: torch.nn.Module, rows: int = 1) -> tuple[int, int]:
     """
     from lowbit.layers import QuantLinear
 
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    if not layers:
+        return 0, 0
+    dtype = activation_dtype(model)  # an fp16 model never decodes on this kernel: it gets no copies
     made = refused = 0
-    dtype = None
-    for layer in model.modules():
-        if not isinstance(layer, QuantLinear) or memory_left(layer.qweight.device) is None:
+    for group in shared_input_groups(model) if fuse else ():
+        fused = {getattr(m, CACHE, None).group for m in group if isinstance(getattr(m, CACHE, None), Member)}
+        if len(fused) == 1 and len(next(iter(fused)).layers) == len(group):
+            continue  # made by an earlier call
+        if _fusable(group, rows, dtype):
+            _fuse(group)
+            made += len(group)
+    for layer in layers:
+        cached = getattr(layer, CACHE, None)
+        if isinstance(cached, Member) or memory_left(layer.qweight.device) is None:
             continue
-        if dtype is None:  # an fp16 model never decodes on this kernel: it gets no copies
-            dtype = activation_dtype(model)
         probe = torch.empty(rows, layer.in_features, device=layer.qweight.device, dtype=dtype)
         if KERNEL.supports(layer, probe, training=False):
-            made += not isinstance(getattr(layer, CACHE, None), tuple)
+            made += not isinstance(cached, tuple)
             packed(layer)
         elif getattr(layer, CACHE, None) is NO_ROOM:
             refused += 1
     return made, refused
+
+
+def _fusable(group: list[QuantLinear], rows: int, dtype: torch.dtype) -> bool:
+    """Whether this kernel decodes every member at ``rows`` rows of ``dtype`` and one copy of them all fits."""
+    first = group[0]
+    device = first.qweight.device
+    probe = torch.empty(rows, first.in_features, device=device, dtype=dtype)
+    if any(
+        m.in_features != first.in_features or m.spec != first.spec or m.qweight.device != device
+        or not KERNEL.supports(m, probe, training=False)
+        for m in group
+    ):  # fmt: skip
+        return False
+    left = memory_left(device)
+    return left is None or sum(map(repacked_bytes, group)) + HEADROOM * left[1] <= left[0]
+
+
+def _fuse(group: list[QuantLinear]) -> None:
+    """One copy of the members' codes, concatenated along the outputs, that each member reads its share of."""
+    kernels.drop_caches(torch.nn.ModuleList(group))  # their own copies (or an older group) go first: memory
+    forms = [tinygemm_form(m) for m in group]
+    codes = int4pack(torch.cat([c for c, _ in forms]))
+    scales_and_offsets = torch.cat([s for _, s in forms], dim=1).to(torch.bfloat16)
+    del forms
+    weights = (codes, scales_and_offsets)
+    Siblings(group, weights, functools.partial(product, group_size=group[0].spec.group_size), CACHE).attach()
 
 
 def activation_dtype(model: torch.nn.Module) -> torch.dtype:
