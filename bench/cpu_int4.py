@@ -131,6 +131,7 @@ def decode_row(bits: int, new_tokens: int = 32, rounds: int = 3) -> dict:
             speeds[name].append(speed)
     for name, found in speeds.items():
         row[f"{name}_tokens_per_s"] = round(statistics.median(found), 2)
+    row["each_round_tokens_per_s"] = {name: [round(v, 2) for v in found] for name, found in speeds.items()}
     row["speedup"] = round(row["torch-int4_tokens_per_s"] / row["reference_tokens_per_s"], 2)
     row["fused_speedup"] = round(row["torch-int4-fused_tokens_per_s"] / row["torch-int4_tokens_per_s"], 3)
     row["same_tokens"] = bool(torch.equal(outputs["reference"], outputs["torch-int4"]))

@@ -28,24 +28,29 @@ activations under autocast. Rows:
   pinned to ``torch-int4``: PyTorch's tinygemm kernel, ``torch._weight_int4pack_mm``, which gpt-fast and torchao
   decode with, on the layer's codes repacked to its 4-bit layout), both with their largest error against the
   reference (``max_rel_err``), and ``gemlite-w4/w2``. Also at TinyLlama-1.1B's layer shapes (2048->2048,
-  2048->256, 2048->5632, 5632->2048: the decode rows' model) for the peers and the W4/W2 decoding kernels, each
-  replay over at most 1024 copies.
+  2048->256, 2048->5632, 5632->2048: the decode rows' model) and at the two products decoding fuses them into
+  (2048->2560: q/k/v; 2048->11264: gate/up; :mod:`lowbit.kernels.siblings`) for the peers and the W4/W2 decoding
+  kernels, each replay over at most 1024 copies.
 - ``train-<method>``: LoRA r16/alpha 32 training of a TinyLlama-1.1B-shaped Llama (all 7 linears of each block) at
   batch 4 x 512 tokens: tokens/s over 8 AdamW steps after 2 warm-up steps, and peak allocated memory. Methods:
   ``bf16-lora`` (PEFT on the bf16 model), ``bnb-qlora`` (PEFT + bitsandbytes NF4), ``lowbit-w4/w3/w2``.
+  ``train-interleaved``: ``bnb-qlora`` and ``lowbit-w4/w3/w2`` resident together, trained in rotated rounds, so
+  that no method gains from where it runs in the order (:func:`interleaved_row`).
 - ``decode-<method>[-graphs]``: greedy decoding of 64 new tokens after an 8-token prompt, batch 1, tokens/s after a
   warm-up call (``tokens_per_s``, the prompt's prefill included; ``decode_tokens_per_s``: the 63 tokens after the
   first, from the time of a one-token call subtracted); ``-graphs`` uses transformers' static cache, which compiles
   the forward with ``torch.compile`` (mode ``reduce-overhead``: CUDA graphs). Methods: ``bf16``, ``bnb-nf4``,
   ``lowbit-w4/w3/w2`` (with r16 LoRA, the kernels :func:`lowbit.kernels.select` picks: a fine-tuned model),
-  ``lowbit-w4-base`` (the same without a LoRA: a served model, e.g. ``export --requantize``'s; on ``triton-decode``
-  in commit cd0db78's rows, on ``torch-int4`` after), ``lowbit-w4-int4`` /
-  ``lowbit-w4-gemv`` (without a LoRA, decoding pinned to ``torch-int4`` / ``triton-gemv``; calls a pinned kernel does
-  not take, such as the 8-token prompt on the one-row GEMV, run on the reference -- hence ``decode_tokens_per_s``,
-  which leaves the prompt out), and ``bf16-nolinear`` (``-graphs`` only: every block linear replaced by an
-  uninitialized output of its shape, so no kernel runs for it -- the floor that attention, norms, the head and the
-  step's bookkeeping set, which no matmul kernel can go below); by default ``-graphs`` only for ``bf16`` and
-  ``lowbit-w4`` (compiling takes about a minute a model).
+  ``lowbit-w4-base`` (the same without a LoRA: a served model, e.g. ``export --requantize``'s; on ``triton-decode`` in
+  commit cd0db78's rows, on ``torch-int4`` after), ``lowbit-w4-unfused`` (the same with each layer on its own copy:
+  lowbit rows from commit 6ed33d2 on prepare decoding as ``lowbit generate`` does, ``kernels.prepare_decoding``, which
+  fuses q/k/v and gate/up into two products; ``copied_layers``), ``lowbit-w4-int4`` / ``lowbit-w4-gemv`` (without a
+  LoRA, decoding pinned to ``torch-int4`` / ``triton-gemv``; calls a pinned kernel does not take, such as the 8-token
+  prompt on the one-row GEMV, run on the reference -- hence ``decode_tokens_per_s``, which leaves the prompt out), and
+  ``bf16-nolinear`` (``-graphs`` only: every block linear replaced by an uninitialized output of its shape, so no
+  kernel runs for it -- the floor that attention, norms, the head and the step's bookkeeping set, which no matmul
+  kernel can go below); by default ``-graphs`` only for ``bf16`` and ``lowbit-w4`` (compiling takes about a minute a
+  model).
 - ``calib-*`` (``calib``: all of them): calibration speed and CPU/CUDA agreement rows from ``bench/gpu_calib.py``
   (``calibration_rows(args)``, imported only when a ``calib`` row is asked for; ``--blocks`` passes through).
 
@@ -79,8 +84,9 @@ RESULTS = benchlib.ROOT / "bench" / "results" / "gpu.json"
 SHAPES = {"4096x4096": (4096, 4096), "4096x11008": (4096, 11008), "11008x4096": (11008, 4096)}
 # TinyLlama-1.1B's layers (the decode rows' model: q/o, k/v, gate/up, down), graph rows only: is a W4 kernel's time at
 # these sizes set by the bytes or by a per-call cost, and which kernel is fastest at each?
+# With them the products decoding fuses (lowbit.kernels.siblings): q/k/v as one 2048->2560, gate/up as one 2048->11264.
 DECODE_SHAPES = {"2048x2048": (2048, 2048), "2048x256": (2048, 256), "2048x5632": (2048, 5632),
-                 "5632x2048": (5632, 2048)}  # fmt: skip
+                 "5632x2048": (5632, 2048), "2048x2560": (2048, 2560), "2048x11264": (2048, 11264)}  # fmt: skip
 GRAPH_METHODS_DECODE = ("dense-bf16", "bnb-nf4", "lowbit-w4-int4", "lowbit-w4-decode", "lowbit-w4-gemv",
                         "lowbit-w2-gemv", "gemlite-w4", "gemlite-w2")  # fmt: skip
 LAYER_METHODS = ("dense-bf16", "bnb-nf4", "bnb-nf4-lora", "lowbit-w4", "lowbit-w3", "lowbit-w2", "lowbit-w4-base",
@@ -96,13 +102,15 @@ GRAPH_METHODS_LAYER = ("dense-bf16", "bnb-nf4", "lowbit-w4-base", "lowbit-w4-int
 # Method suffixes that pin one kernel (triton-gemv: pin-only; triton-decode: what -base rows ran up to commit cd0db78,
 # behind torch-int4 after it, measured faster there).
 PINNED = {"gemv": "triton-gemv", "int4": "torch-int4", "decode": "triton-decode"}
-NO_LORA = ("-base", *(f"-{suffix}" for suffix in PINNED))  # lowbit methods measured without an adapter
+NO_LORA = ("-base", "-unfused", *(f"-{suffix}" for suffix in PINNED))  # lowbit methods measured without an adapter
 ONLY_KERNEL = {"lowbit-w4-gemm": "triton-gemm", "lowbit-w4-dequant": "triton-dequant"}
 TRAIN_METHODS = ("bf16-lora", "bnb-qlora", "lowbit-w4", "lowbit-w3", "lowbit-w2")
-DECODE_METHODS = ("bf16", "bnb-nf4", "lowbit-w4", "lowbit-w3", "lowbit-w2", "lowbit-w4-base", "lowbit-w4-int4",
-                  "lowbit-w4-gemv")  # fmt: skip
-GRAPH_METHODS = ("bf16", "lowbit-w4", "lowbit-w3", "lowbit-w2", "lowbit-w4-base", "lowbit-w4-int4", "lowbit-w4-gemv",
-                 "bf16-nolinear")  # fmt: skip
+# The interleaved row's methods: the fine-tuning goal's peer and lowbit's three widths, resident together.
+INTERLEAVED = ("bnb-qlora", "lowbit-w4", "lowbit-w3", "lowbit-w2")
+DECODE_METHODS = ("bf16", "bnb-nf4", "lowbit-w4", "lowbit-w3", "lowbit-w2", "lowbit-w4-base", "lowbit-w4-unfused",
+                  "lowbit-w4-int4", "lowbit-w4-gemv")  # fmt: skip
+GRAPH_METHODS = ("bf16", "lowbit-w4", "lowbit-w3", "lowbit-w2", "lowbit-w4-base", "lowbit-w4-unfused", "lowbit-w4-int4",
+                 "lowbit-w4-gemv", "bf16-nolinear")  # fmt: skip
 TINYLLAMA = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                  num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)  # fmt: skip
 RANK, ALPHA, GROUP = 16, 32.0, 64
@@ -115,6 +123,7 @@ def _rows() -> dict[str, str]:
     rows.update({f"graph-{s}-{m}": f"layer {s.replace('x', '->')} (TinyLlama), {m}, CUDA graph" for s in DECODE_SHAPES
                  for m in GRAPH_METHODS_DECODE})  # fmt: skip
     rows.update({f"train-{m}": f"TinyLlama-1.1B LoRA training, {m}" for m in TRAIN_METHODS})
+    rows["train-interleaved"] = f"TinyLlama-1.1B LoRA training, {', '.join(INTERLEAVED)} in alternating rounds"
     rows.update({f"decode-{m}": f"TinyLlama-1.1B greedy decoding, {m}, eager" for m in DECODE_METHODS})
     rows.update({f"decode-{m}-graphs": f"TinyLlama-1.1B greedy decoding, {m}, CUDA graphs" for m in GRAPH_METHODS})
     return rows
@@ -471,17 +480,18 @@ def no_linear(out_features: int):
     return NoLinear()
 
 
-def train_row(name: str, setup: Setup) -> dict:
+def trainer(method: str, setup: Setup) -> tuple[Callable[[], object], list]:
+    """One training step of ``method``'s model (LoRA only, AdamW, a fixed random batch) and its trainable tensors."""
     import torch
 
-    model = make_model(name.removeprefix("train-"), setup, lora=True)
+    model = make_model(method, setup, lora=True)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     # Every method trains the same LoRA factors and nothing else (a base left trainable once made lowbit's rows
     # train the embeddings and head too: more work and memory, and a meaningless comparison).
     others = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
     if others:
-        raise RuntimeError(f"{name}: {len(others)} trainable parameters outside the LoRA, e.g. {others[0]}")
+        raise RuntimeError(f"{method}: {len(others)} trainable parameters outside the LoRA, e.g. {others[0]}")
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     gen = torch.Generator(device=setup.device).manual_seed(0)
     ids = torch.randint(3, setup.model["vocab_size"], (setup.batch, setup.seqlen), device=setup.device, generator=gen)
@@ -494,6 +504,13 @@ def train_row(name: str, setup: Setup) -> dict:
         optimizer.zero_grad(set_to_none=True)
         return loss
 
+    return step, params
+
+
+def train_row(name: str, setup: Setup) -> dict:
+    import torch
+
+    step, params = trainer(name.removeprefix("train-"), setup)
     for _ in range(setup.warmup_steps):
         step()
     setup.sync()
@@ -515,6 +532,42 @@ def train_row(name: str, setup: Setup) -> dict:
     return row
 
 
+def interleaved_row(name: str, setup: Setup) -> dict:
+    """Tokens/s of :data:`INTERLEAVED`'s methods with no run order to favour any: every model resident at once,
+    then rounds in which each method runs half of P4's steps, the order rotated a place each round (so with four
+    methods and four rounds each method runs once in each position); medians over the rounds, and each method's
+    ratio to PEFT + bitsandbytes. The per-method ``train-*`` rows run one model after another, so a slowdown that
+    follows the run order (the allocator's state, clocks) reads there as the later method's cost. Peak memory stays
+    with those rows (here every model is resident). Without bitsandbytes (``--dry-run``) its method is left out."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        methods = [m for m in INTERLEAVED if not m.startswith("bnb")]
+    else:
+        methods = list(INTERLEAVED)
+    steps = {m: trainer(m, setup)[0] for m in methods}
+    for step in steps.values():
+        for _ in range(setup.warmup_steps):
+            step()
+    setup.sync()
+    per_round = max(1, setup.steps // 2)
+    tokens = per_round * setup.batch * setup.seqlen
+    speeds: dict[str, list[float]] = {m: [] for m in methods}
+    for shift in range(len(methods)):
+        for method in methods[shift:] + methods[:shift]:
+            start = time.perf_counter()
+            for _ in range(per_round):
+                steps[method]()
+            setup.sync()
+            speeds[method].append(round(tokens / (time.perf_counter() - start), 1))
+    row = {"row": name, "label": ROWS[name], "rounds": len(methods), "steps_per_round": per_round,
+           "batch": [setup.batch, setup.seqlen], "per_round_tokens_per_s": speeds,
+           "tokens_per_s": {m: round(statistics.median(v), 1) for m, v in speeds.items()}}  # fmt: skip
+    if "bnb-qlora" in speeds:
+        row["vs_bnb"] = {m: round(v / row["tokens_per_s"]["bnb-qlora"], 3) for m, v in row["tokens_per_s"].items()}
+    return row
+
+
 def decode_row(name: str, setup: Setup) -> dict:
     import torch
 
@@ -531,6 +584,10 @@ def decode_row(name: str, setup: Setup) -> dict:
     if pinned:
         row["kernel"] = pinned
     with pin, torch.no_grad(), torch.autocast(setup.device.type, dtype=torch.bfloat16):
+        if method.startswith("lowbit"):  # as ``lowbit generate`` does: kernel copies up front, siblings fused
+            from lowbit import kernels
+
+            row["copied_layers"] = kernels.prepare_decoding(model, fuse=not method.endswith("-unfused"))[0]
         start = time.perf_counter()
         model.generate(prompt, **kwargs)  # warm-up (and compilation)
         setup.sync()
@@ -596,6 +653,8 @@ def run_row(name: str, setup: Setup) -> dict | None:
             row = layer_row(name, setup)
         elif name.startswith("graph-"):
             row = graph_row(name, setup)
+        elif name == "train-interleaved":
+            row = interleaved_row(name, setup)
         elif name.startswith("train-"):
             row = train_row(name, setup)
         else:
@@ -664,6 +723,8 @@ def table(rows: list[dict]) -> str:
         for r in other:
             memory = f"{r['peak_allocated_mib']:.0f}" if "peak_allocated_mib" in r else "—"
             speed = "error: " + r["error"][:80] if "error" in r else r.get("tokens_per_s", "—")
+            if isinstance(speed, dict):  # the interleaved row: each method's median
+                speed = ", ".join(f"{m} {v}" for m, v in speed.items())
             lines.append(f"| {r.get('label', r['row'])} | {speed} | {memory} |")
     calib = [r["row"] for r in rows if r["row"].startswith("calib")]
     if calib:

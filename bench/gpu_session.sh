@@ -5,17 +5,18 @@
 # cut to what is left of BUDGET seconds, and a step that does not fit is skipped and said so; bench/gpu.py stores
 # each row as soon as it ends, and after every step the results are copied to $OUT, so a step cut off at its limit
 # loses only its unfinished row; the exit status is 1 when a step failed or was skipped for lack of time. Steps
-# (default: train layers decode smoke small, in this order; name others or a subset as arguments):
-#   train   fine-tuning: PEFT + bitsandbytes, then lowbit W2 before W4 and W3 (an order effect would show as W4
-#           slowing), each with its device time per step against its wall time (where W2's 7% goes)
+# (default: train decode small layers smoke, in this order; name others or a subset as arguments):
+#   train   fine-tuning: PEFT + bitsandbytes and lowbit W4/W3/W2 resident together, trained in rotated rounds (no
+#           run order to favour any: W3/W2's 0.98x/0.93x came from rows run one after another), then PEFT +
+#           bitsandbytes alone with its device time per step against its wall time (is the peer host-bound too?)
+#   decode  greedy decoding with CUDA graphs, bf16 and lowbit W4 without a LoRA fused (q/k/v and gate/up as two
+#           products, the default from 6ed33d2 on) and unfused, and with a LoRA; each kernel's device time per token
+#   small   graph rows at TinyLlama's layer shapes and at the two fused products': dense and tinygemm first, then
+#           bitsandbytes, triton-decode, triton-gemv, GemLite (is a W4 kernel's time there bytes or a per-call cost,
+#           and what does fusing save)
 #   layers  forward + backward at M = 2048 of the three Llama-2-7B layer shapes, eager and in device time
 #           (the training-size goal, without the Python noise of eager timings)
-#   decode  greedy decoding with CUDA graphs, bf16 and lowbit W4 without and with a LoRA on the default kernel
-#           (tinygemm after cd0db78), each kernel's device time per token (what the W4 linears cost at TinyLlama's
-#           sizes)
-#   smoke   every command with --device cuda (decoding now on tinygemm by default), the CUDA kill -9 resume
-#   small   graph rows at TinyLlama's layer shapes: dense, bitsandbytes, tinygemm, triton-decode, triton-gemv,
-#           GemLite (which W4 kernel is fastest at the decode rows' sizes, and is it bytes or a per-call cost)
+#   smoke   every command with --device cuda (decoding on tinygemm, siblings fused), the CUDA kill -9 resume
 #   graph   device time of both layer shapes at M = 1 and 16 from replayed CUDA graphs, weights read from memory
 #   calib   the 7B-shaped apiq-bw calibration row, two blocks -- only on an H100, where the goal is set (issue 13)
 #
@@ -27,7 +28,7 @@ set -u
 BUDGET=${BUDGET:-540}
 DRY=${DRY:-}
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(train layers decode smoke small)
+[ ${#steps[@]} -eq 0 ] && steps=(train decode small layers smoke)
 start=$SECONDS
 mkdir -p "$OUT"
 log=$OUT/session.log
@@ -76,11 +77,14 @@ for s in "${steps[@]}"; do
     calib)
         if [[ $device == *H100* || -n $DRY ]]; then step calib 240 $py bench/gpu.py $dry --rows calib-apiq --blocks 2
         else echo "[session] calib: skipped on $device (the goal is an H100's)" | tee -a "$log"; fi ;;
-    decode) step decode 200 $py bench/gpu.py $dry --profile \
-        --rows decode-bf16-graphs,decode-lowbit-w4-base-graphs,decode-lowbit-w4-graphs ;;
-    train) step train 200 $py bench/gpu.py $dry --profile \
-        --rows train-bnb-qlora,train-lowbit-w2,train-lowbit-w4,train-lowbit-w3 ;;
-    small) step small 150 $py bench/gpu.py $dry --rows graph-2048x256,graph-2048x5632,graph-5632x2048,graph-2048x2048 ;;
+    decode) step decode 260 $py bench/gpu.py $dry --profile --rows \
+        decode-bf16-graphs,decode-lowbit-w4-base-graphs,decode-lowbit-w4-unfused-graphs,decode-lowbit-w4-graphs ;;
+    train) step train 200 $py bench/gpu.py $dry --profile --rows train-interleaved,train-bnb-qlora ;;
+    small)  # exact names: the prefix graph-2048x256 would also take graph-2048x2560's rows
+        shapes="2048x256 2048x2048 2048x5632 5632x2048 2048x2560 2048x11264"
+        rows=$(for m in dense-bf16 lowbit-w4-int4 bnb-nf4 lowbit-w4-decode lowbit-w4-gemv lowbit-w2-gemv gemlite-w4 \
+            gemlite-w2; do for shape in $shapes; do printf 'graph-%s-%s,' "$shape" $m; done; done)
+        step small 200 $py bench/gpu.py $dry --rows "${rows%,}" ;;
     layers)  # each shape's peers side by side: dense, PEFT + bitsandbytes, lowbit W4/W3/W2 (all with a LoRA but dense)
         rows=$(for shape in 4096x11008 11008x4096 4096x4096; do
             for m in dense-bf16 bnb-nf4-lora lowbit-w4 lowbit-w3 lowbit-w2; do printf 'layer-%s-%s,' $shape $m; done

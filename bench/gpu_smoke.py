@@ -5,7 +5,8 @@ apiq-bw gptq-warm with ``--act-budget 0``, i.e. pinned host streams), finetune (
 gradient checkpointing), eval (the same checkpoint on the CPU too: perplexities compared), generate, translate, report
 and ``export --requantize``; generate again with ``--static-cache`` (CUDA graphs on a GPU) and once more with
 ``--kernel torch-int4 --static-cache`` too (tinygemm on a GPU, compiled), whether their tokens equal eager decoding's
-reported; torch-int4 against the reference kernel on W2-W4 layers (error bounded); and the apiq-bw quantize (windows
+reported; torch-int4 against the reference kernel on W2-W4 layers (error bounded); decoding with sibling layers fused
+against unfused (error bounded); and the apiq-bw quantize (windows
 of 256 tokens, so attention's backward meets its nondeterministic split-key path on CUDA unless deterministic mode
 holds) once more in a child process killed with SIGKILL right after its first block is committed, then resumed here:
 every tensor of the checkpoint must equal the uninterrupted run's bit for bit. Prints one JSON object: each command's
@@ -123,6 +124,38 @@ def int4_agreement(device: str) -> dict:
     return {"code": int(max(errors.values()) > 2e-2), "max_rel_err": errors}
 
 
+def fused_agreement(device: str) -> dict:
+    """Decoding with sibling layers fused (q/k/v and gate/up as two products, what ``generate`` does) against each
+    layer on its own copy, on a tiny W4 Llama at one and at three rows a step: the largest logit difference relative
+    to the largest logit (``code`` 1 beyond 1e-3: the same op on the same codes, so a slicing bug, not rounding), the
+    layers fused, and whether any activation is kept after the step."""
+    import copy
+
+    import torch
+
+    import lowbit
+    from conftest import tiny_model
+    from lowbit import kernels
+    from lowbit.kernels import siblings, torch_int4
+
+    if not torch_int4.AVAILABLE:
+        return {"code": 0, "skipped": "torch before 2.6"}
+    model = tiny_model("llama").to(device)
+    lowbit.quantize(model, lowbit.QuantConfig(bits=4, group_size=32), progress=False)
+    unfused = copy.deepcopy(model)
+    errors = {}
+    with torch.no_grad():
+        fused_layers = kernels.prepare_decoding(model, rows=3)[0]
+        for rows in (1, 3):
+            ids = torch.arange(3, 3 + rows, device=device)[:, None]
+            ours, ref = model(ids).logits.float(), unfused(ids).logits.float()
+            errors[f"rows{rows}"] = float(f"{((ours - ref).abs().max() / ref.abs().max()).item():.3g}")
+    kept = [m.__dict__[torch_int4.CACHE].group.x is not None for m in model.modules()
+            if isinstance(m.__dict__.get(torch_int4.CACHE), siblings.Member)]  # fmt: skip
+    bad = max(errors.values()) > 1e-3 or fused_layers == 0 or any(kept)
+    return {"code": int(bad), "max_rel_err": errors, "fused_layers": fused_layers, "kept_after_step": any(kept)}
+
+
 def smoke(device: str, folder: Path) -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import save_tiny, tiny_text
@@ -160,6 +193,7 @@ def smoke(device: str, folder: Path) -> dict:
     }  # fmt: skip
     results = {name: run(argv) for name, argv in steps.items()}
     results["torch-int4-vs-reference"] = int4_agreement(device)
+    results["fused-vs-unfused"] = fused_agreement(device)
     apiq = steps["quantize-apiq-host-streams"]
     killed = [folder / "apiq-killed" if a == folder / "apiq" else a for a in apiq]
     results["quantize-apiq-killed-then-resumed"] = killed_then_resumed(killed, folder / "apiq")
