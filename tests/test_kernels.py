@@ -480,9 +480,9 @@ def _own(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
 
 @needs_int4
 def test_fused_layers_follow_new_weights_and_inputs_changed_in_place() -> None:
-    """A member given new weights (replaced or changed in place) dissolves its group: every member decodes on its own
-    copy of its current weights. A member called with another tensor, or with the one its siblings saw changed in
-    place since, gets a new product rather than a kept one."""
+    """A member given new weights (replaced or changed in place, before or after its siblings' product was made)
+    dissolves its group: every member decodes on its own copy of its current weights. A member called with another
+    tensor, or with the one its siblings saw changed in place since, gets a new product rather than a kept one."""
     model = tiny_model("llama")
     lowbit.quantize(model, lowbit.QuantConfig(bits=4, group_size=64), progress=False)
     attn = model.model.layers[0].self_attn
@@ -508,6 +508,11 @@ def test_fused_layers_follow_new_weights_and_inputs_changed_in_place() -> None:
         attn.v_proj.scales.mul_(2)
         assert all(torch.equal(getattr(attn, n)(x), _own(getattr(attn, n), x)) for n in names)
         assert not isinstance(attn.v_proj.__dict__.get(torch_int4.CACHE), siblings.Member)
+        # ... also while its output is kept: q_proj made k_proj's from the old scales, k_proj gets its own
+        assert kernels.prepare_decoding(model)[0] == 3
+        attn.q_proj(x)
+        attn.k_proj.scales.mul_(2)
+        assert torch.equal(attn.k_proj(x), _own(attn.k_proj, x))
 
 
 @needs_int4
@@ -528,29 +533,39 @@ def test_fused_decoding_compiles_into_one_graph() -> None:
         compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
         assert torch.equal(compiled(ids).logits, eager) and torch.equal(compiled(ids).logits, eager)
         assert _int4_calls(lambda: compiled(ids)) == 2 * 4
-    assert not counters["graph_break"]
+    assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 1  # three steps, no recompile
     assert all(g.x is None and g.outputs == (None,) * len(g.layers) for g, _ in _members(model).values())
     torch._dynamo.reset()
 
 
 class _SharedBlock(nn.Module):
-    """A block whose ``a`` reads two tensors (its weights shared by two calls) and whose ``b`` and ``d`` read one."""
+    """``b`` and ``d`` read ``h``; ``a`` reads ``h`` and then ``2h``; ``e`` reads ``h`` after it changed in place. A
+    "moe" block instead calls ``b`` and ``d`` on different tensors, as blocks of another kind would."""
 
-    def __init__(self) -> None:
+    def __init__(self, moe: bool = False) -> None:
         super().__init__()
-        self.a, self.b, self.c, self.d = (nn.Linear(64, 64, bias=False) for _ in range(4))
+        self.moe = moe
+        self.a, self.b, self.c, self.d, self.e = (nn.Linear(64, 64, bias=False) for _ in range(5))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.a(h) + self.b(h) + self.c(self.a(2 * h)) + self.d(h)
+        if self.moe:
+            return self.b(h) + self.d(h[:, :1] * 3)
+        h = h.clone()
+        out = self.a(h) + self.b(h) + self.c(self.a(2 * h)) + self.d(h)
+        h.mul_(2)
+        return out + self.e(h)
 
 
 class _SharedModel(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, broken: bool = False) -> None:
         super().__init__()
+        self.broken = broken
         self.embed = nn.Embedding(16, 64)
-        self.blocks = nn.ModuleList(_SharedBlock() for _ in range(3))
+        self.blocks = nn.ModuleList(_SharedBlock(moe=i == 1) for i in range(3))
 
     def forward(self, input_ids: torch.Tensor, use_cache: bool = False) -> torch.Tensor:
+        if self.broken:
+            raise RuntimeError("this model cannot run")
         h = self.embed(input_ids)
         for block in self.blocks:
             h = block(h)
@@ -558,21 +573,62 @@ class _SharedModel(nn.Module):
 
 
 @needs_int4
-def test_a_layer_that_reads_two_tensors_is_fused_with_nothing() -> None:
-    """Siblings come from what the layers read, not from their names: in a block where ``a`` reads ``h`` with ``b``
-    and ``d`` and then reads ``2h``, one product could not serve both of ``a``'s calls, so only ``b`` and ``d`` are
-    fused, in every block, and the outputs stay the unfused ones."""
+def test_siblings_are_the_layers_that_read_one_unchanged_tensor(capsys: pytest.CaptureFixture[str]) -> None:
+    """Groups come from what each block's layers read, not from names or from the first block: ``a`` reads two
+    tensors and ``e`` reads ``h`` after it changed in place, so only ``b`` and ``d`` are fused, and only in the
+    blocks where they read one tensor; outputs stay the unfused ones at one row and at two. A model the probe cannot
+    run decodes unfused and says why once."""
     torch.manual_seed(0)
     model = _SharedModel()
     lowbit.quantize(model, lowbit.QuantConfig(bits=4, group_size=64), progress=False)
     ids = torch.tensor([[3, 4]])
     with torch.no_grad():
         unfused = model(ids[:, :1])
-        assert kernels.prepare_decoding(model) == (3 * 2, 0)
-        assert sorted(n.rsplit(".", 1)[-1] for n in _members(model)) == 3 * ["b"] + 3 * ["d"]
+        assert kernels.prepare_decoding(model) == (2 * 2, 0)
+        assert sorted(_members(model)) == ["blocks.0.b", "blocks.0.d", "blocks.2.b", "blocks.2.d"]
         assert torch.equal(model(ids[:, :1]), unfused)
-        assert _int4_calls(lambda: model(ids[:, :1])) == 3 * 4  # a twice, c, and b with d
-        twin = copy.deepcopy(model)
-        kernels.drop_caches(twin)  # unfused
+        assert _int4_calls(lambda: model(ids[:, :1])) == 2 * 5 + 2  # per dense block a twice, c, b with d, e
+        twin = copy.deepcopy(model)  # a copy is unfused: its layers make their own copies
         assert _members(model) and not _members(twin)
         assert torch.equal(model(ids), twin(ids))  # two rows a step
+        assert kernels.prepare_decoding(model, fuse=False) == (0, 0) and not _members(model)
+        broken = _SharedModel(broken=True)
+        lowbit.quantize(broken, lowbit.QuantConfig(bits=4, group_size=64), progress=False)
+        assert kernels.prepare_decoding(broken) == (0, 0) and not _members(broken)
+        assert kernels.prepare_decoding(broken) == (0, 0)
+    err = capsys.readouterr().err
+    assert err.count("decoding without fused sibling layers") == 1 and "this model cannot run" in err
+
+
+@needs_int4
+def test_fused_groups_skip_weight_adapters_keep_no_cycle_and_pickle() -> None:
+    """A HiWi adapter on q and v computes those layers without the kernel, so only gate/up are fused in the
+    attention's stead (a member that never took its share would keep its siblings' outputs); a fused model is freed
+    without the cycle collector (the group holds its layers weakly) and pickles, unfused."""
+    import gc
+    import pickle
+    import weakref
+
+    from lowbit.adapters import HiWi
+
+    model = tiny_model("llama", layers=1)
+    lowbit.quantize(model, lowbit.QuantConfig(bits=4, group_size=64), progress=False)
+    attn = model.model.layers[0].self_attn
+    attn.q_proj.adapter, attn.v_proj.adapter = HiWi(64, 4), HiWi(64, 4)
+    ids = torch.tensor([[5]])
+    with torch.no_grad():
+        kernels.prepare_decoding(model)
+        assert sorted(n.rsplit(".", 1)[-1] for n in _members(model)) == ["gate_proj", "up_proj"]
+        model(ids)
+    assert all(g.x is None for g, _ in _members(model).values())
+    restored = pickle.loads(pickle.dumps(model))
+    assert not _members(restored)
+    with torch.no_grad():
+        assert torch.equal(restored(ids).logits, model(ids).logits)
+    ref = weakref.ref(model.model.layers[0].mlp.gate_proj)
+    gc.disable()
+    try:
+        del model, attn, restored
+        assert ref() is None
+    finally:
+        gc.enable()

@@ -14,7 +14,9 @@ CPU-only installs never import Triton):
   one row takes 15.0 us on it against 49.7 us on ``triton-decode``, 34.9 us dense bf16 and 23.6 us bitsandbytes
   NF4 (52.9 against 74.2 us at 16 rows), and a 1.1B W4 model decodes at 237.8 tokens/s on it against 174.9 on
   ``triton-decode``. It reads W2/W3 codes as shifted 4-bit ones, so it keeps a repacked copy, half a byte a
-  weight, beside the packed codes (on a GPU only where it fits; :func:`drop_caches`). It computes in bf16
+  weight, beside the packed codes (on a GPU only where it fits; :func:`drop_caches`); layers that read one tensor
+  (q/k/v, gate/up) share one copy and one call per step once :func:`prepare_decoding` has fused them
+  (:mod:`lowbit.kernels.siblings`). It computes in bf16
   (decoding perplexity within 0.7% of the float32 reference's, top-1 the same for 96.9-99.2% of tokens -- more
   often than running the model in bf16 does; ``bench/cpu_int4.py``) and needs no Triton;
 - ``triton-decode`` (M <= 16): fused dequantize + GEMV / small GEMM with split-K, for what tinygemm does not take

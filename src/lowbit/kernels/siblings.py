@@ -7,21 +7,29 @@ has 256 outputs), on the CPU the Python around the op -- so a kernel that concat
 outputs and calls its op once pays that part once. lowbit's checkpoints keep the layers apart (PEFT adapters and
 exports name them); only a decoding kernel's copy is fused.
 
-Siblings are found, not named: :func:`shared_input_groups` runs the first block once on one token and groups its
-quantized layers by the tensor each receives (by identity, as :mod:`lowbit.init.layerwise` groups calibration
-captures), then takes the same names in every block -- so any architecture, fused projections (GPT-2's ``c_attn``)
-and cross-reading layers included, gets exactly the groups it has.
+Siblings are found, not named: :func:`shared_input_groups` runs the model once on one token with every quantized
+layer replaced by a recorder that returns zeros (nothing is computed or dequantized) and groups the layers by the
+tensor they received -- by identity and version, so a tensor changed in place between two calls makes two groups.
+Any architecture gets the groups its forward has: fused projections (Phi-3's ``qkv_proj``, GPT-2's ``c_attn``) stay
+alone, blocks that differ (dense, then mixture-of-experts blocks) are grouped each as it runs, and a layer called on
+two tensors joins no group.
 
 At run time (:class:`Siblings`) the first member called computes every member's output and keeps the others' until
-each is asked for; a member called with another tensor, or with the same one changed in place (eager calls), gets a
-new product. Nothing is kept once every member has taken its output, so no activation outlives the step that made it
-(CUDA graphs overwrite their outputs at the next replay).
+each is asked for; a member called with another tensor (or, eagerly, with the same one changed in place since) gets
+a new product, and a member whose buffers were replaced or changed since the fused copy was made gets its own,
+alone. Once every member has taken its output nothing is kept, so no activation outlives the step that made it (CUDA
+graphs overwrite their outputs at the next replay). The kept outputs belong to one forward at a time: one model
+decodes one stream at a time.
 """
 
 from __future__ import annotations
 
+import inspect
+import sys
+import weakref
+from collections import Counter
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -31,74 +39,99 @@ from lowbit.kernels import layer_buffers, versions
 if TYPE_CHECKING:
     from lowbit.layers import QuantLinear
 
-
-class _Stop(Exception):
-    """Raised when the probe reaches the second block: the first block's calls are all recorded."""
+_warned = False
 
 
 def shared_input_groups(model: nn.Module) -> list[list[QuantLinear]]:
-    """Every set of two or more quantized layers in one block that receive the same tensor, in call order, found by
-    one probe forward of one token (run on the reference kernel, so no kernel makes copies for it); none for a model
-    the probe cannot call as ``model(input_ids=...)`` or without decoder blocks."""
-    from lowbit import kernels
-    from lowbit.arch import find_blocks
-    from lowbit.errors import LowbitError
+    """Every set of two or more quantized layers that receive the same tensor in one forward, each in call order;
+    none for a model that cannot be called as ``model(input_ids=..., use_cache=False)`` (it decodes unfused, and a
+    probe that fails says why once)."""
+    global _warned
     from lowbit.layers import QuantLinear
 
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     try:
-        _, blocks = find_blocks(model)
-    except LowbitError:
+        inspect.signature(model.forward).bind(input_ids=None, use_cache=False)
+    except (TypeError, ValueError):
         return []
-    calls: list[tuple[str, torch.Tensor]] = []  # kept alive: identity, not addresses the allocator may reuse
-    hooks = [
-        m.register_forward_pre_hook(lambda _m, args, name=name: calls.append((name, args[0])))
-        for name, m in blocks[0].named_modules()
-        if isinstance(m, QuantLinear)
-    ]
-    if len(blocks) > 1:
-        hooks.append(blocks[1].register_forward_pre_hook(_stop))
-    device = next(model.parameters()).device
+    if not layers:
+        return []
+    calls: list[tuple[QuantLinear, torch.Tensor, int]] = []  # inputs kept alive: identity, not reusable addresses
+
+    def recorder(layer: QuantLinear) -> Callable[..., torch.Tensor]:
+        def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            calls.append((layer, x, x._version))
+            return x.new_zeros(*x.shape[:-1], layer.out_features)
+
+        return forward
+
+    for layer in layers:
+        layer.forward = recorder(layer)  # an instance attribute: shadows QuantLinear.forward until removed
     try:
-        with torch.no_grad(), kernels.pinned("reference"):
-            model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=False)
-    except _Stop:
-        pass
-    except (TypeError, ValueError):  # not a causal LM taking input_ids: decoded unfused
+        with torch.no_grad():
+            model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=_input_device(model)), use_cache=False)
+    except Exception as exc:  # an optimization's probe must not stop decoding: the model decodes unfused
+        if not _warned:
+            _warned = True
+            print(f"lowbit: note: decoding without fused sibling layers: probing the model failed "
+                  f"({type(exc).__name__}: {exc})", file=sys.stderr)  # fmt: skip
         return []
     finally:
-        for h in hooks:
-            h.remove()
-    groups: list[tuple[torch.Tensor, list[str]]] = []
-    for name, x in calls:
-        group = next((names for seen, names in groups if seen is x), None)
+        for layer in layers:
+            del layer.__dict__["forward"]
+    groups: list[tuple[torch.Tensor, int, list[QuantLinear]]] = []
+    for layer, x, version in calls:
+        group = next((members for seen, v, members in groups if seen is x and v == version), None)
         if group is None:
-            groups.append((x, [name]))
-        elif name not in group:
-            group.append(name)
-    # A layer called on two tensors (shared weights) belongs to no group: one product could not serve both calls.
-    twice = {name for name, _ in calls if sum(name in names for _, names in groups) > 1}
-    names = [[n for n in group if n not in twice] for _, group in groups]
-    return [[block.get_submodule(n) for n in group] for block in blocks for group in names if len(group) > 1]
+            groups.append((x, version, [layer]))
+        elif layer not in group:
+            group.append(layer)
+    # A layer called on two tensors (or twice in a step) could not be served by one product: it joins no group.
+    times = Counter(id(layer) for layer, _, _ in calls)
+    found = [[m for m in members if times[id(m)] == 1] for _, _, members in groups]
+    return [members for members in found if len(members) > 1]
 
 
-def _stop(_module: nn.Module, _args: tuple) -> None:
-    raise _Stop
+def _input_device(model: nn.Module) -> torch.device:
+    """Where the token ids go: the input embeddings' device, else the first parameter's."""
+    try:
+        weight = getattr(model.get_input_embeddings(), "weight", None)
+    except (AttributeError, NotImplementedError):
+        weight = None
+    return weight.device if weight is not None else next(model.parameters()).device
 
 
-class Member(NamedTuple):
-    """What a fused layer keeps in its kernel cache: its group and its place in the group's outputs."""
+def _unfused() -> None:
+    """What a pickled :class:`Member` loads as: no cache (the kernel makes the layer's own copy when it needs one)."""
+    return None
 
-    group: Siblings
-    index: int
+
+class Member:
+    """What a fused layer keeps in its kernel cache: its group and its place among the group's outputs."""
+
+    __slots__ = ("group", "index")
+
+    def __init__(self, group: Siblings, index: int) -> None:
+        self.group = group
+        self.index = index
 
     def release(self) -> None:
         """Dissolve the group (:func:`lowbit.kernels.drop_caches` calls this when any member's cache goes)."""
         self.group.release()
 
+    def __deepcopy__(self, memo: dict) -> None:
+        # A copied model is unfused (its layers make their own copies, or prepare_decoding fuses it anew): a copied
+        # group would point at the original layers.
+        return None
+
+    def __reduce__(self) -> tuple:
+        return _unfused, ()
+
 
 class Siblings:
-    """Layers that read one tensor, computed by one call of ``product(x, *weights)`` (``[..., in] -> [rows, sum of
-    outputs]``) on the fused ``weights`` a kernel made from them."""
+    """Layers that read one tensor, computed by one call of ``product(x, *weights)`` (``x [..., in] -> [rows, sum of
+    outputs]``) on fused ``weights`` a kernel made from them; each layer's :class:`Member` sits in its ``cache``
+    attribute."""
 
     def __init__(
         self,
@@ -107,12 +140,12 @@ class Siblings:
         product: Callable[..., torch.Tensor],
         cache: str,
     ) -> None:
-        self.layers = tuple(layers)
+        self.layers = tuple(weakref.ref(layer) for layer in layers)  # weak: layer -> Member -> group, no cycle
         self.weights = weights
         self.product = product
-        self.cache = cache  # the layers' attribute that holds their Member
+        self.cache = cache
         self.splits = tuple(layer.out_features for layer in layers)
-        self.sources = tuple(layer_buffers(layer) for layer in layers)
+        self.sources = tuple(layer_buffers(layer) for layer in layers)  # what the fused copy was made from
         self.versions = tuple(versions(b) for b in self.sources)
         self.x: torch.Tensor | None = None  # the input of the outputs still kept
         self.x_version: int | None = None
@@ -120,18 +153,23 @@ class Siblings:
 
     def attach(self) -> None:
         """Make each layer a member: its kernel reads the group's outputs from now on."""
-        for index, layer in enumerate(self.layers):
-            layer.__dict__[self.cache] = Member(self, index)
+        for index, ref in enumerate(self.layers):
+            ref().__dict__[self.cache] = Member(self, index)
 
-    def output(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
-        """Member ``index``'s product ``x @ dequant(Q)^T``, ``[..., out]``; None when a member's buffers changed since
-        the group was made (then the group is dissolved and the caller computes the layer alone)."""
+    def output(self, layer: QuantLinear, index: int, x: torch.Tensor) -> torch.Tensor | None:
+        """Member ``index``'s (``layer``'s) product ``x @ dequant(Q)^T``, ``[..., out]``; None when ``layer``'s
+        buffers were replaced or changed since the fused copy was made (eagerly the group is then dissolved): the
+        caller computes the layer alone."""
         compiling = torch.compiler.is_compiling()
+        now = layer_buffers(layer)
+        if any(a is not b for a, b in zip(now, self.sources[index], strict=True)) or (
+            not compiling and versions(now) != self.versions[index]
+        ):
+            if not compiling:
+                self.release()
+            return None
         kept = self.x is x and self.outputs[index] is not None and (compiling or self.x_version == versions((x,))[0])
         if not kept:
-            if not compiling and not self.current():
-                self.release()
-                return None
             y = self.product(x, *self.weights)
             lead = x.shape[:-1]
             self.outputs = tuple(part.reshape(*lead, part.shape[-1]).contiguous() for part in y.split(self.splits, -1))
@@ -142,20 +180,12 @@ class Siblings:
             self.x = None
         return y
 
-    def current(self) -> bool:
-        """Whether every member still has the buffers (and, in place, the contents) the fused weights were made
-        from; compiled code reads only identity, and a load or a move drops the caches (see ``QuantLinear``)."""
-        for layer, source, made in zip(self.layers, self.sources, self.versions, strict=True):
-            now = layer_buffers(layer)
-            if any(a is not b for a, b in zip(now, source, strict=True)) or versions(now) != made:
-                return False
-        return True
-
     def release(self) -> None:
         """Take the group out of its members' caches (their kernel makes each its own copy again) and let go of the
         kept outputs."""
-        for layer in self.layers:
-            cached = layer.__dict__.get(self.cache)
+        for ref in self.layers:
+            layer = ref()
+            cached = None if layer is None else layer.__dict__.get(self.cache)
             if isinstance(cached, Member) and cached.group is self:
                 del layer.__dict__[self.cache]
         self.x, self.outputs = None, (None,) * len(self.layers)

@@ -24,7 +24,8 @@ tokens; the whole model run under bf16 autocast, as GPU users decode, moves perp
 92.5-97.7%. So it is the default where it applies; ``--kernel reference`` (``LOWBIT_KERNEL=reference``) gives float32
 numerics. The repacked codes take half a byte a weight (as much as W4's packed codes, twice W2's), kept beside the
 packed codes until the layer's buffers are moved, loaded or replaced, or :func:`lowbit.kernels.drop_caches` frees
-them.
+them. :func:`prepare` gives layers that read one tensor one copy between them, concatenated along the outputs, so a
+decoding step calls the op once for q/k/v and once for gate/up (:mod:`lowbit.kernels.siblings`).
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ def matmul(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     its siblings' product where :func:`prepare` fused it with them (:mod:`lowbit.kernels.siblings`)."""
     cached = getattr(layer, CACHE, None)
     if isinstance(cached, Member):
-        y = cached.group.output(cached.index, x)
+        y = cached.group.output(layer, cached.index, x)
         if y is not None:
             return y
     codes, scales_and_offsets = packed(layer)
@@ -194,12 +195,14 @@ def prepare(model: torch.nn.Module, rows: int = 1, fuse: bool = True) -> tuple[i
     a copy: none is made.
 
     With ``fuse``, layers that read one tensor (q/k/v, gate/up: :mod:`lowbit.kernels.siblings`) get one copy between
-    them, on every device, so each step calls the op once per group. The other layers' copies are made here on
-    devices whose memory :func:`memory_left` counts (CUDA), layer by layer while they fit, and lazily elsewhere.
-    Made lazily, a copy is checked against free memory at the layer's first eager decoding call. Under
-    ``generate``'s static cache a prompt longer than :data:`MAX_M` rows is prefilled on another kernel and the
-    first one-row call is compiled, where memory cannot be read, so every copy would be made unchecked; made
-    here, eagerly, each layer sees the memory its predecessors' copies took.
+    them, on every device, so each step calls the op once per group; a group lasts until a member's cache is dropped
+    (:func:`lowbit.kernels.drop_caches`: a move, a load, new weights) and is made again by the next call. Without
+    ``fuse`` existing groups are dissolved. The other layers' copies are made here on devices
+    whose memory :func:`memory_left` counts (CUDA), layer by layer while they fit, and lazily elsewhere. Made
+    lazily, a copy is checked against free memory at the layer's first eager decoding call. Under ``generate``'s
+    static cache a prompt longer than :data:`MAX_M` rows is prefilled on another kernel and the first one-row call
+    is compiled, where memory cannot be read, so every copy would be made unchecked; made here, eagerly, each layer
+    sees the memory its predecessors' copies took.
     """
     from lowbit.layers import QuantLinear
 
@@ -209,12 +212,14 @@ def prepare(model: torch.nn.Module, rows: int = 1, fuse: bool = True) -> tuple[i
     dtype = activation_dtype(model)  # an fp16 model never decodes on this kernel: it gets no copies
     made = refused = 0
     for group in shared_input_groups(model) if fuse else ():
-        fused = {getattr(m, CACHE, None).group for m in group if isinstance(getattr(m, CACHE, None), Member)}
-        if len(fused) == 1 and len(next(iter(fused)).layers) == len(group):
-            continue  # made by an earlier call
-        if _fusable(group, rows, dtype):
+        # a PaFi/HiWi adapter on the weight computes its layer without this kernel: it would never take its share
+        group = [m for m in group if m.adapter is None or m.adapter.target != "weight"]
+        if len(group) > 1 and not _fused(group) and _fusable(group, rows, dtype):
             _fuse(group)
             made += len(group)
+    for m in layers if not fuse else ():
+        if isinstance(getattr(m, CACHE, None), Member):
+            kernels.drop_caches(m)
     for layer in layers:
         cached = getattr(layer, CACHE, None)
         if isinstance(cached, Member) or memory_left(layer.qweight.device) is None:
@@ -226,6 +231,15 @@ def prepare(model: torch.nn.Module, rows: int = 1, fuse: bool = True) -> tuple[i
         elif getattr(layer, CACHE, None) is NO_ROOM:
             refused += 1
     return made, refused
+
+
+def _fused(group: list[QuantLinear]) -> bool:
+    """Whether the layers are already one group, by themselves (made by an earlier call)."""
+    members = [getattr(m, CACHE, None) for m in group]
+    if not all(isinstance(c, Member) for c in members):
+        return False
+    first = members[0].group
+    return all(c.group is first for c in members) and len(first.layers) == len(group)
 
 
 def _fusable(group: list[QuantLinear], rows: int, dtype: torch.dtype) -> bool:
@@ -245,7 +259,8 @@ def _fusable(group: list[QuantLinear], rows: int, dtype: torch.dtype) -> bool:
 
 def _fuse(group: list[QuantLinear]) -> None:
     """One copy of the members' codes, concatenated along the outputs, that each member reads its share of."""
-    kernels.drop_caches(torch.nn.ModuleList(group))  # their own copies (or an older group) go first: memory
+    for m in group:  # their own copies (or an older group) go first: memory
+        kernels.drop_caches(m)
     forms = [tinygemm_form(m) for m in group]
     codes = int4pack(torch.cat([c for c, _ in forms]))
     scales_and_offsets = torch.cat([s for _, s in forms], dim=1).to(torch.bfloat16)
