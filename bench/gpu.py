@@ -30,7 +30,8 @@ activations under autocast. Rows:
   reference (``max_rel_err``), and ``gemlite-w4/w2``. Also at TinyLlama-1.1B's layer shapes (2048->2048,
   2048->256, 2048->5632, 5632->2048: the decode rows' model) and at the two products decoding fuses them into
   (2048->2560: q/k/v; 2048->11264: gate/up; :mod:`lowbit.kernels.siblings`) for the peers and the W4/W2 decoding
-  kernels, each replay over at most 1024 copies.
+  kernels, each replay over at most 1024 copies. ``--repeats N`` times each size N times (median, and every run in
+  ``fwd_m1_us_runs``: is W2's 0.9% over W4 on the same kernel more than two runs of one kernel differ?).
 - ``train-<method>``: LoRA r16/alpha 32 training of a TinyLlama-1.1B-shaped Llama (all 7 linears of each block) at
   batch 4 x 512 tokens: tokens/s over 8 AdamW steps after 2 warm-up steps, and peak allocated memory. Methods:
   ``bf16-lora`` (PEFT on the bf16 model), ``bnb-qlora`` (PEFT + bitsandbytes NF4), ``lowbit-w4/w3/w2``.
@@ -137,11 +138,12 @@ DEFAULT_ROWS = ",".join(["layer", "train", *(f"decode-{m}" for m in DECODE_METHO
 class Setup:
     """Sizes and device of a run: P4's, or tiny ones on the CPU for ``--dry-run``."""
 
-    def __init__(self, dry_run: bool, profile: bool = False) -> None:
+    def __init__(self, dry_run: bool, profile: bool = False, repeats: int = 1) -> None:
         import torch
 
         self.dry_run = dry_run
         self.profile = profile  # layer, train and decode rows: where the device time goes (kernel_profile)
+        self.repeats = repeats  # graph rows: timings per size (the median is stored, each run beside it)
         self.device = torch.device("cpu" if dry_run else "cuda")
         self.scale = 32 if dry_run else 1  # layer widths divided by this
         self.big_m = 64 if dry_run else 2048
@@ -340,11 +342,17 @@ def graph_row(name: str, setup: Setup) -> dict:
         each()  # autotuning and allocation happen outside the capture
         return do_bench_cudagraph(each, rep=100) * 1e3 / n_copies
 
+    def timed(key: str, fn: Callable[[torch.nn.Module], object]) -> None:
+        runs = [round(bench(fn), 2) for _ in range(setup.repeats)]
+        row[key] = statistics.median(runs)
+        if setup.repeats > 1:  # how far apart runs of one kernel on the same bytes land: the noise a difference beats
+            row[f"{key}_runs"] = runs
+
     pinned, pin = method_pin(method)
     with pin, torch.no_grad(), torch.autocast(setup.device.type, dtype=torch.bfloat16):
         for m in (1,) if pinned == "triton-gemv" else (1, 16):
             x = torch.randn(m, in_f, device=setup.device, dtype=torch.bfloat16)
-            row[f"fwd_m{m}_us"] = round(bench(lambda one, x=x: one(x)), 2)
+            timed(f"fwd_m{m}_us", lambda one, x=x: one(x))
             if method.startswith("lowbit"):  # which kernel ran (the default changes as kernels are measured)
                 row.setdefault("kernels", {})[f"m{m}"] = kernels.select(layer, x, training=False).name
         if pinned:
@@ -745,6 +753,8 @@ def main() -> None:
         help="layer (forward + backward), train and decode rows: also record each kernel's device time "
         "(kernel_profile)",
     )
+    parser.add_argument("--repeats", type=int, default=1, help="graph rows: time each size this many times and "
+                        "store the median and every run (default 1)")  # fmt: skip
     args = parser.parse_args()
     if args.table:
         stored = json.loads(RESULTS.read_text())["rows"] if RESULTS.is_file() else {}
@@ -759,7 +769,9 @@ def main() -> None:
 
         prepare_deterministic(torch.device("cuda"))
     names = select_rows(args.rows)
-    setup = Setup(args.dry_run, args.profile)
+    if args.repeats < 1:
+        sys.exit("gpu.py: error: --repeats must be at least 1")
+    setup = Setup(args.dry_run, args.profile, args.repeats)
     env = benchlib.environment()
     rows = []
     for name in [n for n in names if not n.startswith("calib")]:

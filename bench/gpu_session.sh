@@ -5,19 +5,20 @@
 # cut to what is left of BUDGET seconds, and a step that does not fit is skipped and said so; bench/gpu.py stores
 # each row as soon as it ends, and after every step the results are copied to $OUT, so a step cut off at its limit
 # loses only its unfinished row; the exit status is 1 when a step failed or was skipped for lack of time. Steps
-# (default: train decode small layers smoke, in this order; name others or a subset as arguments):
+# (default: train decode layers smoke small graph, in this order; name others or a subset as arguments):
 #   train   fine-tuning: PEFT + bitsandbytes and lowbit W4/W3/W2 resident together, trained in rotated rounds (no
 #           run order to favour any: W3/W2's 0.98x/0.93x came from rows run one after another), then PEFT +
 #           bitsandbytes alone with its device time per step against its wall time (is the peer host-bound too?)
 #   decode  greedy decoding with CUDA graphs, bf16 and lowbit W4 without a LoRA fused (q/k/v and gate/up as two
 #           products, the default from 6ed33d2 on) and unfused, and with a LoRA; each kernel's device time per token
-#   small   graph rows at TinyLlama's layer shapes and at the two fused products': dense and tinygemm first, then
-#           bitsandbytes, triton-decode, triton-gemv, GemLite (is a W4 kernel's time there bytes or a per-call cost,
-#           and what does fusing save)
 #   layers  forward + backward at M = 2048 of the three Llama-2-7B layer shapes, eager and in device time
 #           (the training-size goal, without the Python noise of eager timings)
 #   smoke   every command with --device cuda (decoding on tinygemm, siblings fused), the CUDA kill -9 resume
-#   graph   device time of both layer shapes at M = 1 and 16 from replayed CUDA graphs, weights read from memory
+#   small   graph rows at TinyLlama's layer shapes and at the two fused products': dense and tinygemm first, then
+#           bitsandbytes, triton-decode, triton-gemv, GemLite (is a W4 kernel's time there bytes or a per-call cost,
+#           and what does fusing save)
+#   graph   tinygemm W4/W3/W2, dense and bitsandbytes on both 7B layer shapes from replayed CUDA graphs, each size
+#           timed five times (is W2's 0.9% over W4 on the same kernel more than the runs' spread?)
 #   calib   the 7B-shaped apiq-bw calibration row, two blocks -- only on an H100, where the goal is set (issue 13)
 #
 #   device tool: LOWBIT_COMMIT=<this checkout's short commit> bash bench/gpu_session.sh   (carry [".whl"]; the tree
@@ -28,7 +29,7 @@ set -u
 BUDGET=${BUDGET:-540}
 DRY=${DRY:-}
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(train decode small layers smoke)
+[ ${#steps[@]} -eq 0 ] && steps=(train decode layers smoke small graph)
 start=$SECONDS
 mkdir -p "$OUT"
 log=$OUT/session.log
@@ -73,7 +74,13 @@ for s in "${steps[@]}"; do
     smoke)  # its JSON is written at its end only: a smoke cut off leaves none in $OUT, not a stale one
         if [ -n "$DRY" ]; then step smoke 300 $py bench/gpu_smoke.py --device cpu --out "$OUT"/gpu_smoke.json
         else step smoke 200 $py bench/gpu_smoke.py --device cuda --out "$OUT"/gpu_smoke.json; fi ;;
-    graph) step graph 200 $py bench/gpu.py $dry --rows graph-4096x11008,graph-11008x4096 ;;
+    graph)
+        rows=$(for shape in 4096x11008 11008x4096; do
+            for m in lowbit-w4-int4 lowbit-w3-int4 lowbit-w2-int4 dense-bf16 bnb-nf4; do
+                printf 'graph-%s-%s,' $shape $m
+            done
+        done)
+        step graph 120 $py bench/gpu.py $dry --repeats 5 --rows "${rows%,}" ;;
     calib)
         if [[ $device == *H100* || -n $DRY ]]; then step calib 240 $py bench/gpu.py $dry --rows calib-apiq --blocks 2
         else echo "[session] calib: skipped on $device (the goal is an H100's)" | tee -a "$log"; fi ;;
