@@ -150,7 +150,7 @@ def fused_agreement(device: str) -> dict:
             ids = torch.arange(3, 3 + rows, device=device)[:, None]
             ours, ref = model(ids).logits.float(), unfused(ids).logits.float()
             errors[f"rows{rows}"] = float(f"{((ours - ref).abs().max() / ref.abs().max()).item():.3g}")
-    kept = [m.__dict__[torch_int4.CACHE].group.x is not None for m in model.modules()
+    kept = [m.__dict__[torch_int4.CACHE].group.kept is not None for m in model.modules()
             if isinstance(m.__dict__.get(torch_int4.CACHE), siblings.Member)]  # fmt: skip
     bad = max(errors.values()) > 1e-3 or fused_layers == 0 or any(kept)
     return {"code": int(bad), "max_rel_err": errors, "fused_layers": fused_layers, "kept_after_step": any(kept)}

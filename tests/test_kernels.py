@@ -459,7 +459,7 @@ def test_prepare_decoding_fuses_the_layers_that_read_one_tensor(arch: str) -> No
         calls_fused = _int4_calls(lambda: model(ids))
     kept = {id(g): g for g, _ in _members(model).values()}.values()
     assert torch.equal(fused, unfused)
-    assert all(g.x is None and g.outputs == (None,) * len(g.layers) for g in kept)
+    assert all(g.kept is None for g in kept)
     if arch in ("phi3", "gpt2"):
         assert (made, refused, groups) == (0, 0, {}) and calls_fused == calls_unfused == 2 * 4
         return
@@ -498,7 +498,7 @@ def test_fused_layers_follow_new_weights_and_inputs_changed_in_place() -> None:
         y.mul_(2)  # in place after its product was made: v_proj must not get the kept one
         assert torch.equal(attn.v_proj(y), _own(attn.v_proj, y)) and not torch.equal(y, x)
         attn.k_proj(y), attn.q_proj(y)  # the rest taken: nothing kept
-        assert group.x is None
+        assert group.kept is None
         # new weights for one member: the whole group goes, each member follows its own weights
         attn.k_proj.set_weight(quantize_weight(torch.randn(32, 64), attn.k_proj.spec))
         assert not any(isinstance(getattr(attn, n).__dict__.get(torch_int4.CACHE), siblings.Member) for n in names)
@@ -534,7 +534,7 @@ def test_fused_decoding_compiles_into_one_graph() -> None:
         assert torch.equal(compiled(ids).logits, eager) and torch.equal(compiled(ids).logits, eager)
         assert _int4_calls(lambda: compiled(ids)) == 2 * 4
     assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 1  # three steps, no recompile
-    assert all(g.x is None and g.outputs == (None,) * len(g.layers) for g, _ in _members(model).values())
+    assert all(g.kept is None for g, _ in _members(model).values())
     torch._dynamo.reset()
 
 
@@ -620,7 +620,7 @@ def test_fused_groups_skip_weight_adapters_keep_no_cycle_and_pickle() -> None:
         kernels.prepare_decoding(model)
         assert sorted(n.rsplit(".", 1)[-1] for n in _members(model)) == ["gate_proj", "up_proj"]
         model(ids)
-    assert all(g.x is None for g, _ in _members(model).values())
+    assert all(g.kept is None for g, _ in _members(model).values())
     restored = pickle.loads(pickle.dumps(model))
     assert not _members(restored)
     with torch.no_grad():

@@ -18,8 +18,8 @@ At run time (:class:`Siblings`) the first member called computes every member's 
 each is asked for; a member called with another tensor (or, eagerly, with the same one changed in place since) gets
 a new product, and a member whose buffers were replaced or changed since the fused copy was made gets its own,
 alone. Once every member has taken its output nothing is kept, so no activation outlives the step that made it (CUDA
-graphs overwrite their outputs at the next replay). The kept outputs belong to one forward at a time: one model
-decodes one stream at a time.
+graphs overwrite their outputs at the next replay). Two threads decoding on one model may each compute a product
+the other could have served, never take the other's output.
 """
 
 from __future__ import annotations
@@ -147,9 +147,10 @@ class Siblings:
         self.splits = tuple(layer.out_features for layer in layers)
         self.sources = tuple(layer_buffers(layer) for layer in layers)  # what the fused copy was made from
         self.versions = tuple(versions(b) for b in self.sources)
-        self.x: torch.Tensor | None = None  # the input of the outputs still kept
-        self.x_version: int | None = None
-        self.outputs: tuple[torch.Tensor | None, ...] = (None,) * len(layers)
+        # (input, its version, each member's output or None once taken) while outputs are kept, else None. One
+        # attribute, read once and replaced whole: a call works on its own snapshot, so two threads decoding on one
+        # model can cost a product twice but never hand one of them the other's output.
+        self.kept: tuple[torch.Tensor, int | None, tuple[torch.Tensor | None, ...]] | None = None
 
     def attach(self) -> None:
         """Make each layer a member: its kernel reads the group's outputs from now on."""
@@ -168,17 +169,17 @@ class Siblings:
             if not compiling:
                 self.release()
             return None
-        kept = self.x is x and self.outputs[index] is not None and (compiling or self.x_version == versions((x,))[0])
-        if not kept:
+        version = None if compiling else versions((x,))[0]
+        kept = self.kept
+        if kept is None or kept[0] is not x or kept[1] != version or kept[2][index] is None:
             y = self.product(x, *self.weights)
             lead = x.shape[:-1]
-            self.outputs = tuple(part.reshape(*lead, part.shape[-1]).contiguous() for part in y.split(self.splits, -1))
-            self.x, self.x_version = x, None if compiling else versions((x,))[0]
-        y = self.outputs[index]
-        self.outputs = (*self.outputs[:index], None, *self.outputs[index + 1 :])
-        if all(o is None for o in self.outputs):
-            self.x = None
-        return y
+            outputs = tuple(part.reshape(*lead, part.shape[-1]).contiguous() for part in y.split(self.splits, -1))
+            kept = (x, version, outputs)
+        outputs = kept[2]
+        left = (*outputs[:index], None, *outputs[index + 1 :])
+        self.kept = None if all(o is None for o in left) else (x, version, left)
+        return outputs[index]
 
     def release(self) -> None:
         """Take the group out of its members' caches (their kernel makes each its own copy again) and let go of the
@@ -188,4 +189,4 @@ class Siblings:
             cached = None if layer is None else layer.__dict__.get(self.cache)
             if isinstance(cached, Member) and cached.group is self:
                 del layer.__dict__[self.cache]
-        self.x, self.outputs = None, (None,) * len(self.layers)
+        self.kept = None
