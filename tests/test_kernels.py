@@ -632,3 +632,68 @@ def test_fused_groups_skip_weight_adapters_keep_no_cycle_and_pickle() -> None:
         assert ref() is None
     finally:
         gc.enable()
+
+
+@needs_int4
+def test_probe_puts_back_a_layers_own_forward_and_runs_under_inference_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe swaps every quantized layer's forward for a recorder: a forward a layer already had as its own
+    attribute (a user's wrapper, accelerate's hooks) is put back and still runs; inside ``torch.inference_mode``
+    (whose tensors have no version counters) the probe still finds the groups; a compiled model is probed through
+    the module it wraps, without compiling anything; steps too large for the kernel are not probed at all."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_model("llama", layers=1)
+    lowbit.quantize(model, lowbit.QuantConfig(bits=4, group_size=64), progress=False)
+    q = model.model.layers[0].self_attn.q_proj
+    seen = []
+    wrapped = q.forward
+
+    def wrapper(x: torch.Tensor) -> torch.Tensor:
+        seen.append(x.shape)
+        return wrapped(x)
+
+    q.forward = wrapper
+    monkeypatch.setattr(torch_int4, "shared_input_groups", lambda m: pytest.fail("probed for 32 rows"))
+    assert kernels.prepare_decoding(model, rows=32) == (0, 0)
+    monkeypatch.undo()
+    ids = torch.tensor([[5]])
+    with torch.inference_mode():
+        assert kernels.prepare_decoding(model) == (5, 0)
+        model(ids)
+    assert q.__dict__["forward"] is wrapper and seen == [(1, 1, 64)]  # put back, and not called by the probe
+    kernels.drop_caches(model)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="aot_eager")
+    assert kernels.prepare_decoding(compiled) == (5, 0) and not counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+
+
+@needs_int4
+def test_a_member_that_stops_taking_its_share_dissolves_its_group() -> None:
+    """An adapter put on k_proj's weight after the fusing computes k_proj without the kernel: at the next step its
+    kept output is found untaken and the group dissolves, so q and v decode alone instead of computing k's share every
+    step; outputs stay right throughout. A group whose member changed in place is made again by the next prepare,
+    and a prepare starts with no outputs kept (an interrupted step leaves some)."""
+    from lowbit.adapters import HiWi
+
+    model = tiny_model("llama", layers=1)
+    lowbit.quantize(model, lowbit.QuantConfig(bits=4, group_size=64), progress=False)
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        kernels.prepare_decoding(model)
+        group = attn.q_proj.__dict__[torch_int4.CACHE].group
+        attn.q_proj(x)  # an interrupted step: k and v never took theirs
+        assert group.kept is not None
+        assert kernels.prepare_decoding(model) == (0, 0) and group.kept is None  # the same group, nothing kept
+        attn.v_proj.scales.mul_(2)  # in place, before any call: the next prepare makes the group again
+        assert kernels.prepare_decoding(model) == (3, 0)
+        group = attn.q_proj.__dict__[torch_int4.CACHE].group
+        attn.k_proj.adapter = HiWi(64, 4)
+        for step in range(2):
+            y = x + step
+            assert torch.equal(attn.q_proj(y), _own(attn.q_proj, y))
+            attn.k_proj(y)
+            assert torch.equal(attn.v_proj(y), _own(attn.v_proj, y))
+        assert group.kept is None and not isinstance(attn.q_proj.__dict__.get(torch_int4.CACHE), siblings.Member)

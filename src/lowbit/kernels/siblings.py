@@ -39,14 +39,14 @@ from lowbit.kernels import layer_buffers, versions
 if TYPE_CHECKING:
     from lowbit.layers import QuantLinear
 
-_warned = False
+_warned: set[str] = set()  # the probe failures already reported (each once a process)
+_ABSENT = object()
 
 
 def shared_input_groups(model: nn.Module) -> list[list[QuantLinear]]:
     """Every set of two or more quantized layers that receive the same tensor in one forward, each in call order;
     none for a model that cannot be called as ``model(input_ids=..., use_cache=False)`` (it decodes unfused, and a
     probe that fails says why once)."""
-    global _warned
     from lowbit.layers import QuantLinear
 
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
@@ -65,20 +65,28 @@ def shared_input_groups(model: nn.Module) -> list[list[QuantLinear]]:
 
         return forward
 
+    # The recorder is an instance attribute, which shadows QuantLinear.forward; one a layer had already (a user's, or
+    # the wrapper accelerate's hooks install) is put back afterwards.
+    previous = [layer.__dict__.get("forward", _ABSENT) for layer in layers]
     for layer in layers:
-        layer.forward = recorder(layer)  # an instance attribute: shadows QuantLinear.forward until removed
+        layer.__dict__["forward"] = recorder(layer)
     try:
-        with torch.no_grad():
+        # inference_mode(False): inside an inference-mode block the probe's tensors would have no version counters
+        with torch.inference_mode(False), torch.no_grad():
             model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=_input_device(model)), use_cache=False)
     except Exception as exc:  # an optimization's probe must not stop decoding: the model decodes unfused
-        if not _warned:
-            _warned = True
-            print(f"lowbit: note: decoding without fused sibling layers: probing the model failed "
-                  f"({type(exc).__name__}: {exc})", file=sys.stderr)  # fmt: skip
+        message = f"{type(exc).__name__}: {exc}"
+        if message not in _warned:
+            _warned.add(message)
+            print(f"lowbit: note: decoding without fused sibling layers: probing the model failed ({message})",
+                  file=sys.stderr)  # fmt: skip
         return []
     finally:
-        for layer in layers:
-            del layer.__dict__["forward"]
+        for layer, forward in zip(layers, previous, strict=True):
+            if forward is _ABSENT:
+                layer.__dict__.pop("forward", None)
+            else:
+                layer.__dict__["forward"] = forward
     groups: list[tuple[torch.Tensor, int, list[QuantLinear]]] = []
     for layer, x, version in calls:
         group = next((members for seen, v, members in groups if seen is x and v == version), None)
@@ -162,16 +170,18 @@ class Siblings:
         buffers were replaced or changed since the fused copy was made (eagerly the group is then dissolved): the
         caller computes the layer alone."""
         compiling = torch.compiler.is_compiling()
-        now = layer_buffers(layer)
-        if any(a is not b for a, b in zip(now, self.sources[index], strict=True)) or (
-            not compiling and versions(now) != self.versions[index]
-        ):
+        if not self.current(layer, index, check_versions=not compiling):
             if not compiling:
                 self.release()
             return None
         version = None if compiling else versions((x,))[0]
         kept = self.kept
         if kept is None or kept[0] is not x or kept[1] != version or kept[2][index] is None:
+            if kept is not None and kept[0] is not x and any(o is not None for o in kept[2]) and not compiling:
+                # A new input while the last product's outputs wait: a member no longer takes its share (an adapter
+                # now computes it, it left the model). Its siblings decode alone rather than compute it every step.
+                self.release()
+                return None
             y = self.product(x, *self.weights)
             lead = x.shape[:-1]
             outputs = tuple(part.reshape(*lead, part.shape[-1]).contiguous() for part in y.split(self.splits, -1))
@@ -180,6 +190,13 @@ class Siblings:
         left = (*outputs[:index], None, *outputs[index + 1 :])
         self.kept = None if all(o is None for o in left) else (x, version, left)
         return outputs[index]
+
+    def current(self, layer: QuantLinear, index: int, check_versions: bool = True) -> bool:
+        """Whether ``layer`` (member ``index``) still has the buffers its share of the fused copy was made from and,
+        with ``check_versions`` (eager calls; compiled code reads identity only), the same contents."""
+        now = layer_buffers(layer)
+        same = all(a is b for a, b in zip(now, self.sources[index], strict=True))
+        return same and (not check_versions or versions(now) == self.versions[index])
 
     def release(self) -> None:
         """Take the group out of its members' caches (their kernel makes each its own copy again) and let go of the

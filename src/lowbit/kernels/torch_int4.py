@@ -211,7 +211,9 @@ def prepare(model: torch.nn.Module, rows: int = 1, fuse: bool = True) -> tuple[i
         return 0, 0
     dtype = activation_dtype(model)  # an fp16 model never decodes on this kernel: it gets no copies
     made = refused = 0
-    for group in shared_input_groups(model) if fuse else ():
+    # a compiled model is probed through the module it wraps: the probe's recorders would cost it a graph
+    probed = getattr(model, "_orig_mod", model)
+    for group in shared_input_groups(probed) if fuse and rows <= MAX_M and dtype in KERNEL.dtypes else ():
         # a PaFi/HiWi adapter on the weight computes its layer without this kernel: it would never take its share
         group = [m for m in group if m.adapter is None or m.adapter.target != "weight"]
         if len(group) > 1 and not _fused(group) and _fusable(group, rows, dtype):
@@ -234,12 +236,18 @@ def prepare(model: torch.nn.Module, rows: int = 1, fuse: bool = True) -> tuple[i
 
 
 def _fused(group: list[QuantLinear]) -> bool:
-    """Whether the layers are already one group, by themselves (made by an earlier call)."""
+    """Whether the layers are already one group, by themselves, made from their current buffers (by an earlier
+    call); such a group starts the decoding with no outputs kept (an interrupted step may have left some)."""
     members = [getattr(m, CACHE, None) for m in group]
     if not all(isinstance(c, Member) for c in members):
         return False
     first = members[0].group
-    return all(c.group is first for c in members) and len(first.layers) == len(group)
+    if len(first.layers) != len(group) or not all(
+        c.group is first and first.current(m, c.index) for m, c in zip(group, members, strict=True)
+    ):
+        return False
+    first.kept = None
+    return True
 
 
 def _fusable(group: list[QuantLinear], rows: int, dtype: torch.dtype) -> bool:
@@ -254,18 +262,21 @@ def _fusable(group: list[QuantLinear], rows: int, dtype: torch.dtype) -> bool:
     ):  # fmt: skip
         return False
     left = memory_left(device)
-    return left is None or sum(map(repacked_bytes, group)) + HEADROOM * left[1] <= left[0]
+    if left is None:
+        return True
+    freed = sum(repacked_bytes(m) for m in group if isinstance(getattr(m, CACHE, None), tuple))  # their own copies
+    return sum(map(repacked_bytes, group)) - freed + HEADROOM * left[1] <= left[0]
 
 
 def _fuse(group: list[QuantLinear]) -> None:
     """One copy of the members' codes, concatenated along the outputs, that each member reads its share of."""
     for m in group:  # their own copies (or an older group) go first: memory
         kernels.drop_caches(m)
-    forms = [tinygemm_form(m) for m in group]
-    codes = int4pack(torch.cat([c for c, _ in forms]))
-    scales_and_offsets = torch.cat([s for _, s in forms], dim=1).to(torch.bfloat16)
-    del forms
-    weights = (codes, scales_and_offsets)
+    codes, scales = zip(*(tinygemm_form(m) for m in group), strict=True)
+    scales_and_offsets = torch.cat(scales, dim=1).to(torch.bfloat16)
+    joined = torch.cat(codes)
+    del codes, scales  # the members' own byte codes go before the joined ones are repacked: a lower peak
+    weights = (int4pack(joined), scales_and_offsets)
     Siblings(group, weights, functools.partial(product, group_size=group[0].spec.group_size), CACHE).attach()
 
 
