@@ -17,9 +17,10 @@ two tensors joins no group.
 At run time (:class:`Siblings`) the first member called computes every member's output and keeps the others' until
 each is asked for; a member called with another tensor (or, eagerly, with the same one changed in place since) gets
 a new product, and a member whose buffers were replaced or changed since the fused copy was made gets its own,
-alone. Once every member has taken its output nothing is kept, so no activation outlives the step that made it (CUDA
-graphs overwrite their outputs at the next replay). Two threads decoding on one model may each compute a product
-the other could have served, never take the other's output.
+alone; a member that stops taking its share (an adapter put on its weight after the fusing) dissolves the group at
+the next step. Once every member has taken its output nothing is kept, so no activation outlives the step that made
+it (CUDA graphs overwrite their outputs at the next replay). Two threads decoding on one model may each compute a
+product the other could have served, never take the other's output.
 """
 
 from __future__ import annotations
@@ -166,9 +167,10 @@ class Siblings:
             ref().__dict__[self.cache] = Member(self, index)
 
     def output(self, layer: QuantLinear, index: int, x: torch.Tensor) -> torch.Tensor | None:
-        """Member ``index``'s (``layer``'s) product ``x @ dequant(Q)^T``, ``[..., out]``; None when ``layer``'s
-        buffers were replaced or changed since the fused copy was made (eagerly the group is then dissolved): the
-        caller computes the layer alone."""
+        """Member ``index``'s (``layer``'s) product ``x @ dequant(Q)^T``, ``[..., out]``; None, and eagerly the group
+        dissolved, when ``layer``'s buffers were replaced or changed since the fused copy was made or a new input
+        finds the last product's outputs untaken (a member no longer takes its share): the caller computes the layer
+        alone."""
         compiling = torch.compiler.is_compiling()
         if not self.current(layer, index, check_versions=not compiling):
             if not compiling:
