@@ -216,6 +216,18 @@ def drop_caches(module: torch.nn.Module) -> None:
                 release()
 
 
+def input_weight(model: torch.nn.Module) -> torch.Tensor | None:
+    """What a model's activations start from, which tells their dtype and device: its input embeddings' weight,
+    else its first float parameter (None for a model with neither)."""
+    try:
+        weight = getattr(model.get_input_embeddings(), "weight", None)
+    except (AttributeError, NotImplementedError):  # not a transformers model, or one without embeddings
+        weight = None
+    if weight is None:
+        weight = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return weight
+
+
 def layer_buffers(layer: QuantLinear) -> tuple[torch.Tensor | None, ...]:
     """The buffers a kernel's copy of ``layer`` is made from: packed codes, scales, zero points (None without)."""
     return layer.qweight, layer.scales, layer.qzeros if layer.spec.has_zeros else None
@@ -225,6 +237,15 @@ def versions(tensors: tuple[torch.Tensor | None, ...]) -> tuple[int | None, ...]
     """The tensors' in-place-change counters (None for a missing tensor and for inference-mode tensors, which have
     none): with their identity, what tells a kernel's copy that its source changed."""
     return tuple(None if t is None or t.is_inference() else t._version for t in tensors)
+
+
+def made_from(layer: QuantLinear, buffers: tuple, made: tuple | None, check_versions: bool = True) -> bool:
+    """Whether ``layer`` still has the ``buffers`` a kernel's copy was made from (by identity) and, with
+    ``check_versions``, their contents then (``made``: their :func:`versions`). Compiled code checks identity only:
+    it cannot read version counters."""
+    now = layer_buffers(layer)
+    same = all(a is b for a, b in zip(now, buffers, strict=True))
+    return same and (not check_versions or versions(now) == made)
 
 
 def _fast_kernels(device_type: str) -> dict[str, Kernel]:
@@ -244,8 +265,10 @@ __all__ = [
     "Kernel",
     "compute_dtype",
     "drop_caches",
+    "input_weight",
     "kernel",
     "layer_buffers",
+    "made_from",
     "pinned",
     "prepare_decoding",
     "select",

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from lowbit.kernels import layer_buffers, versions
+from lowbit.kernels import input_weight, layer_buffers, made_from, versions
 
 if TYPE_CHECKING:
     from lowbit.layers import QuantLinear
@@ -74,7 +74,9 @@ def shared_input_groups(model: nn.Module) -> list[list[QuantLinear]]:
     try:
         # inference_mode(False): inside an inference-mode block the probe's tensors would have no version counters
         with torch.inference_mode(False), torch.no_grad():
-            model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=_input_device(model)), use_cache=False)
+            weight = input_weight(model)  # the token ids go where the embeddings are
+            device = weight.device if weight is not None else torch.device("cpu")
+            model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=False)
     except Exception as exc:  # an optimization's probe must not stop decoding: the model decodes unfused
         message = f"{type(exc).__name__}: {exc}"
         if message not in _warned:
@@ -99,15 +101,6 @@ def shared_input_groups(model: nn.Module) -> list[list[QuantLinear]]:
     times = Counter(id(layer) for layer, _, _ in calls)
     found = [[m for m in members if times[id(m)] == 1] for _, _, members in groups]
     return [members for members in found if len(members) > 1]
-
-
-def _input_device(model: nn.Module) -> torch.device:
-    """Where the token ids go: the input embeddings' device, else the first parameter's."""
-    try:
-        weight = getattr(model.get_input_embeddings(), "weight", None)
-    except (AttributeError, NotImplementedError):
-        weight = None
-    return weight.device if weight is not None else next(model.parameters()).device
 
 
 def _unfused() -> None:
@@ -194,11 +187,9 @@ class Siblings:
         return outputs[index]
 
     def current(self, layer: QuantLinear, index: int, check_versions: bool = True) -> bool:
-        """Whether ``layer`` (member ``index``) still has the buffers its share of the fused copy was made from and,
-        with ``check_versions`` (eager calls; compiled code reads identity only), the same contents."""
-        now = layer_buffers(layer)
-        same = all(a is b for a, b in zip(now, self.sources[index], strict=True))
-        return same and (not check_versions or versions(now) == self.versions[index])
+        """Whether ``layer`` (member ``index``) still has the buffers its share of the fused copy was made from
+        (:func:`lowbit.kernels.made_from`)."""
+        return made_from(layer, self.sources[index], self.versions[index], check_versions)
 
     def release(self) -> None:
         """Take the group out of its members' caches (their kernel makes each its own copy again) and let go of the

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lowbit import kernels
-from lowbit.kernels import Kernel, compute_dtype, layer_buffers, versions
+from lowbit.kernels import Kernel, compute_dtype, input_weight, layer_buffers, made_from, versions
 from lowbit.kernels.siblings import Member, Siblings, shared_input_groups
 
 if TYPE_CHECKING:
@@ -100,16 +100,12 @@ def packed(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
     function only identity is checked; loading a state dict, ``set_weight`` and moving the layer (``.to``) drop the
     cache (``QuantLinear``), so a compiled model follows them too (it recompiles).
     """
-    buffers = layer_buffers(layer)
     compiling = torch.compiler.is_compiling()
-    made = None if compiling else versions(buffers)
     cached = getattr(layer, CACHE, None)
-    if (
-        isinstance(cached, tuple)
-        and all(a is b for a, b in zip(cached[0], buffers, strict=True))
-        and (compiling or cached[1] == made)
-    ):
+    if isinstance(cached, tuple) and made_from(layer, cached[0], cached[1], check_versions=not compiling):
         return cached[2], cached[3]
+    buffers = layer_buffers(layer)
+    made = None if compiling else versions(buffers)
     codes, scales_and_offsets = tinygemm_form(layer)
     found = (int4pack(codes), scales_and_offsets.to(torch.bfloat16))
     layer.__dict__[CACHE] = (buffers, made, *found)  # not a buffer: never in the state dict
@@ -282,12 +278,7 @@ def _fuse(group: list[QuantLinear]) -> None:
 
 def activation_dtype(model: torch.nn.Module) -> torch.dtype:
     """The dtype ``model``'s activations flow in: its input embeddings', else its first float parameter's."""
-    try:
-        weight = getattr(model.get_input_embeddings(), "weight", None)
-    except (AttributeError, NotImplementedError):  # not a transformers model, or one without embeddings
-        weight = None
-    if weight is None:
-        weight = next((p for p in model.parameters() if p.is_floating_point()), None)
+    weight = input_weight(model)
     return torch.bfloat16 if weight is None else weight.dtype
 
 
