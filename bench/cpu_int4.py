@@ -13,8 +13,11 @@ tinygemm kernel) that reads 4-bit codes directly; lowbit's ``(q - z) * s`` is it
 and ``decode-w4/w3/w2``: greedy decoding of 32 new tokens after a short prompt (at most 16 tokens) with the default
 model (SmolLM2-135M-Instruct) quantized W4/W3/W2 g64 (RTN, QLoRA start), on the reference kernel and on
 ``torch-int4`` (``--kernel torch-int4``), there with each layer on its own repacked copy and with the layers that
-read one tensor fused (``torch-int4-fused``: q/k/v and gate/up as two products, as ``lowbit generate`` decodes;
-the two alternated three times, medians): tokens/s and whether the runs chose the same tokens;
+read one tensor fused (``torch-int4-fused``: q/k/v and gate/up as two products, as ``lowbit generate`` decodes),
+and fused in lowbit's own decoding loop (``torch-int4-fused-loop``: ``lowbit.decode.greedy``, as ``generate
+--static-cache`` decodes; the three alternated three times, medians): tokens/s and whether the runs chose the same
+tokens (the loop's also against ``generate`` with a static cache: attention over the static cache's longer, masked
+key range rounds differently from the dynamic cache's, which can flip a near tie);
 ``stepwise-w4/w3/w2``: the default model at W4/W3 g64 (RTN; W2: P1's apiq-bw-gptq2-w2 start, since RTN W2 is a
 broken model, made by ``bench/p1.py --keep`` when missing) reads 256 tokens of PTB test text and 256 of the P3
 Bible eval text one token at a time, as decoding does (KV cache, one row per call), on each kernel: perplexity of
@@ -99,11 +102,14 @@ def rtn_model(bits: int):
 
 def decode_row(bits: int, new_tokens: int = 32, rounds: int = 3) -> dict:
     """Greedy decoding of the default model at W{bits}g64 on the reference kernel and on torch-int4, the latter with
-    each layer on its own copy (``torch-int4``) and with sibling layers fused (``torch-int4-fused``: what
-    ``lowbit generate`` runs since ``kernels.prepare_decoding`` fuses them), alternated ``rounds`` times (medians)."""
+    each layer on its own copy (``torch-int4``), with sibling layers fused (``torch-int4-fused``: what ``lowbit
+    generate`` runs since ``kernels.prepare_decoding`` fuses them), and fused in lowbit's own loop
+    (``torch-int4-fused-loop``: :func:`lowbit.decode.greedy`, what ``generate --static-cache`` runs; eager on the
+    CPU), alternated ``rounds`` times (medians)."""
     import torch
 
     from lowbit import kernels
+    from lowbit.decode import greedy
 
     model, tokenizer = rtn_model(bits)
     ids = tokenizer("The history of the English language begins with", return_tensors="pt").input_ids[:, :16]
@@ -111,17 +117,23 @@ def decode_row(bits: int, new_tokens: int = 32, rounds: int = 3) -> dict:
     kwargs = dict(do_sample=False, pad_token_id=tokenizer.eos_token_id)
 
     def generate(name: str) -> tuple[float, torch.Tensor]:
-        with torch.no_grad(), kernels.pinned(name.removesuffix("-fused")):
-            if name.endswith("-fused"):
-                row["fused_layers"] = kernels.prepare_decoding(model)[0]
+        def run(tokens: int) -> torch.Tensor:
+            if name.endswith("-loop"):  # no end token, as min_new_tokens makes generate run every token
+                return greedy(model, ids, max_new_tokens=tokens, eos_token_id=[], pad_token_id=tokenizer.eos_token_id)
+            return model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, **kwargs)
+
+        with torch.no_grad(), kernels.pinned(name.removesuffix("-loop").removesuffix("-fused")):
+            if "-fused" in name:
+                made = kernels.prepare_decoding(model)[0]  # 0 when the previous run left them made
+                row["fused_layers"] = made or row.get("fused_layers", 0)
             else:
                 kernels.drop_caches(model)  # no fused copies: each layer makes its own
-            model.generate(ids, max_new_tokens=2, min_new_tokens=2, **kwargs)  # warm-up (and the repacking)
+            run(2)  # warm-up (and the repacking)
             start = time.perf_counter()
-            out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+            out = run(new_tokens)
             return new_tokens / (time.perf_counter() - start), out
 
-    speeds: dict[str, list[float]] = {"torch-int4": [], "torch-int4-fused": []}
+    speeds: dict[str, list[float]] = {"torch-int4": [], "torch-int4-fused": [], "torch-int4-fused-loop": []}
     outputs = {}
     speed, outputs["reference"] = generate("reference")
     row["reference_tokens_per_s"] = round(speed, 2)
@@ -134,8 +146,14 @@ def decode_row(bits: int, new_tokens: int = 32, rounds: int = 3) -> dict:
     row["each_round_tokens_per_s"] = {name: [round(v, 2) for v in found] for name, found in speeds.items()}
     row["speedup"] = round(row["torch-int4_tokens_per_s"] / row["reference_tokens_per_s"], 2)
     row["fused_speedup"] = round(row["torch-int4-fused_tokens_per_s"] / row["torch-int4_tokens_per_s"], 3)
+    row["loop_speedup"] = round(row["torch-int4-fused-loop_tokens_per_s"] / row["torch-int4-fused_tokens_per_s"], 3)
     row["same_tokens"] = bool(torch.equal(outputs["reference"], outputs["torch-int4"]))
     row["same_tokens_fused"] = bool(torch.equal(outputs["torch-int4"], outputs["torch-int4-fused"]))
+    row["same_tokens_loop"] = bool(torch.equal(outputs["torch-int4-fused"], outputs["torch-int4-fused-loop"]))
+    with torch.no_grad(), kernels.pinned("torch-int4"):  # the loop's cache is static: against generate's static one
+        static = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                cache_implementation="static", **kwargs)  # fmt: skip
+    row["same_tokens_loop_static_generate"] = bool(torch.equal(static, outputs["torch-int4-fused-loop"]))
     return row
 
 

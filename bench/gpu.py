@@ -37,10 +37,12 @@ activations under autocast. Rows:
   ``bf16-lora`` (PEFT on the bf16 model), ``bnb-qlora`` (PEFT + bitsandbytes NF4), ``lowbit-w4/w3/w2``.
   ``train-interleaved``: ``bnb-qlora`` and ``lowbit-w4/w3/w2`` resident together, trained in rotated rounds, so
   that no method gains from where it runs in the order (:func:`interleaved_row`).
-- ``decode-<method>[-graphs]``: greedy decoding of 64 new tokens after an 8-token prompt, batch 1, tokens/s after a
-  warm-up call (``tokens_per_s``, the prompt's prefill included; ``decode_tokens_per_s``: the 63 tokens after the
-  first, from the time of a one-token call subtracted); ``-graphs`` uses transformers' static cache, which compiles
-  the forward with ``torch.compile`` (mode ``reduce-overhead``: CUDA graphs). Methods: ``bf16``, ``bnb-nf4``,
+- ``decode-<method>[-graphs|-loop]``: greedy decoding of 64 new tokens after an 8-token prompt, batch 1, tokens/s
+  after a warm-up call (``tokens_per_s``, the prompt's prefill included; ``decode_tokens_per_s``: the 63 tokens after
+  the first, from the time of a one-token call subtracted); ``-graphs`` uses transformers' static cache, which
+  compiles the forward with ``torch.compile`` (mode ``reduce-overhead``: CUDA graphs); ``-loop`` runs lowbit's own
+  loop (:func:`lowbit.decode.greedy`, as ``generate --static-cache`` does: the same compiled step a token, without
+  transformers' per-token bookkeeping and sync) for :data:`LOOP_METHODS`. Methods: ``bf16``, ``bnb-nf4``,
   ``lowbit-w4/w3/w2`` (with r16 LoRA, the kernels :func:`lowbit.kernels.select` picks: a fine-tuned model),
   ``lowbit-w4-base`` (the same without a LoRA: a served model, e.g. ``export --requantize``'s; on ``triton-decode`` in
   commit cd0db78's rows, on ``torch-int4`` after), ``lowbit-w4-unfused`` (the same with each layer on its own copy:
@@ -48,10 +50,10 @@ activations under autocast. Rows:
   fuses q/k/v and gate/up into two products; ``copied_layers``), ``lowbit-w4-int4`` / ``lowbit-w4-gemv`` (without a
   LoRA, decoding pinned to ``torch-int4`` / ``triton-gemv``; calls a pinned kernel does not take, such as the 8-token
   prompt on the one-row GEMV, run on the reference -- hence ``decode_tokens_per_s``, which leaves the prompt out), and
-  ``bf16-nolinear`` (``-graphs`` only: every block linear replaced by an uninitialized output of its shape, so no
-  kernel runs for it -- the floor that attention, norms, the head and the step's bookkeeping set, which no matmul
-  kernel can go below); by default ``-graphs`` only for ``bf16`` and ``lowbit-w4`` (compiling takes about a minute a
-  model).
+  ``bf16-nolinear`` (``-graphs`` and ``-loop`` only: every block linear replaced by an uninitialized output of its
+  shape, so no kernel runs for it -- the floor that attention, norms, the head and the step's bookkeeping set, which
+  no matmul kernel can go below); by default ``-graphs`` only for ``bf16`` and ``lowbit-w4`` (compiling takes about a
+  minute a model).
 - ``calib-*`` (``calib``: all of them): calibration speed and CPU/CUDA agreement rows from ``bench/gpu_calib.py``
   (``calibration_rows(args)``, imported only when a ``calib`` row is asked for; ``--blocks`` passes through).
 
@@ -112,6 +114,9 @@ DECODE_METHODS = ("bf16", "bnb-nf4", "lowbit-w4", "lowbit-w3", "lowbit-w2", "low
                   "lowbit-w4-int4", "lowbit-w4-gemv")  # fmt: skip
 GRAPH_METHODS = ("bf16", "lowbit-w4", "lowbit-w3", "lowbit-w2", "lowbit-w4-base", "lowbit-w4-unfused", "lowbit-w4-int4",
                  "lowbit-w4-gemv", "bf16-nolinear")  # fmt: skip
+# lowbit's own decoding loop (lowbit.decode.greedy, which ``generate``/``translate --static-cache`` run): one CUDA-graph
+# replay a token and no per-token sync, against transformers' generate loop in the -graphs rows.
+LOOP_METHODS = ("bf16", "lowbit-w4-base", "lowbit-w4-unfused", "lowbit-w4", "bf16-nolinear")
 TINYLLAMA = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                  num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)  # fmt: skip
 RANK, ALPHA, GROUP = 16, 32.0, 64
@@ -127,6 +132,8 @@ def _rows() -> dict[str, str]:
     rows["train-interleaved"] = f"TinyLlama-1.1B LoRA training, {', '.join(INTERLEAVED)} in alternating rounds"
     rows.update({f"decode-{m}": f"TinyLlama-1.1B greedy decoding, {m}, eager" for m in DECODE_METHODS})
     rows.update({f"decode-{m}-graphs": f"TinyLlama-1.1B greedy decoding, {m}, CUDA graphs" for m in GRAPH_METHODS})
+    rows.update({f"decode-{m}-loop": f"TinyLlama-1.1B greedy decoding, {m}, lowbit's loop (CUDA graphs)"
+                 for m in LOOP_METHODS})  # fmt: skip
     return rows
 
 
@@ -579,14 +586,23 @@ def interleaved_row(name: str, setup: Setup) -> dict:
 def decode_row(name: str, setup: Setup) -> dict:
     import torch
 
-    method = name.removeprefix("decode-").removesuffix("-graphs")
-    graphs = name.endswith("-graphs")
+    from lowbit.decode import greedy
+
+    method = name.removeprefix("decode-").removesuffix("-graphs").removesuffix("-loop")
+    graphs, loop = name.endswith("-graphs"), name.endswith("-loop")
     model = make_model(method, setup, lora=method.startswith("lowbit") and not method.endswith(NO_LORA))
     gen = torch.Generator(device=setup.device).manual_seed(0)
     prompt = torch.randint(3, setup.model["vocab_size"], (1, 8), device=setup.device, generator=gen)
     kwargs = dict(max_new_tokens=setup.new_tokens, min_new_tokens=setup.new_tokens, do_sample=False, pad_token_id=0)
     if graphs:
         kwargs["cache_implementation"] = "static"  # on CUDA transformers compiles the forward (CUDA graphs)
+
+    def run(tokens: int):
+        if loop:  # no end token: every call decodes ``tokens``, as min_new_tokens makes generate do
+            return greedy(model, prompt, max_new_tokens=tokens, eos_token_id=[], pad_token_id=0,
+                          compile=setup.device.type == "cuda")  # fmt: skip
+        return model.generate(prompt, **dict(kwargs, max_new_tokens=tokens, min_new_tokens=tokens))
+
     row: dict = {"row": name, "label": ROWS[name], "new_tokens": setup.new_tokens}
     pinned, pin = method_pin(method)
     if pinned:
@@ -597,21 +613,20 @@ def decode_row(name: str, setup: Setup) -> dict:
 
             row["copied_layers"] = kernels.prepare_decoding(model, fuse=not method.endswith("-unfused"))[0]
         start = time.perf_counter()
-        model.generate(prompt, **kwargs)  # warm-up (and compilation)
+        run(setup.new_tokens)  # warm-up (and compilation)
         setup.sync()
         row["warmup_s"] = round(time.perf_counter() - start, 2)
         start = time.perf_counter()
-        out = model.generate(prompt, **kwargs)
+        out = run(setup.new_tokens)
         setup.sync()
         seconds = time.perf_counter() - start
         row["tokens_per_s"] = round((out.shape[1] - prompt.shape[1]) / seconds, 2)
-        one = dict(kwargs, max_new_tokens=1, min_new_tokens=1)
         start = time.perf_counter()
-        model.generate(prompt, **one)  # the prompt and the first token alone
+        run(1)  # the prompt and the first token alone
         setup.sync()
         row["decode_tokens_per_s"] = round((setup.new_tokens - 1) / (seconds - (time.perf_counter() - start)), 2)
         if setup.profile:  # one more generation, per new token (the prompt's prefill included)
-            row["profile_per_token"] = kernel_profile(lambda: model.generate(prompt, **kwargs), setup, calls=1,
+            row["profile_per_token"] = kernel_profile(lambda: run(setup.new_tokens), setup, calls=1,
                                                       per=setup.new_tokens)  # fmt: skip
     return row
 

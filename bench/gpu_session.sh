@@ -9,8 +9,10 @@
 #   train   fine-tuning: PEFT + bitsandbytes and lowbit W4/W3/W2 resident together, trained in rotated rounds (no
 #           run order to favour any: W3/W2's 0.98x/0.93x came from rows run one after another), then PEFT +
 #           bitsandbytes alone with its device time per step against its wall time (is the peer host-bound too?)
-#   decode  greedy decoding with CUDA graphs, bf16 and lowbit W4 without a LoRA fused (q/k/v and gate/up as two
-#           products, the default from 6ed33d2 on) and unfused, and with a LoRA; each kernel's device time per token
+#   decode  greedy decoding with CUDA graphs in lowbit's own loop (what generate --static-cache runs): bf16, lowbit
+#           W4 without a LoRA fused (q/k/v and gate/up as two products, the default from 6ed33d2 on), bf16 with no
+#           block linear (the floor), W4 unfused; then bf16 and W4 in transformers' loop; each kernel's device
+#           time per token
 #   layers  forward + backward at M = 2048 of the three Llama-2-7B layer shapes, eager and in device time
 #           (the training-size goal, without the Python noise of eager timings)
 #   smoke   every command with --device cuda (decoding on tinygemm, siblings fused), the CUDA kill -9 resume
@@ -84,8 +86,8 @@ for s in "${steps[@]}"; do
     calib)
         if [[ $device == *H100* || -n $DRY ]]; then step calib 240 $py bench/gpu.py $dry --rows calib-apiq --blocks 2
         else echo "[session] calib: skipped on $device (the goal is an H100's)" | tee -a "$log"; fi ;;
-    decode) step decode 260 $py bench/gpu.py $dry --profile --rows \
-        decode-bf16-graphs,decode-lowbit-w4-base-graphs,decode-lowbit-w4-unfused-graphs,decode-lowbit-w4-graphs ;;
+    decode) step decode 320 $py bench/gpu.py $dry --profile --rows "decode-bf16-loop,decode-lowbit-w4-base-loop,\
+decode-bf16-nolinear-loop,decode-lowbit-w4-unfused-loop,decode-bf16-graphs,decode-lowbit-w4-base-graphs" ;;
     train) step train 200 $py bench/gpu.py $dry --profile --rows train-interleaved,train-bnb-qlora ;;
     small)  # exact names: the prefix graph-2048x256 would also take graph-2048x2560's rows
         shapes="2048x256 2048x2048 2048x5632 5632x2048 2048x2560 2048x11264"

@@ -477,7 +477,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     import torch
 
     from lowbit.api import load_model
-    from lowbit.translate import cache_kwargs
+    from lowbit.decode import greedy
 
     _at_least_one(args, "max_new_tokens")
     model, tokenizer = load_model(args.model, device=args.device)
@@ -495,13 +495,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     with torch.no_grad(), _kernel_pin(args), inference_precision(model, args.precision):
         prepare_decoding(model)  # per-layer kernel copies made while they fit, not inside a compiled step
-        out = model.generate(
-            **inputs,
-            max_new_tokens=args.max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.eos_token_id,
-            **cache_kwargs(args.static_cache),
-        )
+        if args.static_cache:
+            out = greedy(model, inputs["input_ids"], inputs["attention_mask"], max_new_tokens=args.max_new_tokens,
+                         pad_token_id=tokenizer.eos_token_id)  # fmt: skip
+        else:
+            out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.eos_token_id)  # fmt: skip
     new = out[0, inputs["input_ids"].shape[1] :]
     completion = tokenizer.decode(new, skip_special_tokens=True)
     _emit(args, {"prompt": args.prompt, "completion": completion, "new_tokens": int(new.numel())}, [completion])
@@ -751,10 +750,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="auto: bf16 on a CUDA GPU of the Ampere generation or later (embeddings, head, norms "
                             "and LoRA in bf16, bf16 autocast), float32 on the CPU")  # fmt: skip
         p.add_argument("--static-cache", action="store_true",
-                       help="keep the KV cache in fixed-size buffers: on a CUDA GPU transformers then compiles the "
-                            "decoding step into CUDA graphs (a minute or two of warm-up for a 1B model, then several "
-                            "times faster; pays for long outputs and many segments); the same greedy decoding, "
-                            "though compiled kernels may round differently and flip a near tie")  # fmt: skip
+                       help="keep the KV cache in fixed-size buffers and decode greedily in lowbit's own loop, "
+                            "which on a CUDA GPU runs each token as one replay of a CUDA graph (a minute or two of "
+                            "warm-up for a 1B model, then several times faster; pays for long outputs and many "
+                            "segments); the same greedy decoding, though attention over the fixed-size cache and "
+                            "compiled kernels may round differently and flip a near tie (beam search: "
+                            "transformers' generate with a static cache)")  # fmt: skip
     for p in (q, f, x, e, t, a, r, g):  # every command that computes
         p.add_argument("--device", default="auto", help=f"{DEVICE_CHOICES} (auto: CUDA when available)")
     for p in (q, x):  # the commands that calibrate

@@ -1,0 +1,109 @@
+"""lowbit's greedy decoding loop returns ``generate``'s tokens, compiles into one graph, and keeps no model alive."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+import lowbit
+from conftest import ARCHS, tiny_model
+from lowbit import decode, kernels
+
+
+def _batch(vocab: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Three left-padded prompts of 9, 5 and 7 tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (3, 9), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    mask[2, :2] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def _generate(model, ids, mask, n: int, eos: list[int], pad: int) -> torch.Tensor:
+    return model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, eos_token_id=eos or None,
+                          pad_token_id=pad, cache_implementation="static")  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_returns_generates_tokens(arch: str) -> None:
+    """Token for token what ``generate`` with a static cache returns, for one prompt and for left-padded batches,
+    without an end token and with end tokens that end the rows at different steps (before, at and after a check of
+    whether all ended), with padding apart from the end token and equal to it."""
+    model = tiny_model(arch).eval()
+    vocab = model.config.vocab_size
+    ids, mask = _batch(vocab)
+    with torch.no_grad():
+        free = _generate(model, ids, mask, 40, [], 0)
+        assert torch.equal(decode.greedy(model, ids, mask, 40, eos_token_id=[], pad_token_id=0), free)
+        one = ids[2:, 2:]
+        assert torch.equal(decode.greedy(model, one, None, 7, eos_token_id=[], pad_token_id=0),
+                           _generate(model, one, None, 7, [], 0))  # fmt: skip
+        new = free[:, ids.shape[1] :]
+        every_row = [int(new[0, 3]), int(new[1, 5]), int(new[2, 9])]  # all rows end before the first check
+        picks = [every_row, [int(new[0, 3]), int(new[1, 20])], [int(new[2, 16])], [int(new[0, 35])], [vocab - 1]]
+        for eos in picks:
+            for n, pad in ((40, 0), (17, eos[0])):
+                ref = _generate(model, ids, mask, n, eos, pad)
+                assert torch.equal(decode.greedy(model, ids, mask, n, eos_token_id=eos, pad_token_id=pad), ref)
+
+
+def test_greedy_compiles_one_graph_reused_across_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compiled (traced whole, as on a GPU, here with an eager backend), a quantized model whose q/k/v and gate/up
+    are fused decodes ``generate``'s tokens in one graph with no break and no recompile over the steps of two calls
+    with prompts of different lengths; the second call reuses the first's decoder, and one that needs a longer cache
+    gets a new one."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(decode, "COMPILE", {"backend": "aot_eager", "fullgraph": True})
+    model = tiny_model("llama")
+    lowbit.quantize(model, lowbit.QuantConfig(bits=4, group_size=64), progress=False)
+    ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        assert kernels.prepare_decoding(model)[0] > 0  # fused groups, as ``generate`` decodes
+        for prompt, n in ((ids, 12), (ids[:, :4], 20)):
+            ref = model.generate(prompt, max_new_tokens=n, do_sample=False, pad_token_id=0)
+            assert torch.equal(decode.greedy(model, prompt, max_new_tokens=n, pad_token_id=0, compile=True), ref)
+            first = decode._decoders[model][1, True]
+        assert list(decode._decoders[model]) == [(1, True)] and first.length == decode.LENGTH_STEP
+        assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 1
+        decode.greedy(model, ids, max_new_tokens=decode.LENGTH_STEP, pad_token_id=0, compile=True)
+        longer = decode._decoders[model][1, True]
+        assert longer is not first and longer.length == 2 * decode.LENGTH_STEP
+        decode.greedy(model, torch.cat([ids, ids]), max_new_tokens=3, pad_token_id=0, compile=True)
+        assert decode._decoders[model][1, True] is longer and len(decode._decoders[model]) == 2  # batches apart
+    torch._dynamo.reset()
+
+
+def test_greedy_defers_to_generate_for_other_settings(capsys: pytest.CaptureFixture[str]) -> None:
+    """A generation config that asks for more than an argmax (here a repetition penalty) is decoded by ``generate``,
+    whose tokens differ from a plain argmax's, with a note saying so."""
+    model = tiny_model("qwen2").eval()
+    ids = torch.randint(3, 100, (1, 5), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        plain = decode.greedy(model, ids, max_new_tokens=12, eos_token_id=[], pad_token_id=0)
+        assert decode.processors(model) == [] and "note" not in capsys.readouterr().err
+        model.generation_config.repetition_penalty = 3.0
+        ref = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
+        got = decode.greedy(model, ids, max_new_tokens=12, eos_token_id=[], pad_token_id=0)
+    assert decode.processors(model) == ["repetition_penalty"]
+    assert torch.equal(got, ref) and not torch.equal(got, plain)
+    assert "repetition_penalty" in capsys.readouterr().err
+
+
+def test_greedy_keeps_no_model_alive_and_checks_its_input() -> None:
+    """The kept decoder does not hold its model: a model dropped by its user is freed, decoder and all."""
+    model = tiny_model("gpt2").eval()
+    decode.greedy(model, torch.tensor([[5, 6]]), max_new_tokens=3)
+    assert model in decode._decoders
+    with pytest.raises(ValueError, match="at least 1"):
+        decode.greedy(model, torch.tensor([[5, 6]]), max_new_tokens=0)
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
