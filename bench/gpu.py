@@ -607,6 +607,9 @@ def decode_row(name: str, setup: Setup) -> dict:
     pinned, pin = method_pin(method)
     if pinned:
         row["kernel"] = pinned
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     with pin, torch.no_grad(), torch.autocast(setup.device.type, dtype=torch.bfloat16):
         if method.startswith("lowbit"):  # as ``lowbit generate`` does: kernel copies up front, siblings fused
             from lowbit import kernels
@@ -625,6 +628,12 @@ def decode_row(name: str, setup: Setup) -> dict:
         run(1)  # the prompt and the first token alone
         setup.sync()
         row["decode_tokens_per_s"] = round((setup.new_tokens - 1) / (seconds - (time.perf_counter() - start)), 2)
+        # did the compiled step run as CUDA graphs, compiled once? (a skip or a recompile reads as a slow row)
+        row["compiled"] = {
+            "graphs": counters["stats"]["unique_graphs"],
+            "graph_breaks": sum(counters["graph_break"].values()),
+            "cudagraph_skips": counters["inductor"]["cudagraph_skips"],
+        }
         if setup.profile:  # one more generation, per new token (the prompt's prefill included)
             row["profile_per_token"] = kernel_profile(lambda: run(setup.new_tokens), setup, calls=1,
                                                       per=setup.new_tokens)  # fmt: skip

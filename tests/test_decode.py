@@ -54,11 +54,11 @@ def test_greedy_returns_generates_tokens(arch: str) -> None:
 def test_greedy_compiles_one_graph_reused_across_calls(monkeypatch: pytest.MonkeyPatch) -> None:
     """Compiled (traced whole, as on a GPU, here with an eager backend), a quantized model whose q/k/v and gate/up
     are fused decodes ``generate``'s tokens in one graph with no break and no recompile over the steps of two calls
-    with prompts of different lengths; the second call reuses the first's decoder, and one that needs a longer cache
-    gets a new one."""
+    with prompts of different lengths; the second call reuses the first's decoder, and a call that needs a longer
+    cache, another batch size or another precision gets a new one in its place (one kept per model)."""
     from torch._dynamo.utils import counters
 
-    monkeypatch.setattr(decode, "COMPILE", {"backend": "aot_eager", "fullgraph": True})
+    monkeypatch.setattr(decode, "COMPILE", {"backend": "aot_eager", "fullgraph": True, "dynamic": False})
     model = tiny_model("llama")
     lowbit.quantize(model, lowbit.QuantConfig(bits=4, group_size=64), progress=False)
     ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(0))
@@ -67,16 +67,50 @@ def test_greedy_compiles_one_graph_reused_across_calls(monkeypatch: pytest.Monke
     with torch.no_grad():
         assert kernels.prepare_decoding(model)[0] > 0  # fused groups, as ``generate`` decodes
         for prompt, n in ((ids, 12), (ids[:, :4], 20)):
-            ref = model.generate(prompt, max_new_tokens=n, do_sample=False, pad_token_id=0)
+            ref = model.generate(prompt, max_new_tokens=n, do_sample=False, pad_token_id=0,
+                                 cache_implementation="static")  # fmt: skip
             assert torch.equal(decode.greedy(model, prompt, max_new_tokens=n, pad_token_id=0, compile=True), ref)
-            first = decode._decoders[model][1, True]
-        assert list(decode._decoders[model]) == [(1, True)] and first.length == decode.LENGTH_STEP
+            first = decode._decoders[model]
+        assert first.length == decode.LENGTH_STEP and first.step is not decode._step
         assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 1
         decode.greedy(model, ids, max_new_tokens=decode.LENGTH_STEP, pad_token_id=0, compile=True)
-        longer = decode._decoders[model][1, True]
+        longer = decode._decoders[model]
         assert longer is not first and longer.length == 2 * decode.LENGTH_STEP
         decode.greedy(model, torch.cat([ids, ids]), max_new_tokens=3, pad_token_id=0, compile=True)
-        assert decode._decoders[model][1, True] is longer and len(decode._decoders[model]) == 2  # batches apart
+        assert decode._decoders[model] is not longer and decode._decoders[model].state[0] == 2
+        two = decode._decoders[model]
+        model.to(torch.bfloat16)  # keys and values in bf16: another cache
+        decode.greedy(model, torch.cat([ids, ids]), max_new_tokens=3, pad_token_id=0, compile=True)
+        assert decode._decoders[model] is not two and decode._decoders[model].state[3] == torch.bfloat16
+    decode.release(model)
+    assert model not in decode._decoders
+    torch._dynamo.reset()
+
+
+def test_greedy_decodes_uncompiled_where_compiling_would_not_pay(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A step that cannot be compiled (here a backend that fails) runs eagerly, with a note, and gives the same
+    tokens; so does a model with sliding-window layers (Gemma-2), whose cache would make CUDA graphs re-record at
+    every token; an inference-mode call followed by a normal one builds a new cache rather than failing."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    def broken(gm, example_inputs):
+        raise RuntimeError("no backend here")
+
+    monkeypatch.setattr(decode, "COMPILE", {"backend": broken, "fullgraph": True})
+    model = tiny_model("llama").eval()
+    ids = torch.randint(3, 100, (1, 5), generator=torch.Generator().manual_seed(4))
+    ref = decode.greedy(model, ids, max_new_tokens=6, eos_token_id=[], compile=False)
+    torch._dynamo.reset()
+    assert torch.equal(decode.greedy(model, ids, max_new_tokens=6, eos_token_id=[], compile=True), ref)
+    assert "could not be compiled" in capsys.readouterr().err and decode._decoders[model].step is decode._step
+    assert issubclass(torch._dynamo.exc.BackendCompilerFailed, TorchDynamoException)
+    gemma = tiny_model("gemma2").eval()
+    with torch.inference_mode():
+        eager = decode.greedy(gemma, ids, max_new_tokens=6, eos_token_id=[], compile=False)
+    assert torch.equal(decode.greedy(gemma, ids, max_new_tokens=6, eos_token_id=[], compile=True), eager)
+    assert "sliding-window" in capsys.readouterr().err and decode._decoders[gemma].step is decode._step
     torch._dynamo.reset()
 
 
@@ -88,10 +122,14 @@ def test_greedy_defers_to_generate_for_other_settings(capsys: pytest.CaptureFixt
     with torch.no_grad():
         plain = decode.greedy(model, ids, max_new_tokens=12, eos_token_id=[], pad_token_id=0)
         assert decode.processors(model) == [] and "note" not in capsys.readouterr().err
+        model.generation_config.min_new_tokens = 0  # does nothing: still a plain argmax
+        assert decode.processors(model) == []
         model.generation_config.repetition_penalty = 3.0
         ref = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
         got = decode.greedy(model, ids, max_new_tokens=12, eos_token_id=[], pad_token_id=0)
     assert decode.processors(model) == ["repetition_penalty"]
+    model.generation_config.num_beams = 2
+    assert decode.processors(model) == ["repetition_penalty", "num_beams"]
     assert torch.equal(got, ref) and not torch.equal(got, plain)
     assert "repetition_penalty" in capsys.readouterr().err
 

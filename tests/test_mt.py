@@ -9,6 +9,7 @@ import pytest
 import lowbit
 import lowbit.parallel as parallel
 from conftest import save_tiny, tiny_model, tiny_text, tiny_tokenizer
+from lowbit import decode
 from lowbit.cli import main
 from lowbit.errors import LowbitError
 from lowbit.parallel import Pair, VerseRef, clean_verse, p3_split, read_monolingual, read_pairs
@@ -198,6 +199,7 @@ def test_static_cache_gives_the_same_translations_on_a_quantized_model() -> None
     sources = ["w1 w2 w3", "w4", "w5 w6 w7 w8 w9 w10"]
     dynamic = translate(model, tok, sources, batch_size=2, max_new_tokens=6)
     assert translate(model, tok, sources, batch_size=2, max_new_tokens=6, static_cache=True) == dynamic
+    assert decode._decoders[model].state[0] == 2  # the short last batch was filled up: one decoder for all
     assert cache_kwargs(True) == {"cache_implementation": "static"} and cache_kwargs(False) == {}
 
 

@@ -12,15 +12,18 @@ with a static cache returns for greedy decoding without logits processors (teste
 dynamic cache a near tie can flip: attention over the static cache's longer, masked key range rounds differently
 (``bench/cpu_int4.py``'s ``decode-w2`` row saw it once, at an RTN-W2 model's 15th token).
 
-A :class:`Decoder` (its cache, static inputs and compiled step) is kept per model and batch size and reused while
-it is long enough, so ``translate``'s batches and repeated ``generate`` calls compile once per batch size. The
-prompt runs uncompiled: its length varies from call to call, and it runs once.
+A :class:`Decoder` (its cache, static inputs and compiled step) is kept per model and reused while its batch size,
+precision and device are the call's and its cache is long enough, so repeated ``generate`` calls compile once and
+``translate`` (which fills its last batch up to the others' size) compiles once. The prompt runs uncompiled: its
+length varies from call to call, and it runs once. Models with sliding-window attention decode uncompiled, with a
+note: transformers' sliding cache layers count tokens in a Python int, which would re-record the graph every token.
 """
 
 from __future__ import annotations
 
 import inspect
 import sys
+import types
 import weakref
 from collections.abc import Iterable
 
@@ -33,20 +36,25 @@ CHECK_EVERY = 16
 # Cache lengths are rounded up to a multiple of this, so that calls with somewhat longer prompts reuse a decoder.
 LENGTH_STEP = 256
 
-# How the step is compiled: CUDA graphs, and an error rather than a silent graph break (tests trace it with another
+# How the step is compiled: CUDA graphs, static shapes (a decoder's shapes never change), and an error rather than a
+# silent graph break, which :meth:`Decoder.run` turns into eager steps with a note (tests trace it with another
 # backend on the CPU).
-COMPILE: dict = {"mode": "reduce-overhead", "fullgraph": True}
-# Settings of a generation config that make transformers' greedy search differ from a plain argmax, with the value
-# that does nothing. A model whose config sets one is decoded by ``generate`` (see :func:`processors`).
-_NEUTRAL = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "bad_words_ids": None, "suppress_tokens": None,
-            "begin_suppress_tokens": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
-            "sequence_bias": None, "min_length": 0, "min_new_tokens": None, "encoder_repetition_penalty": 1.0,
-            "exponential_decay_length_penalty": None}  # fmt: skip
+COMPILE: dict = {"mode": "reduce-overhead", "fullgraph": True, "dynamic": False}
+# Settings of a generation config that make transformers' greedy search differ from a plain argmax, with the values
+# that do nothing; a model whose config sets one is decoded by ``generate`` (see :func:`processors`). Left out: what
+# only sampling reads (temperature, top-k/p, ...) and what cannot change an argmax (``renormalize_logits``).
+_NEUTRAL: dict[str, tuple] = {
+    "repetition_penalty": (1.0,), "encoder_repetition_penalty": (1.0,), "no_repeat_ngram_size": (0,),
+    "bad_words_ids": (), "suppress_tokens": (), "begin_suppress_tokens": (), "forced_bos_token_id": (),
+    "forced_eos_token_id": (), "sequence_bias": (), "min_length": (0,), "min_new_tokens": (0,),
+    "exponential_decay_length_penalty": (), "guidance_scale": (1.0,), "watermarking_config": (),
+    "remove_invalid_values": (False,), "num_beams": (1,), "constraints": (), "force_words_ids": (),
+    "penalty_alpha": (0.0,), "custom_generate": (), "dola_layers": (), "stop_strings": (), "max_time": (),
+}  # fmt: skip
 
-# Each model's decoders, by batch size and whether compiled (``translate``'s last batch is smaller: kept apart, it
-# does not make the full batches' decoder compile again); a decoder holds no reference to its model, which is passed
-# to every call.
-_decoders: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, bool], Decoder]] = weakref.WeakKeyDictionary()
+# Each model's decoder (one: a static cache is the size of the batch times the length, so one is kept at a time;
+# :func:`release` frees it). A decoder holds no reference to its model, which is passed to every call.
+_decoders: weakref.WeakKeyDictionary[nn.Module, Decoder] = weakref.WeakKeyDictionary()
 
 
 def processors(model: nn.Module) -> list[str]:
@@ -55,9 +63,14 @@ def processors(model: nn.Module) -> list[str]:
     unusual = []
     for key, neutral in _NEUTRAL.items():
         value = getattr(config, key, None)
-        if value not in (None, neutral, [], {}):
+        if isinstance(value, torch.Tensor) or value not in (None, [], {}, *neutral):
             unusual.append(key)
     return unusual
+
+
+def release(model: nn.Module) -> None:
+    """Free the static cache (and compiled step) kept for ``model``: the next decoding builds them again."""
+    _decoders.pop(model, None)
 
 
 def _ids(value: int | Iterable[int] | None) -> list[int]:
@@ -73,34 +86,54 @@ def _step(model: nn.Module, decoder: Decoder) -> torch.Tensor:
     return logits[:, -1].argmax(-1)
 
 
+def _state(model: nn.Module, rows: int, device: torch.device, compile: bool) -> tuple:
+    """What a decoder's cache and step are made for: rows, device, whether compiled, the dtype the keys and values
+    come in (the autocast dtype, else the model's), and inference mode (whose tensors a later call could not reset)."""
+    from lowbit.kernels import input_weight
+
+    weight = input_weight(model)
+    autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    return rows, device, compile, autocast or (weight.dtype if weight is not None else None), \
+        torch.is_inference_mode_enabled()  # fmt: skip
+
+
 class Decoder:
-    """A static KV cache for ``batch`` rows of at most ``length`` tokens, the step's static inputs, and the step.
+    """A static KV cache for ``state``'s rows of at most ``length`` tokens, the step's static inputs, and the step.
 
     The step's inputs (the last token, its position, its cache slot and the attention mask) live at fixed
     addresses and are updated in place between calls, so a CUDA graph replays with no copies; the cache's tensors
-    are static addresses already (transformers marks them)."""
+    are static addresses already (transformers marks them). The compiled step is a code object of the decoder's
+    own, so its compilations (and dynamo's limit on them) live and go with the decoder."""
 
-    def __init__(self, model: nn.Module, batch: int, length: int, device: torch.device, compile: bool) -> None:
+    def __init__(self, model: nn.Module, state: tuple, length: int) -> None:
         from transformers import StaticCache
 
-        self.length, self.device = length, device
+        batch, device, compile = state[:3]
+        self.state, self.length = state, length
         self.cache = StaticCache(config=model.config, max_cache_len=length)
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.position = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
         self.mask = torch.zeros(batch, length, dtype=torch.long, device=device)
-        self.step = _step
-        if compile:
-            for t in (self.token, self.position, self.slot, self.mask):
-                torch._dynamo.mark_static_address(t)
-            self.step = torch.compile(_step, **COMPILE)
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT passes arguments on
-        names = inspect.signature(inner.forward).parameters
+        names = inspect.signature(getattr(inner, "_orig_mod", inner).forward).parameters
         self.keep = "logits_to_keep" in names
-        # transformers 5.24 names the cache ``cache`` and tracks positions in it; earlier 5.x take
-        # ``past_key_values`` and the tokens' cache slots (``cache_position``)
+        # transformers 5.24 names the cache ``cache``, earlier 5.x releases ``past_key_values``; a release whose
+        # forward takes the tokens' cache slots (``cache_position``) gets them
         self.cache_name = "cache" if "cache" in names else "past_key_values"
         self.slots = "cache_position" in names
+        self.step = _step
+        sliding = any(getattr(layer, "is_sliding", False) for layer in self.cache.layers)
+        if compile and sliding:
+            # transformers' sliding-window cache layers count tokens in a Python int, which a compiled step takes as
+            # an input: CUDA graphs would be recorded again at every token
+            _note("the model has sliding-window attention layers, whose cache the compiled step would re-record at "
+                  "every token: decoding without CUDA graphs")  # fmt: skip
+        elif compile:
+            for t in (self.token, self.position, self.slot, self.mask):
+                torch._dynamo.mark_static_address(t)
+            own = types.FunctionType(_step.__code__.replace(), _step.__globals__, _step.__name__)
+            self.step = torch.compile(own, **COMPILE)
 
     def cached(self, slots: torch.Tensor) -> dict:
         """The forward's cache arguments for tokens going to cache ``slots``."""
@@ -109,6 +142,19 @@ class Decoder:
             kwargs["cache_position"] = slots
         return kwargs
 
+    def run(self, model: nn.Module) -> torch.Tensor:
+        """One step; a step that cannot be compiled (a graph break, dynamo's limit on recompilations, a backend
+        failure: nothing of the step has run then) is run eagerly from then on, with a note."""
+        try:
+            return self.step(model, self)
+        except Exception as exc:
+            if self.step is _step or not isinstance(exc, _compile_errors()):
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            _note(f"the decoding step could not be compiled ({first[:200]}): decoding without CUDA graphs")
+            self.step = _step
+            return _step(model, self)
+
     def __call__(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                  max_new_tokens: int, eos: list[int], pad: int) -> torch.Tensor:  # fmt: skip
         rows, prompt = input_ids.shape
@@ -116,18 +162,18 @@ class Decoder:
         self.cache.reset()
         self.mask.zero_()
         self.mask[:, :prompt] = 1 if attention_mask is None else attention_mask
-        # transformers' positions: real tokens count from 0 after any left padding; padding sits at 1 (masked)
-        positions = self.mask[:, :prompt].cumsum(-1) - 1
-        positions.masked_fill_(self.mask[:, :prompt] == 0, 1)
+        # transformers' positions: real tokens count from 0 after any left padding; padding sits at 0 (masked)
+        real = self.mask[:, :prompt]
+        positions = (real.cumsum(-1) - 1).masked_fill_(real == 0, 0)
         extra = {"logits_to_keep": 1} if self.keep else {}
-        logits = model(input_ids=input_ids, position_ids=positions, attention_mask=self.mask[:, :prompt],
+        logits = model(input_ids=input_ids, position_ids=positions, attention_mask=real,
                        **self.cached(torch.arange(prompt, device=device)), **extra).logits  # fmt: skip
         nxt = logits[:, -1].argmax(-1)
         out = torch.full((rows, prompt + max_new_tokens), pad, dtype=torch.long, device=device)
         out[:, :prompt] = input_ids
         ends = torch.tensor(eos, dtype=torch.long, device=device)
         running = torch.ones(rows, dtype=torch.bool, device=device)
-        self.position.copy_(positions[:, -1:])
+        self.position.copy_(real.sum(-1, keepdim=True) - 1)  # the last real token's
         done = max_new_tokens
         for i in range(max_new_tokens):
             nxt = torch.where(running, nxt, pad)
@@ -139,15 +185,26 @@ class Decoder:
                 break
             self.token.copy_(nxt[:, None])
             self.position += 1
-            self.slot.fill_(prompt + i)
+            if self.slots:
+                self.slot.fill_(prompt + i)
             self.mask[:, prompt + i] = 1
-            nxt = self.step(model, self)
+            nxt = self.run(model)
         new = out[:, prompt : prompt + done]
         if eos:  # ``generate`` stops at the token that ends the last row: cut what ran past it
             hit = torch.isin(new, ends)
             if bool(hit.any(1).all()):
                 done = int(hit.int().argmax(1).max()) + 1
         return out[:, : prompt + done]
+
+
+def _compile_errors() -> tuple[type[Exception], ...]:
+    """What dynamo raises for a step it cannot compile (``FailOnRecompileLimitHit`` is not one of its exceptions)."""
+    names = ("TorchDynamoException", "FailOnRecompileLimitHit")
+    return tuple(e for e in (getattr(torch._dynamo.exc, n, None) for n in names) if e is not None)
+
+
+def _note(text: str) -> None:
+    print(f"lowbit: note: {text}", file=sys.stderr)
 
 
 @torch.no_grad()
@@ -160,13 +217,16 @@ def greedy(
     pad_token_id: int | None = None,
     compile: bool | None = None,
 ) -> torch.Tensor:
-    """Greedy continuation of ``input_ids`` (left-padded when ``attention_mask`` has zeros), prompt included: the
-    tokens ``model.generate(..., do_sample=False, cache_implementation="static")`` returns.
-    ``eos_token_id``/``pad_token_id`` default to the model's generation config; ``compile`` (default: on CUDA)
-    compiles the step with CUDA graphs, whose kernels may round differently from eager ones and so flip a near tie.
+    """Greedy continuation of ``input_ids`` (padded where ``attention_mask`` has zeros; every token is real without
+    one), prompt included: the tokens ``model.generate(..., do_sample=False, cache_implementation="static")``
+    returns. ``eos_token_id``/``pad_token_id`` default to the model's generation config; ``compile`` (default: on
+    CUDA) compiles the step with CUDA graphs, whose kernels may round differently from eager ones and so flip a near
+    tie.
 
-    A model whose generation config asks for more than an argmax (a repetition penalty, banned words, ...) is
+    A model whose generation config asks for more than an argmax (a repetition penalty, banned words, beams, ...) is
     decoded by ``generate`` instead, with a note on stderr: its tokens then stay what the model's config asks for.
+    The model keeps its decoder (static cache and compiled step) for the next call with the same batch size,
+    precision and device, and a long enough cache; :func:`release` frees it.
     """
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
@@ -176,18 +236,16 @@ def greedy(
     pad = pad if pad is not None else (eos[0] if eos else 0)
     unusual = processors(model)
     if unusual:
-        print(f"lowbit: note: the model's generation config sets {', '.join(unusual)}: decoding with transformers' "
-              "generate", file=sys.stderr)  # fmt: skip
+        _note(f"the model's generation config sets {', '.join(unusual)}: decoding with transformers' generate")
         return model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                               do_sample=False, eos_token_id=eos or None, pad_token_id=pad,
                               cache_implementation="static")  # fmt: skip
     device = input_ids.device
-    compile = device.type == "cuda" if compile is None else compile
-    rows, need = input_ids.shape[0], input_ids.shape[1] + max_new_tokens
-    kept = _decoders.setdefault(model, {})
-    decoder = kept.get((rows, compile))
-    if decoder is None or decoder.length < need or decoder.device != device:
-        kept.pop((rows, compile), None)
+    state = _state(model, input_ids.shape[0], device, device.type == "cuda" if compile is None else compile)
+    need = input_ids.shape[1] + max_new_tokens
+    decoder = _decoders.get(model)
+    if decoder is None or decoder.state != state or decoder.length < need:
+        release(model)
         decoder = None  # the old cache goes before the new one is allocated
-        decoder = kept[rows, compile] = Decoder(model, rows, -(-need // LENGTH_STEP) * LENGTH_STEP, device, compile)
+        decoder = _decoders[model] = Decoder(model, state, -(-need // LENGTH_STEP) * LENGTH_STEP)
     return decoder(model, input_ids, attention_mask, max_new_tokens, eos, pad)

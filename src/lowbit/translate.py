@@ -89,15 +89,20 @@ def translate(
     try:
         bar = tqdm(total=len(sources), desc="translating", unit="seg", disable=not progress)
         for chunk in _batches(list(sources), batch_size):
+            # lowbit's loop: a short last batch is filled up with copies of its last row, so that one decoder (one
+            # compiled step) serves every batch; the copies' translations are dropped
+            fill = batch_size - len(chunk) if static_cache and beams == 1 and len(sources) > batch_size else 0
             # kernel copies for this batch's decoding steps, made while they fit rather than inside a compiled step
-            kernels.prepare_decoding(model, rows=len(chunk) * beams)
+            kernels.prepare_decoding(model, rows=(len(chunk) + fill) * beams)
             texts = [prompt(s, src, tgt, shots) for s in chunk]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=True)
             device = next(model.parameters()).device
             ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
             ends = list(_line_end_ids(tokenizer))
             if static_cache and beams == 1:
-                gen = greedy(model, ids, mask, max_new_tokens=max_new_tokens, eos_token_id=ends, pad_token_id=pad)
+                ids, mask = (torch.cat([t, t[-1:].expand(fill, -1)]) for t in (ids, mask))
+                gen = greedy(model, ids, mask, max_new_tokens=max_new_tokens, eos_token_id=ends,
+                             pad_token_id=pad)[: len(chunk)]  # fmt: skip
             else:
                 gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                      do_sample=False, num_beams=beams, eos_token_id=ends, pad_token_id=pad,
