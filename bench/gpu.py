@@ -34,9 +34,11 @@ activations under autocast. Rows:
   ``fwd_m1_us_runs``: is W2's 0.9% over W4 on the same kernel more than two runs of one kernel differ?).
 - ``train-<method>``: LoRA r16/alpha 32 training of a TinyLlama-1.1B-shaped Llama (all 7 linears of each block) at
   batch 4 x 512 tokens: tokens/s over 8 AdamW steps after 2 warm-up steps, and peak allocated memory. Methods:
-  ``bf16-lora`` (PEFT on the bf16 model), ``bnb-qlora`` (PEFT + bitsandbytes NF4), ``lowbit-w4/w3/w2``.
-  ``train-interleaved``: ``bnb-qlora`` and ``lowbit-w4/w3/w2`` resident together, trained in rotated rounds, so
-  that no method gains from where it runs in the order (:func:`interleaved_row`).
+  ``bf16-lora`` (PEFT on the bf16 model), ``bnb-qlora`` (PEFT + bitsandbytes NF4), ``lowbit-w4/w3/w2``, and
+  ``lowbit-w4/w2-compiled`` (the model compiled in place, as ``finetune --compile`` does; the two warm-up steps
+  compile). ``train-interleaved``: ``bnb-qlora`` and ``lowbit-w4/w3/w2`` resident together, trained in rotated
+  rounds, so that no method gains from where it runs in the order (:func:`interleaved_row`);
+  ``train-interleaved-compiled`` the same for ``bnb-qlora`` and ``lowbit-w4/w2-compiled``.
 - ``decode-<method>[-graphs|-loop]``: greedy decoding of 64 new tokens after an 8-token prompt, batch 1, tokens/s
   after a warm-up call (``tokens_per_s``, the prompt's prefill included; ``decode_tokens_per_s``: the 63 tokens after
   the first, from the time of a one-token call subtracted); ``-graphs`` uses transformers' static cache, which
@@ -107,9 +109,14 @@ GRAPH_METHODS_LAYER = ("dense-bf16", "bnb-nf4", "lowbit-w4-base", "lowbit-w4-int
 PINNED = {"gemv": "triton-gemv", "int4": "torch-int4", "decode": "triton-decode"}
 NO_LORA = ("-base", "-unfused", *(f"-{suffix}" for suffix in PINNED))  # lowbit methods measured without an adapter
 ONLY_KERNEL = {"lowbit-w4-gemm": "triton-gemm", "lowbit-w4-dequant": "triton-dequant"}
-TRAIN_METHODS = ("bf16-lora", "bnb-qlora", "lowbit-w4", "lowbit-w3", "lowbit-w2")
+TRAIN_METHODS = ("bf16-lora", "bnb-qlora", "lowbit-w4", "lowbit-w3", "lowbit-w2", "lowbit-w4-compiled",
+                 "lowbit-w2-compiled")  # fmt: skip
 # The interleaved row's methods: the fine-tuning goal's peer and lowbit's three widths, resident together.
-INTERLEAVED = ("bnb-qlora", "lowbit-w4", "lowbit-w3", "lowbit-w2")
+INTERLEAVED = {
+    "train-interleaved": ("bnb-qlora", "lowbit-w4", "lowbit-w3", "lowbit-w2"),
+    # ``finetune --compile``'s steps (torch.compile of forward and backward) against the same peer
+    "train-interleaved-compiled": ("bnb-qlora", "lowbit-w4-compiled", "lowbit-w2-compiled"),
+}
 DECODE_METHODS = ("bf16", "bnb-nf4", "lowbit-w4", "lowbit-w3", "lowbit-w2", "lowbit-w4-base", "lowbit-w4-unfused",
                   "lowbit-w4-int4", "lowbit-w4-gemv")  # fmt: skip
 GRAPH_METHODS = ("bf16", "lowbit-w4", "lowbit-w3", "lowbit-w2", "lowbit-w4-base", "lowbit-w4-unfused", "lowbit-w4-int4",
@@ -129,7 +136,8 @@ def _rows() -> dict[str, str]:
     rows.update({f"graph-{s}-{m}": f"layer {s.replace('x', '->')} (TinyLlama), {m}, CUDA graph" for s in DECODE_SHAPES
                  for m in GRAPH_METHODS_DECODE})  # fmt: skip
     rows.update({f"train-{m}": f"TinyLlama-1.1B LoRA training, {m}" for m in TRAIN_METHODS})
-    rows["train-interleaved"] = f"TinyLlama-1.1B LoRA training, {', '.join(INTERLEAVED)} in alternating rounds"
+    rows.update({n: f"TinyLlama-1.1B LoRA training, {', '.join(m)} in alternating rounds" for n, m in
+                 INTERLEAVED.items()})  # fmt: skip
     rows.update({f"decode-{m}": f"TinyLlama-1.1B greedy decoding, {m}, eager" for m in DECODE_METHODS})
     rows.update({f"decode-{m}-graphs": f"TinyLlama-1.1B greedy decoding, {m}, CUDA graphs" for m in GRAPH_METHODS})
     rows.update({f"decode-{m}-loop": f"TinyLlama-1.1B greedy decoding, {m}, lowbit's loop (CUDA graphs)"
@@ -499,7 +507,9 @@ def trainer(method: str, setup: Setup) -> tuple[Callable[[], object], list]:
     """One training step of ``method``'s model (LoRA only, AdamW, a fixed random batch) and its trainable tensors."""
     import torch
 
-    model = make_model(method, setup, lora=True)
+    model = make_model(method.removesuffix("-compiled"), setup, lora=True)
+    if method.endswith("-compiled"):  # as ``finetune --compile`` does: in place, inductor's default mode
+        model.compile()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     # Every method trains the same LoRA factors and nothing else (a base left trainable once made lowbit's rows
@@ -548,38 +558,58 @@ def train_row(name: str, setup: Setup) -> dict:
 
 
 def interleaved_row(name: str, setup: Setup) -> dict:
-    """Tokens/s of :data:`INTERLEAVED`'s methods with no run order to favour any: every model resident at once,
-    then rounds in which each method runs half of P4's steps, the order rotated a place each round (so with four
-    methods and four rounds each method runs once in each position); medians over the rounds, and each method's
-    ratio to PEFT + bitsandbytes. The per-method ``train-*`` rows run one model after another, so a slowdown that
-    follows the run order (the allocator's state, clocks) reads there as the later method's cost. Peak memory stays
-    with those rows (here every model is resident). Without bitsandbytes (``--dry-run``) its method is left out."""
+    """Tokens/s of the row's :data:`INTERLEAVED` methods with no run order to favour any: every model resident at
+    once, then rounds in which each method runs half of P4's steps, the order rotated a place each round (so each
+    method runs once in each position); medians over the rounds, and each method's ratio to PEFT + bitsandbytes. The
+    per-method ``train-*`` rows run one model after another, so a slowdown that follows the run order (the
+    allocator's state, clocks) reads there as the later method's cost. Peak memory per method, as if it ran alone
+    (CUDA): what its model, LoRA and optimizer state hold after the warm-up steps (``resident_mib``) plus the most a
+    step allocated on top (``step_peak_mib``). Without bitsandbytes (``--dry-run``) its method is left out."""
+    import torch
+
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        methods = [m for m in INTERLEAVED if not m.startswith("bnb")]
+        methods = [m for m in INTERLEAVED[name] if not m.startswith("bnb")]
     else:
-        methods = list(INTERLEAVED)
-    steps = {m: trainer(m, setup)[0] for m in methods}
-    for step in steps.values():
+        methods = list(INTERLEAVED[name])
+    cuda = setup.device.type == "cuda"
+    steps, resident = {}, {}
+    for m in methods:
+        before = torch.cuda.memory_allocated() if cuda else 0
+        steps[m] = trainer(m, setup)[0]
         for _ in range(setup.warmup_steps):
-            step()
-    setup.sync()
+            steps[m]()
+        setup.sync()
+        if cuda:
+            resident[m] = round((torch.cuda.memory_allocated() - before) / 2**20, 1)
     per_round = max(1, setup.steps // 2)
     tokens = per_round * setup.batch * setup.seqlen
     speeds: dict[str, list[float]] = {m: [] for m in methods}
+    extra: dict[str, float] = dict.fromkeys(methods, 0.0)
     for shift in range(len(methods)):
         for method in methods[shift:] + methods[:shift]:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
             start = time.perf_counter()
             for _ in range(per_round):
                 steps[method]()
             setup.sync()
             speeds[method].append(round(tokens / (time.perf_counter() - start), 1))
+            if cuda:
+                extra[method] = max(extra[method], (torch.cuda.max_memory_allocated() - before) / 2**20)
     row = {"row": name, "label": ROWS[name], "rounds": len(methods), "steps_per_round": per_round,
            "batch": [setup.batch, setup.seqlen], "per_round_tokens_per_s": speeds,
            "tokens_per_s": {m: round(statistics.median(v), 1) for m, v in speeds.items()}}  # fmt: skip
+    if cuda:
+        row["resident_mib"] = resident
+        row["step_peak_mib"] = {m: round(v, 1) for m, v in extra.items()}
+        row["peak_mib"] = {m: round(resident[m] + extra[m], 1) for m in methods}
     if "bnb-qlora" in speeds:
         row["vs_bnb"] = {m: round(v / row["tokens_per_s"]["bnb-qlora"], 3) for m, v in row["tokens_per_s"].items()}
+        if cuda:
+            row["peak_vs_bnb"] = {m: round(v / row["peak_mib"]["bnb-qlora"], 3) for m, v in row["peak_mib"].items()}
     return row
 
 
@@ -685,7 +715,7 @@ def run_row(name: str, setup: Setup) -> dict | None:
             row = layer_row(name, setup)
         elif name.startswith("graph-"):
             row = graph_row(name, setup)
-        elif name == "train-interleaved":
+        elif name in INTERLEAVED:
             row = interleaved_row(name, setup)
         elif name.startswith("train-"):
             row = train_row(name, setup)

@@ -88,7 +88,8 @@ for s in "${steps[@]}"; do
         else echo "[session] calib: skipped on $device (the goal is an H100's)" | tee -a "$log"; fi ;;
     decode) step decode 320 $py bench/gpu.py $dry --profile --rows "decode-bf16-loop,decode-lowbit-w4-base-loop,\
 decode-bf16-nolinear-loop,decode-lowbit-w4-unfused-loop,decode-bf16-graphs,decode-lowbit-w4-base-graphs" ;;
-    train) step train 200 $py bench/gpu.py $dry --profile --rows train-interleaved,train-bnb-qlora ;;
+    train) step train 300 $py bench/gpu.py $dry --profile --rows train-interleaved,train-interleaved-compiled,\
+train-bnb-qlora ;;
     small)  # exact names: the prefix graph-2048x256 would also take graph-2048x2560's rows
         shapes="2048x256 2048x2048 2048x5632 5632x2048 2048x2560 2048x11264"
         rows=$(for m in dense-bf16 lowbit-w4-int4 bnb-nf4 lowbit-w4-decode lowbit-w4-gemv lowbit-w2-gemv gemlite-w4 \

@@ -16,6 +16,9 @@ Rows (each in its own subprocess, so peak RSS is the row's own):
   so "the start matters after fine-tuning" is tested against better codes and not only against RTN and LoftQ.
   Starts are made once with ``bench/p1.py --keep`` into ``bench/.starts`` and reused. The trained checkpoint is
   kept in ``bench/.p2/ROW``;
+- ``lowbit-qlora-w4-compiled``: ``lowbit-qlora-w4`` with ``finetune --compile`` (torch.compile of forward and
+  backward; ``steady_tokens_per_s``, which every lowbit row records, leaves out the first two steps and with them
+  the compilation);
 - ``lowbit-...-requant``: that trained row merged and re-quantized to the same format with no adapter
   (``lowbit export --requantize``: GPTQ on 32 PTB-train windows), perplexity only;
 - ``fp-{pafi,hiwi}`` and ``lowbit-{qlora-w4,apiq-gptq-w2}-{pafi,hiwi}``: ``lowbit finetune --method pafi|hiwi`` on the
@@ -42,6 +45,7 @@ Results merge into bench/results/p2.json by row name.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import subprocess
@@ -70,6 +74,7 @@ def _rows() -> dict[str, str]:
             rows[f"lowbit-{start}-w{b}"] = f"lowbit W{b}g64 from the {start} start ({p1_row.format(b=b)})"
             rows[f"lowbit-{start}-w{b}-requant"] = (f"lowbit W{b}g64 {start} start, trained, merged and re-quantized "
                                                     f"to W{b}g64 (no adapter)")  # fmt: skip
+    rows["lowbit-qlora-w4-compiled"] = "lowbit W4g64 from the qlora start (rtn4), finetune --compile"
     for method in WEIGHT_METHODS:
         rows[f"fp-{method}"] = f"full precision, lowbit {method} (LoRA's size)"
     for start in WEIGHT_METHOD_STARTS:
@@ -84,7 +89,8 @@ ROWS = _rows()
 
 def start_checkpoint(name: str) -> Path:
     """The P1 start checkpoint of a lowbit row, made with ``bench/p1.py --keep`` when missing."""
-    start, bits = name.removeprefix("lowbit-").removesuffix("-pafi").removesuffix("-hiwi").rsplit("-w", 1)
+    start, bits = (name.removeprefix("lowbit-").removesuffix("-compiled").removesuffix("-pafi").removesuffix("-hiwi")
+                   .rsplit("-w", 1))  # fmt: skip
     p1_row = START_ROWS[start].format(b=bits)
     folder = STARTS / p1_row
     if not (folder / "config.json").is_file():
@@ -97,8 +103,6 @@ def start_checkpoint(name: str) -> Path:
 def weight_method_config(name: str, base: Path, config):
     """The TrainConfig of a pafi/hiwi row: ``config`` with that method, at LoRA r8's parameter count on ``base``'s
     layers (PaFi: that count over the layers' weights, as each layer's fraction; HiWi: the nearest width)."""
-    import dataclasses
-
     import lowbit
     from lowbit.arch import target_linears
     from lowbit.layers import quant_layers
@@ -238,9 +242,13 @@ def run_row(name: str, eval_windows: int, micro_batch: int = 1) -> dict:
             if name.endswith(WEIGHT_METHODS):
                 config = weight_method_config(name, start, config)
                 row["train_config"] = config.__dict__
+            if name.endswith("-compiled"):
+                config = dataclasses.replace(config, compile=True)
+                row["train_config"] = config.__dict__
             benchlib.reset_peak_rss()
             result = finetune(start, TRAINED / name, config, overwrite=True, progress=sys.stderr.isatty())
             row["train_peak_rss_mb"] = round(benchlib.peak_rss_since_reset_mb(), 1)
+            row["steady_tokens_per_s"] = steady_speed(TRAINED / name / "metrics.jsonl")
             model, tokenizer = lowbit.load(TRAINED / name)
             row["bits_per_weight"] = round(lowbit.info(start)["bits_per_weight"], 4)
             row["start"] = str(start.relative_to(benchlib.ROOT))
@@ -281,6 +289,14 @@ def run_row(name: str, eval_windows: int, micro_batch: int = 1) -> dict:
             row.update(latency("trained", trained_form, wins[0]))
             row.update(latency("deployed", deployed(), wins[0]))
     return row
+
+
+def steady_speed(log: Path, skip: int = 2) -> float:
+    """Tokens/s after the first ``skip`` steps, from a run's metrics log (cumulative tokens and seconds a step):
+    the pace once compilation (``--compile``: in the first step) and warm-up are over."""
+    steps = [json.loads(line) for line in log.read_text().splitlines() if '"step"' in line and '"tokens"' in line]
+    first, last = steps[skip - 1], steps[-1]
+    return round((last["tokens"] - first["tokens"]) / (last["seconds"] - first["seconds"]), 1)
 
 
 def fp_training_form(fp: Path, config):
