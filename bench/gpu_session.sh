@@ -5,17 +5,19 @@
 # cut to what is left of BUDGET seconds, and a step that does not fit is skipped and said so; bench/gpu.py stores
 # each row as soon as it ends, and after every step the results are copied to $OUT, so a step cut off at its limit
 # loses only its unfinished row; the exit status is 1 when a step failed or was skipped for lack of time. Steps
-# (default: train decode layers smoke small graph, in this order; name others or a subset as arguments):
-#   train   fine-tuning: PEFT + bitsandbytes and lowbit W4/W3/W2 resident together, trained in rotated rounds (no
-#           run order to favour any: W3/W2's 0.98x/0.93x came from rows run one after another), then PEFT +
-#           bitsandbytes alone with its device time per step against its wall time (is the peer host-bound too?)
+# (default: decode train smoke small layers graph, in this order; name others or a subset as arguments):
 #   decode  greedy decoding with CUDA graphs in lowbit's own loop (what generate --static-cache runs): bf16, lowbit
 #           W4 without a LoRA fused (q/k/v and gate/up as two products, the default from 6ed33d2 on), bf16 with no
 #           block linear (the floor), W4 unfused; then bf16 and W4 in transformers' loop; each kernel's device
 #           time per token
+#   train   fine-tuning: PEFT + bitsandbytes and lowbit W4/W3/W2 resident together, trained in rotated rounds (no
+#           run order to favour any: W3/W2's 0.98x/0.93x came from rows run one after another); the same for
+#           PEFT + bitsandbytes against lowbit W4/W2 compiled (finetune --compile), each method's peak memory as if
+#           alone; then PEFT + bitsandbytes alone with its device time per step against its wall time
 #   layers  forward + backward at M = 2048 of the three Llama-2-7B layer shapes, eager and in device time
 #           (the training-size goal, without the Python noise of eager timings)
-#   smoke   every command with --device cuda (decoding on tinygemm, siblings fused), the CUDA kill -9 resume
+#   smoke   every command with --device cuda (decoding on tinygemm, siblings fused, lowbit's loop; finetune
+#           --compile), the CUDA kill -9 resume
 #   small   graph rows at TinyLlama's layer shapes and at the two fused products': dense and tinygemm first, then
 #           bitsandbytes, triton-decode, triton-gemv, GemLite (is a W4 kernel's time there bytes or a per-call cost,
 #           and what does fusing save)
@@ -31,7 +33,7 @@ set -u
 BUDGET=${BUDGET:-540}
 DRY=${DRY:-}
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(train decode layers smoke small graph)
+[ ${#steps[@]} -eq 0 ] && steps=(decode train smoke small layers graph)
 start=$SECONDS
 mkdir -p "$OUT"
 log=$OUT/session.log
