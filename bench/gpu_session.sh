@@ -76,8 +76,8 @@ step() {  # NAME LIMIT COMMAND...: run COMMAND for at most LIMIT seconds (less i
 for s in "${steps[@]}"; do
     case $s in
     smoke)  # its JSON is written at its end only: a smoke cut off leaves none in $OUT, not a stale one
-        if [ -n "$DRY" ]; then step smoke 300 $py bench/gpu_smoke.py --device cpu --out "$OUT"/gpu_smoke.json
-        else step smoke 200 $py bench/gpu_smoke.py --device cuda --out "$OUT"/gpu_smoke.json; fi ;;
+        if [ -n "$DRY" ]; then step smoke 480 $py bench/gpu_smoke.py --device cpu --out "$OUT"/gpu_smoke.json
+        else step smoke 280 $py bench/gpu_smoke.py --device cuda --out "$OUT"/gpu_smoke.json; fi ;;
     graph)
         rows=$(for shape in 4096x11008 11008x4096; do
             for m in lowbit-w4-int4 lowbit-w3-int4 lowbit-w2-int4 dense-bf16 bnb-nf4; do
