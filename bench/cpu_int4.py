@@ -118,7 +118,9 @@ def decode_row(bits: int, new_tokens: int = 32, rounds: int = 3) -> dict:
 
     def generate(name: str) -> tuple[float, torch.Tensor]:
         def run(tokens: int) -> torch.Tensor:
-            if name.endswith("-loop"):  # no end token, as min_new_tokens makes generate run every token
+            # every run decodes ``tokens``: the loop with no end token, generate with min_new_tokens (which masks
+            # EOS instead: their tokens could differ where EOS is the argmax, which the same_tokens fields show)
+            if name.endswith("-loop"):
                 return greedy(model, ids, max_new_tokens=tokens, eos_token_id=[], pad_token_id=tokenizer.eos_token_id)
             return model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, **kwargs)
 

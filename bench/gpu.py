@@ -146,7 +146,8 @@ def _rows() -> dict[str, str]:
 
 
 ROWS = _rows()
-DEFAULT_ROWS = ",".join(["layer", "train", *(f"decode-{m}" for m in DECODE_METHODS), "decode-bf16-graphs",
+DEFAULT_ROWS = ",".join(["layer", *(f"train-{m}" for m in TRAIN_METHODS if not m.endswith("-compiled")),
+                         "train-interleaved", *(f"decode-{m}" for m in DECODE_METHODS), "decode-bf16-graphs",
                          "decode-lowbit-w4-graphs"])  # fmt: skip
 
 
@@ -574,6 +575,10 @@ def interleaved_row(name: str, setup: Setup) -> dict:
     else:
         methods = list(INTERLEAVED[name])
     cuda = setup.device.type == "cuda"
+    if cuda:  # the process's one-time allocations (cuBLAS workspaces) before any method's, not in the first one's
+        x = torch.randn(64, 64, device=setup.device, dtype=torch.bfloat16, requires_grad=True)
+        (x @ x).sum().backward()
+        setup.sync()
     steps, resident = {}, {}
     for m in methods:
         before = torch.cuda.memory_allocated() if cuda else 0
@@ -628,7 +633,9 @@ def decode_row(name: str, setup: Setup) -> dict:
         kwargs["cache_implementation"] = "static"  # on CUDA transformers compiles the forward (CUDA graphs)
 
     def run(tokens: int):
-        if loop:  # no end token: every call decodes ``tokens``, as min_new_tokens makes generate do
+        # every call decodes ``tokens``: the loop with no end token, generate with min_new_tokens (which masks
+        # EOS instead, so their tokens could differ where EOS is the argmax; the time a token does not)
+        if loop:
             return greedy(model, prompt, max_new_tokens=tokens, eos_token_id=[], pad_token_id=0,
                           compile=setup.device.type == "cuda")  # fmt: skip
         return model.generate(prompt, **dict(kwargs, max_new_tokens=tokens, min_new_tokens=tokens))
@@ -784,6 +791,8 @@ def table(rows: list[dict]) -> str:
         lines += ["", "| row | tokens/s | peak allocated MiB |", "|---|---:|---:|"]
         for r in other:
             memory = f"{r['peak_allocated_mib']:.0f}" if "peak_allocated_mib" in r else "—"
+            if "peak_mib" in r:  # the interleaved rows: each method's, as if it ran alone
+                memory = ", ".join(f"{m} {v:.0f}" for m, v in r["peak_mib"].items())
             speed = "error: " + r["error"][:80] if "error" in r else r.get("tokens_per_s", "—")
             if isinstance(speed, dict):  # the interleaved row: each method's median
                 speed = ", ".join(f"{m} {v}" for m, v in speed.items())

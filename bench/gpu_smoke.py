@@ -2,15 +2,15 @@
 
 Runs the CLI in-process with ``--device`` (default ``cuda``): quantize (gptq with the activation streams on the GPU;
 apiq-bw gptq-warm with ``--act-budget 0``, i.e. pinned host streams), finetune (bf16 precision, bf16 LoRA factors,
-gradient checkpointing; once more with ``--compile``, its final loss against the eager run's), eval (the same
-checkpoint on the CPU too: perplexities compared), generate, translate, report and ``export --requantize``; generate
-again with ``--static-cache`` (lowbit's decoding loop, CUDA graphs on a GPU) and once more with ``--kernel torch-int4
---static-cache`` too (tinygemm on a GPU, compiled), whether their tokens equal eager decoding's reported;
-torch-int4 against the reference kernel on W2-W4 layers (error bounded); decoding with sibling layers fused against
-unfused (error bounded); and the apiq-bw quantize (windows of 256 tokens, so attention's backward meets its
-nondeterministic split-key path on CUDA unless deterministic mode holds) once more in a child process killed with
-SIGKILL right after its first block is committed, then resumed here: every tensor of the checkpoint must equal the
-uninterrupted run's bit for bit. Prints one JSON object: each command's exit status and output. CI has no GPU;
+gradient checkpointing; once more with ``--compile`` and no checkpointing, its final loss against the eager run's),
+eval (the same checkpoint on the CPU too: perplexities compared), generate, translate, report and ``export
+--requantize``; generate again with ``--static-cache`` (lowbit's decoding loop, CUDA graphs on a GPU) and once more
+with ``--kernel torch-int4 --static-cache`` too (tinygemm on a GPU, compiled), whether their tokens equal eager
+decoding's reported; torch-int4 against the reference kernel on W2-W4 layers (error bounded); decoding with sibling
+layers fused against unfused (error bounded); and the apiq-bw quantize (windows of 256 tokens, so attention's backward
+meets its nondeterministic split-key path on CUDA unless deterministic mode holds) once more in a child process killed
+with SIGKILL right after its first block is committed, then resumed here: every tensor of the checkpoint must equal
+the uninterrupted run's bit for bit. Prints one JSON object: each command's exit status and output. CI has no GPU;
 ``--device cpu`` runs the same script here in a few minutes (the compiled finetune builds C++).
 
     python bench/gpu_smoke.py [--device cuda] [--out smoke.json]
@@ -180,9 +180,10 @@ def smoke(device: str, folder: Path) -> dict:
         "finetune-bf16": ["finetune", folder / "apiq", "--data", text, "--seqlen", "64", "--samples", "16",
                           "--precision", "bf16", "--lora-dtype", "bf16", "--grad-checkpointing", "--out",
                           folder / "ft", *dev],
+        # without --grad-checkpointing, whose input hook breaks the graph: the plain compiled step P4 measures
         "finetune-compiled": ["finetune", folder / "apiq", "--data", text, "--seqlen", "64", "--samples", "16",
-                              "--precision", "bf16", "--lora-dtype", "bf16", "--grad-checkpointing", "--compile",
-                              "--out", folder / "ft-compiled", *dev],
+                              "--precision", "bf16", "--lora-dtype", "bf16", "--compile", "--out",
+                              folder / "ft-compiled", *dev],
         "eval": ["eval", folder / "ft", "--ppl", text, "--seqlen", "64", *dev],
         "eval-cpu": ["eval", folder / "ft", "--ppl", text, "--seqlen", "64", "--device", "cpu", "--json"],
         "generate": ["generate", folder / "ft", "w1 w2 w3", "--max-new-tokens", "8", *dev],

@@ -170,11 +170,15 @@ def test_compiled_training_matches_eager_and_saves_the_same_names(tmp_path: Path
     counters.clear()
     config = small(data, eval_data=str(data), eval_windows=2, compile=True)
     compiled = finetune(ckpt, tmp_path / "compiled", config, progress=False)
-    assert counters["stats"]["unique_graphs"] >= 1  # it did compile
+    assert counters["stats"]["unique_graphs"] >= 2  # it did compile: the training step, and the evaluation's own
     assert compiled["losses"] == pytest.approx(eager["losses"], rel=1e-5)
+    assert compiled["eval_ppl"] == pytest.approx(eager["eval_ppl"], rel=1e-5)
     a, b = adapter(tmp_path / "eager"), adapter(tmp_path / "compiled")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
     assert load_checkpoint(tmp_path / "compiled")[0].state_dict().keys() == load_checkpoint(ckpt)[0].state_dict().keys()
+    # a run without --compile keeps the fingerprint it had before the setting existed (it still resumes)
+    assert "compile" not in finetune_module.fingerprinted(small(data))
+    assert finetune_module.fingerprinted(config)["compile"] is True
     torch._dynamo.reset()
 
 

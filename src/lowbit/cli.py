@@ -618,7 +618,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--compile", action="store_true",
                    help="torch.compile the model's forward and backward: less Python and launch overhead a step "
                         "(a GPU step of a small model is bound by it) after a compilation of a minute or more; "
-                        "needs a C++ compiler on the CPU; results equal eager ones to rounding")  # fmt: skip
+                        "needs a C++ compiler on the CPU; results equal eager ones to rounding; LoRA only in "
+                        "effect (pafi/hiwi compile in pieces)")  # fmt: skip
     f.add_argument("--precision", default="auto", choices=list(PRECISIONS),
                    help="auto: bf16 on a CUDA GPU of the Ampere generation or later, float32 elsewhere")  # fmt: skip
     f.add_argument("--lora-dtype", default="fp32", choices=["fp32", "bf16"],
@@ -758,7 +759,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "which on a CUDA GPU runs each token as one replay of a CUDA graph (a minute or two of "
                             "warm-up for a 1B model, then several times faster; pays for long outputs and many "
                             "segments); the same greedy decoding, though attention over the fixed-size cache and "
-                            "compiled kernels may round differently and flip a near tie (beam search: "
+                            "compiled kernels may round differently and flip a near tie (translate's beam search: "
                             "transformers' generate with a static cache)")  # fmt: skip
     for p in (q, f, x, e, t, a, r, g):  # every command that computes
         p.add_argument("--device", default="auto", help=f"{DEVICE_CHOICES} (auto: CUDA when available)")

@@ -121,6 +121,16 @@ class TrainConfig:
         check_settings(self.method, self.pafi_fraction, self.hiwi_dim, self.hiwi_target, self.adapter_layers)
 
 
+# Settings added after runs were already being resumed, with the value they had before they existed: a setting at
+# that value is left out of a run's fingerprint, so a run interrupted by an earlier release still resumes.
+ADDED_SETTINGS = {"compile": False}
+
+
+def fingerprinted(config: TrainConfig) -> dict:
+    """The settings that identify a run (see :data:`ADDED_SETTINGS`)."""
+    return {k: v for k, v in asdict(config).items() if k not in ADDED_SETTINGS or v != ADDED_SETTINGS[k]}
+
+
 def training_examples(config: TrainConfig, tokenizer) -> tuple[list[Example], int]:
     """The examples one epoch goes through (seeded draw), and how many SFT examples were truncated."""
     if config.task == "sft":
@@ -373,6 +383,10 @@ def _prepare_model(
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.compile and config.method != "lora":
+        print(f"lowbit: note: --compile with --method {config.method} compiles in pieces: its layers' backward "
+              "calls torch.autograd.grad, which torch.compile cannot trace, so the graph breaks at every adapted "
+              "layer and little host time is saved", file=sys.stderr)  # fmt: skip
     if config.compile:
         # On a GPU a LoRA step of a small model is bound by the host: Python, autograd and kernel launches (P4: the
         # GPU busy 14-17% of a 1.1B model's step). Compiled, the forward and backward run as generated code that
@@ -465,7 +479,7 @@ class Trainer:
                               "--micro-batch")  # fmt: skip
         ident = content_fingerprint([p for p in checkpoint.iterdir() if p.is_file()])
         key = run_fingerprint(
-            [asdict(config), ident], (t.numpy().tobytes() for e in examples for t in (e.ids, e.labels))
+            [fingerprinted(config), ident], (t.numpy().tobytes() for e in examples for t in (e.ids, e.labels))
         )
 
         ddp, originals = _prepare_model(model, config, accelerator)
