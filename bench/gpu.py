@@ -628,7 +628,7 @@ def decode_row(name: str, setup: Setup) -> dict:
     model = make_model(method, setup, lora=method.startswith("lowbit") and not method.endswith(NO_LORA))
     gen = torch.Generator(device=setup.device).manual_seed(0)
     prompt = torch.randint(3, setup.model["vocab_size"], (1, 8), device=setup.device, generator=gen)
-    kwargs = dict(max_new_tokens=setup.new_tokens, min_new_tokens=setup.new_tokens, do_sample=False, pad_token_id=0)
+    kwargs = dict(do_sample=False, pad_token_id=0)
     if graphs:
         kwargs["cache_implementation"] = "static"  # on CUDA transformers compiles the forward (CUDA graphs)
 
@@ -638,7 +638,7 @@ def decode_row(name: str, setup: Setup) -> dict:
         if loop:
             return greedy(model, prompt, max_new_tokens=tokens, eos_token_id=[], pad_token_id=0,
                           compile=setup.device.type == "cuda")  # fmt: skip
-        return model.generate(prompt, **dict(kwargs, max_new_tokens=tokens, min_new_tokens=tokens))
+        return model.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, **kwargs)
 
     row: dict = {"row": name, "label": ROWS[name], "new_tokens": setup.new_tokens}
     pinned, pin = method_pin(method)

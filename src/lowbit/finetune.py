@@ -383,11 +383,11 @@ def _prepare_model(
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if config.compile and config.method != "lora":
-        print(f"lowbit: note: --compile with --method {config.method} compiles in pieces: its layers' backward "
-              "calls torch.autograd.grad, which torch.compile cannot trace, so the graph breaks at every adapted "
-              "layer and little host time is saved", file=sys.stderr)  # fmt: skip
     if config.compile:
+        if config.method != "lora":
+            print(f"lowbit: note: --compile with --method {config.method} compiles in pieces: its layers' backward "
+                  "calls torch.autograd.grad, which torch.compile cannot trace, so the graph breaks at every "
+                  "adapted layer and little host time is saved", file=sys.stderr)  # fmt: skip
         # On a GPU a LoRA step of a small model is bound by the host: Python, autograd and kernel launches (P4: the
         # GPU busy 14-17% of a 1.1B model's step). Compiled, the forward and backward run as generated code that
         # fuses the elementwise work; lowbit's kernels are torch.library ops that the graph calls. In place, so the

@@ -85,6 +85,7 @@ def translate(
     side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation continues at the right edge
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model.eval()
+    ends = list(_line_end_ids(tokenizer))
     out: list[str] = []
     try:
         bar = tqdm(total=len(sources), desc="translating", unit="seg", disable=not progress)
@@ -98,7 +99,6 @@ def translate(
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=True)
             device = next(model.parameters()).device
             ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-            ends = list(_line_end_ids(tokenizer))
             if static_cache and beams == 1:
                 ids, mask = (torch.cat([t, t[-1:].expand(fill, -1)]) for t in (ids, mask))
                 gen = greedy(model, ids, mask, max_new_tokens=max_new_tokens, eos_token_id=ends,
