@@ -91,8 +91,8 @@ def test_greedy_decodes_uncompiled_where_compiling_would_not_pay(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A step that cannot be compiled (here a backend that fails) runs eagerly, with a note, and gives the same
-    tokens; so does a model with sliding-window layers (Gemma-2), whose cache would make CUDA graphs re-record at
-    every token; an inference-mode call followed by a normal one builds a new cache rather than failing."""
+    tokens; so does a model with chunked attention, whose cache would make CUDA graphs re-record at every token; an
+    inference-mode call followed by a normal one builds a new cache rather than failing."""
     from torch._dynamo.exc import TorchDynamoException
 
     def broken(gm, example_inputs):
@@ -106,11 +106,47 @@ def test_greedy_decodes_uncompiled_where_compiling_would_not_pay(
     assert torch.equal(decode.greedy(model, ids, max_new_tokens=6, eos_token_id=[], compile=True), ref)
     assert "could not be compiled" in capsys.readouterr().err and decode._decoders[model].step is decode._step
     assert issubclass(torch._dynamo.exc.BackendCompilerFailed, TorchDynamoException)
-    gemma = tiny_model("gemma2").eval()
+    chunked = tiny_model("llama").eval()
+    chunked.config.attention_chunk_size = 4  # no Llama block reads it: the decoder's choice is all it changes
     with torch.inference_mode():
-        eager = decode.greedy(gemma, ids, max_new_tokens=6, eos_token_id=[], compile=False)
-    assert torch.equal(decode.greedy(gemma, ids, max_new_tokens=6, eos_token_id=[], compile=True), eager)
-    assert "sliding-window" in capsys.readouterr().err and decode._decoders[gemma].step is decode._step
+        eager = decode.greedy(chunked, ids, max_new_tokens=6, eos_token_id=[], compile=False)
+    assert torch.equal(decode.greedy(chunked, ids, max_new_tokens=6, eos_token_id=[], compile=True), eager)
+    assert "chunked attention" in capsys.readouterr().err and decode._decoders[chunked].step is decode._step
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma2", "gemma3_text"])
+def test_greedy_compiles_sliding_window_models_into_one_graph(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sliding-window attention (all layers: Mistral; alternating: Gemma-2/3) with a window of 8 tokens, far shorter
+    than the 9-token prompts plus 30 new tokens: compiled (traced whole with an eager backend, as on a GPU), the
+    loop returns the tokens of ``generate``'s static cache, whose sliding layers roll, in one graph with no break
+    and no recompile over the steps, and keeps full-length layers in their place."""
+    from torch._dynamo.utils import counters
+    from transformers import AutoModelForCausalLM
+    from transformers.cache_utils import StaticLayer
+
+    from conftest import tiny_config
+
+    monkeypatch.setattr(decode, "COMPILE", {"backend": "aot_eager", "fullgraph": True, "dynamic": False})
+
+    def model_with(window: int):
+        config = tiny_config(arch)
+        config.sliding_window = window
+        torch.manual_seed(0)  # the same weights whatever the window
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+    model = model_with(8)
+    ids, mask = _batch(model.config.vocab_size, seed=3)
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        ref = _generate(model, ids, mask, 30, [], 0)
+        assert torch.equal(decode.greedy(model, ids, mask, 30, eos_token_id=[], pad_token_id=0, compile=True), ref)
+        assert all(type(layer) is StaticLayer for layer in decode._decoders[model].cache.layers)
+        # the window matters here: with one longer than the text the tokens differ
+        assert not torch.equal(_generate(model_with(64), ids, mask, 30, [], 0), ref)
+    assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 1
+    decode.release(model)
     torch._dynamo.reset()
 
 

@@ -468,7 +468,13 @@ def test_prepare_decoding_fuses_the_layers_that_read_one_tensor(arch: str) -> No
     assert sorted(sorted(g.values()) for g in groups.values()) == expected
     assert all(g[0] in ("q_proj", "gate_proj") for g in groups.values())  # in call order
     assert (calls_unfused, calls_fused) == (2 * 7, 2 * 4)
+    q = model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():  # an interrupted step: q_proj's siblings never take their outputs
+        q(torch.randn(1, 1, q.in_features))
+    interrupted = q.__dict__[torch_int4.CACHE].group
+    assert interrupted.kept is not None
     assert kernels.prepare_decoding(model) == (0, 0)  # made once
+    assert interrupted.kept is None  # the next decoding starts with nothing kept
 
 
 def _own(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:

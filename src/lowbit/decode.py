@@ -15,8 +15,14 @@ dynamic cache a near tie can flip: attention over the static cache's longer, mas
 A :class:`Decoder` (its cache, static inputs and compiled step) is kept per model and reused while its batch size,
 precision and device are the call's and its cache is long enough, so repeated ``generate`` calls compile once and
 ``translate`` (which fills its last batch up to the others' size) compiles once. The prompt runs uncompiled: its
-length varies from call to call, and it runs once. Models with sliding-window attention decode uncompiled, with a
-note: transformers' sliding cache layers count tokens in a Python int, which would re-record the graph every token.
+length varies from call to call, and it runs once.
+
+Sliding-window attention (Mistral, Gemma-2/3) is decoded with full-length cache layers (:func:`_unslide`):
+transformers' sliding cache layers count their tokens in a Python int, which a compiled step reads as a constant, so
+CUDA graphs would be recorded again at every token. A full layer counts in a tensor, and the model still builds its
+sliding-window mask from its config, which keeps every query to its window; the price is memory, those layers
+holding the whole length rather than the window. Chunked attention (Llama-4), whose mask counts from the chunk's
+start in the cache, decodes uncompiled, with a note.
 """
 
 from __future__ import annotations
@@ -26,9 +32,13 @@ import sys
 import types
 import weakref
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, StaticCache
 
 # Tokens between two checks of whether every row has ended (a device-to-host sync each); at most this many steps
 # run past the end, and their tokens are cut.
@@ -123,13 +133,11 @@ class Decoder:
         self.cache_name = "cache" if "cache" in names else "past_key_values"
         self.slots = "cache_position" in names
         self.step = _step
-        sliding = any(getattr(layer, "is_sliding", False) for layer in self.cache.layers)
-        if compile and sliding:
-            # transformers' sliding-window cache layers count tokens in a Python int, which a compiled step takes as
-            # an input: CUDA graphs would be recorded again at every token
-            _note("the model has sliding-window attention layers, whose cache the compiled step would re-record at "
-                  "every token: decoding without CUDA graphs")  # fmt: skip
-        elif compile:
+        compiled = compile and _unslide(self.cache, model.config, length)
+        if compile and not compiled:
+            _note("the model has chunked attention layers, whose cache the compiled step would re-record at every "
+                  "token: decoding without CUDA graphs")  # fmt: skip
+        elif compiled:
             for t in (self.token, self.position, self.slot, self.mask):
                 torch._dynamo.mark_static_address(t)
             own = types.FunctionType(_step.__code__.replace(), _step.__globals__, _step.__name__)
@@ -195,6 +203,25 @@ class Decoder:
             if bool(hit.any(1).all()):
                 done = int(hit.int().argmax(1).max()) + 1
         return out[:, : prompt + done]
+
+
+def _unslide(cache: StaticCache, config: PretrainedConfig, length: int) -> bool:
+    """Give ``cache`` a full static layer of ``length`` tokens in place of each sliding-window layer (see the module
+    docstring); False, with the cache left as it was, where a layer is chunked rather than sliding, whose mask a
+    full layer would not give. A full layer's slots are the tokens' positions, so the sliding mask, which the model
+    makes from its config's window and the cache's slots, hides what falls out of each window: the keys a query
+    attends to are the sliding layer's."""
+    from transformers.cache_utils import StaticLayer
+
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    if getattr(text, "attention_chunk_size", None) is not None or "chunked_attention" in (
+        getattr(text, "layer_types", None) or ()
+    ):
+        return not any(getattr(layer, "is_sliding", False) for layer in cache.layers)
+    cache.layers = [
+        StaticLayer(max_cache_len=length) if getattr(layer, "is_sliding", False) else layer for layer in cache.layers
+    ]
+    return True
 
 
 def _compile_errors() -> tuple[type[Exception], ...]:

@@ -233,10 +233,15 @@ def layer_buffers(layer: QuantLinear) -> tuple[torch.Tensor | None, ...]:
     return layer.qweight, layer.scales, layer.qzeros if layer.spec.has_zeros else None
 
 
+def version_of(tensor: torch.Tensor | None) -> int | None:
+    """The tensor's in-place-change counter (None for a missing tensor and for an inference-mode tensor, which has
+    none): with its identity, what tells a kernel's copy or kept output that its source changed."""
+    return None if tensor is None or tensor.is_inference() else tensor._version
+
+
 def versions(tensors: tuple[torch.Tensor | None, ...]) -> tuple[int | None, ...]:
-    """The tensors' in-place-change counters (None for a missing tensor and for inference-mode tensors, which have
-    none): with their identity, what tells a kernel's copy that its source changed."""
-    return tuple(None if t is None or t.is_inference() else t._version for t in tensors)
+    """The tensors' :func:`version_of` counters."""
+    return tuple(map(version_of, tensors))
 
 
 def made_from(layer: QuantLinear, buffers: tuple, made: tuple | None, check_versions: bool = True) -> bool:
@@ -272,5 +277,6 @@ __all__ = [
     "pinned",
     "prepare_decoding",
     "select",
+    "version_of",
     "versions",
 ]

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from lowbit.kernels import input_weight, layer_buffers, made_from, versions
+from lowbit.kernels import input_weight, layer_buffers, made_from, version_of, versions
 
 if TYPE_CHECKING:
     from lowbit.layers import QuantLinear
@@ -169,7 +169,7 @@ class Siblings:
             if not compiling:
                 self.release()
             return None
-        version = None if compiling else versions((x,))[0]
+        version = None if compiling else version_of(x)
         kept = self.kept
         if kept is None or kept[0] is not x or kept[1] != version or kept[2][index] is None:
             if kept is not None and kept[0] is not x and any(o is not None for o in kept[2]) and not compiling:

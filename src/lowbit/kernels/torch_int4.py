@@ -212,7 +212,12 @@ def prepare(model: torch.nn.Module, rows: int = 1, fuse: bool = True) -> tuple[i
     for group in shared_input_groups(probed) if fuse and rows <= MAX_M and dtype in KERNEL.dtypes else ():
         # a PaFi/HiWi adapter on the weight computes its layer without this kernel: it would never take its share
         group = [m for m in group if m.adapter is None or m.adapter.target != "weight"]
-        if len(group) > 1 and not _fused(group) and _fusable(group, rows, dtype):
+        if len(group) < 2:
+            continue
+        joined = _joined(group)
+        if joined is not None:  # from an earlier call: it starts the decoding with no outputs kept (an interrupted
+            joined.kept = None  # step may have left some)
+        elif _fusable(group, rows, dtype):
             _fuse(group)
             made += len(group)
     for m in layers if not fuse else ():
@@ -231,19 +236,18 @@ def prepare(model: torch.nn.Module, rows: int = 1, fuse: bool = True) -> tuple[i
     return made, refused
 
 
-def _fused(group: list[QuantLinear]) -> bool:
-    """Whether the layers are already one group, by themselves, made from their current buffers (by an earlier
-    call); such a group starts the decoding with no outputs kept (an interrupted step may have left some)."""
+def _joined(group: list[QuantLinear]) -> Siblings | None:
+    """The copy the layers already share, by themselves, made from their current buffers (by an earlier call), or
+    None."""
     members = [getattr(m, CACHE, None) for m in group]
     if not all(isinstance(c, Member) for c in members):
-        return False
+        return None
     first = members[0].group
     if len(first.layers) != len(group) or not all(
         c.group is first and first.current(m, c.index) for m, c in zip(group, members, strict=True)
     ):
-        return False
-    first.kept = None
-    return True
+        return None
+    return first
 
 
 def _fusable(group: list[QuantLinear], rows: int, dtype: torch.dtype) -> bool:
