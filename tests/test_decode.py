@@ -115,12 +115,13 @@ def test_greedy_decodes_uncompiled_where_compiling_would_not_pay(
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("arch", ["mistral", "gemma2", "gemma3_text"])
-def test_greedy_compiles_sliding_window_models_into_one_graph(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Sliding-window attention (all layers: Mistral; alternating: Gemma-2/3) with a window of 8 tokens, far shorter
-    than the 9-token prompts plus 30 new tokens: compiled (traced whole with an eager backend, as on a GPU), the
-    loop returns the tokens of ``generate``'s static cache, whose sliding layers roll, in one graph with no break
-    and no recompile over the steps, and keeps full-length layers in their place."""
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_compiles_every_architecture_into_one_graph(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every architecture, quantized to W4 with q/k/v and gate/up fused as ``generate`` decodes it, compiled (traced
+    whole with an eager backend, as on a GPU), returns the tokens of ``generate``'s static cache in one graph with
+    no break and no recompile over the steps. Sliding-window attention (every layer: Mistral; alternate layers:
+    Gemma-2/3) runs with a window of 8 tokens, far shorter than the 9-token prompts plus 30 new tokens, against
+    ``generate``'s rolling sliding layers, with full-length layers in their place."""
     from torch._dynamo.utils import counters
     from transformers import AutoModelForCausalLM
     from transformers.cache_utils import StaticLayer
@@ -128,12 +129,17 @@ def test_greedy_compiles_sliding_window_models_into_one_graph(arch: str, monkeyp
     from conftest import tiny_config
 
     monkeypatch.setattr(decode, "COMPILE", {"backend": "aot_eager", "fullgraph": True, "dynamic": False})
+    sliding = arch in ("mistral", "gemma2", "gemma3_text")
 
     def model_with(window: int):
         config = tiny_config(arch)
-        config.sliding_window = window
+        if sliding:
+            config.sliding_window = window
         torch.manual_seed(0)  # the same weights whatever the window
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+        lowbit.quantize(model, lowbit.QuantConfig(bits=4, group_size=64), progress=False)
+        kernels.prepare_decoding(model, rows=3)
+        return model
 
     model = model_with(8)
     ids, mask = _batch(model.config.vocab_size, seed=3)
@@ -143,8 +149,8 @@ def test_greedy_compiles_sliding_window_models_into_one_graph(arch: str, monkeyp
         ref = _generate(model, ids, mask, 30, [], 0)
         assert torch.equal(decode.greedy(model, ids, mask, 30, eos_token_id=[], pad_token_id=0, compile=True), ref)
         assert all(type(layer) is StaticLayer for layer in decode._decoders[model].cache.layers)
-        # the window matters here: with one longer than the text the tokens differ
-        assert not torch.equal(_generate(model_with(64), ids, mask, 30, [], 0), ref)
+        if sliding:  # the window matters here: with one longer than the text the tokens differ
+            assert not torch.equal(_generate(model_with(64), ids, mask, 30, [], 0), ref)
     assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 1
     decode.release(model)
     torch._dynamo.reset()
