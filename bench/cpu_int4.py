@@ -15,7 +15,9 @@ model (SmolLM2-135M-Instruct) quantized W4/W3/W2 g64 (RTN, QLoRA start), on the 
 ``torch-int4`` (``--kernel torch-int4``), there with each layer on its own repacked copy and with the layers that
 read one tensor fused (``torch-int4-fused``: q/k/v and gate/up as two products, as ``lowbit generate`` decodes),
 and fused in lowbit's own decoding loop (``torch-int4-fused-loop``: ``lowbit.decode.greedy``, as ``generate
---static-cache`` decodes; the three alternated three times, medians): tokens/s and whether the runs chose the same
+--static-cache`` decodes), and fused on a copy of the model without its LoRA (``torch-int4-fused-nolora``:
+``lora_share`` is the share of a token's time the LoRA takes; the four alternated three times, medians): tokens/s and
+whether the runs chose the same
 tokens (the loop's also against ``generate`` with a static cache: attention over the static cache's longer, masked
 key range rounds differently from the dynamic cache's, which can flip a near tie);
 ``stepwise-w4/w3/w2``: the default model at W4/W3 g64 (RTN; W2: P1's apiq-bw-gptq2-w2 start, since RTN W2 is a
@@ -100,6 +102,21 @@ def rtn_model(bits: int):
     return model, tokenizer
 
 
+def without_lora(model):
+    """A copy of ``model`` whose quantized layers have no LoRA (what a LoRA costs a step is the difference)."""
+    import copy
+
+    from torch import nn
+
+    from lowbit.layers import quant_layers
+
+    bare = copy.deepcopy(model)
+    for layer in quant_layers(bare).values():
+        layer.lora_A = layer.lora_B = None
+        layer.rank, layer.scaling, layer.lora_dropout = 0, 0.0, nn.Identity()
+    return bare
+
+
 def decode_row(bits: int, new_tokens: int = 32, rounds: int = 3) -> dict:
     """Greedy decoding of the default model at W{bits}g64 on the reference kernel and on torch-int4, the latter with
     each layer on its own copy (``torch-int4``), with sibling layers fused (``torch-int4-fused``: what ``lowbit
@@ -112,30 +129,35 @@ def decode_row(bits: int, new_tokens: int = 32, rounds: int = 3) -> dict:
     from lowbit.decode import greedy
 
     model, tokenizer = rtn_model(bits)
+    bare = without_lora(model)
     ids = tokenizer("The history of the English language begins with", return_tensors="pt").input_ids[:, :16]
     row: dict = {"row": f"decode-w{bits}", "prompt_tokens": ids.shape[1], "new_tokens": new_tokens, "rounds": rounds}
     kwargs = dict(do_sample=False, pad_token_id=tokenizer.eos_token_id)
 
     def generate(name: str) -> tuple[float, torch.Tensor]:
+        model_ = bare if name.endswith("-nolora") else model
+        name = name.removesuffix("-nolora")
+
         def run(tokens: int) -> torch.Tensor:
             # every run decodes ``tokens``: the loop with no end token, generate with min_new_tokens (which masks
             # EOS instead: their tokens could differ where EOS is the argmax, which the same_tokens fields show)
             if name.endswith("-loop"):
-                return greedy(model, ids, max_new_tokens=tokens, eos_token_id=[], pad_token_id=tokenizer.eos_token_id)
-            return model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, **kwargs)
+                return greedy(model_, ids, max_new_tokens=tokens, eos_token_id=[], pad_token_id=tokenizer.eos_token_id)
+            return model_.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, **kwargs)
 
         with torch.no_grad(), kernels.pinned(name.removesuffix("-loop").removesuffix("-fused")):
             if "-fused" in name:
-                made = kernels.prepare_decoding(model)[0]  # 0 when the previous run left them made
+                made = kernels.prepare_decoding(model_)[0]  # 0 when the previous run left them made
                 row["fused_layers"] = made or row.get("fused_layers", 0)
             else:
-                kernels.drop_caches(model)  # no fused copies: each layer makes its own
+                kernels.drop_caches(model_)  # no fused copies: each layer makes its own
             run(2)  # warm-up (and the repacking)
             start = time.perf_counter()
             out = run(new_tokens)
             return new_tokens / (time.perf_counter() - start), out
 
-    speeds: dict[str, list[float]] = {"torch-int4": [], "torch-int4-fused": [], "torch-int4-fused-loop": []}
+    speeds: dict[str, list[float]] = {name: [] for name in ("torch-int4", "torch-int4-fused", "torch-int4-fused-loop",
+                                                            "torch-int4-fused-nolora")}  # fmt: skip
     outputs = {}
     speed, outputs["reference"] = generate("reference")
     row["reference_tokens_per_s"] = round(speed, 2)
@@ -149,6 +171,8 @@ def decode_row(bits: int, new_tokens: int = 32, rounds: int = 3) -> dict:
     row["speedup"] = round(row["torch-int4_tokens_per_s"] / row["reference_tokens_per_s"], 2)
     row["fused_speedup"] = round(row["torch-int4-fused_tokens_per_s"] / row["torch-int4_tokens_per_s"], 3)
     row["loop_speedup"] = round(row["torch-int4-fused-loop_tokens_per_s"] / row["torch-int4-fused_tokens_per_s"], 3)
+    # the share of a token's time the LoRA takes: 1 - (time without it) / (time with it)
+    row["lora_share"] = round(1 - row["torch-int4-fused_tokens_per_s"] / row["torch-int4-fused-nolora_tokens_per_s"], 3)
     row["same_tokens"] = bool(torch.equal(outputs["reference"], outputs["torch-int4"]))
     row["same_tokens_fused"] = bool(torch.equal(outputs["torch-int4"], outputs["torch-int4-fused"]))
     row["same_tokens_loop"] = bool(torch.equal(outputs["torch-int4-fused"], outputs["torch-int4-fused-loop"]))

@@ -523,13 +523,12 @@ def test_fused_layers_follow_new_weights_and_inputs_changed_in_place() -> None:
 
 @needs_int4
 def test_fused_decoding_compiles_into_one_graph() -> None:
-    """Compiled whole (as ``generate --static-cache`` compiles the step), the fused model traces without a graph break,
-    gives the eager logits, calls the op once per group, and leaves no activation kept after a step (under CUDA
-    graphs a kept output would be overwritten by the next replay)."""
+    """Compiled whole (as ``generate --static-cache`` compiles the step), the fused model with its LoRA traces without
+    a graph break, gives the eager logits, calls the op once per group, and leaves no activation kept after a step
+    (under CUDA graphs a kept output would be overwritten by the next replay)."""
     from torch._dynamo.utils import counters
 
-    model = tiny_model("qwen2")
-    lowbit.quantize(model, lowbit.QuantConfig(bits=3, group_size=32), progress=False)
+    model = _with_trained_lora(tiny_model("qwen2"), bits=3, group_size=32)
     ids = torch.tensor([[5]])
     torch._dynamo.reset()
     counters.clear()
@@ -542,6 +541,87 @@ def test_fused_decoding_compiles_into_one_graph() -> None:
     assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 1  # three steps, no recompile
     assert all(g.kept is None for g, _ in _members(model).values())
     torch._dynamo.reset()
+
+
+def _with_trained_lora(model: nn.Module, bits: int = 4, group_size: int = 64) -> nn.Module:
+    """``model`` quantized with a r8 LoRA on every linear whose ``B`` is not zero (as after fine-tuning)."""
+    lowbit.quantize(model, lowbit.QuantConfig(bits=bits, group_size=group_size, init="qlora", rank=8), progress=False)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in quant_layers(model).values():
+            layer.lora_B.copy_(0.2 * torch.randn(layer.lora_B.shape, generator=gen))
+    return model
+
+
+def _addmm_calls(fn) -> int:
+    from torch.profiler import profile
+
+    with profile() as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key == "aten::addmm")
+
+
+@needs_int4
+def test_decoding_adds_the_lora_from_kept_copies_one_product_pair_per_group() -> None:
+    """At one row torch-int4 adds each layer's LoRA itself: every layer's output is its int4 product plus
+    ``s B A x``, alone and fused with its siblings, where the LoRA of a group is one ``addmm`` (4 a block instead
+    of 7). The copies follow the factors: an optimizer step shows at the next eager call, and ``prepare_decoding``
+    brings them up to date in place (the addresses a compiled step reads). A layer in training mode with an active
+    LoRA dropout is left to a kernel that applies it; a copied model gets no copies."""
+    model = _with_trained_lora(tiny_model("llama"))
+    layers = quant_layers(model)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.tensor([[7]])
+
+    def expected(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+        lora = layer.scaling * F.linear(F.linear(x, layer.lora_A), layer.lora_B)
+        return _own(layer, x) + lora
+
+    with torch.no_grad():
+        for layer in layers.values():  # alone
+            x = torch.randn(1, 1, layer.in_features, generator=gen)
+            torch.testing.assert_close(layer(x), expected(layer, x), rtol=1e-5, atol=1e-5)
+        x = torch.randn(1, 1, 64, generator=gen)
+        unfused = _addmm_calls(lambda: model(ids))
+        logits = model(ids).logits
+        kernels.prepare_decoding(model)
+        attn = model.model.layers[0].self_attn
+        for name in ("q_proj", "k_proj", "v_proj"):  # fused
+            layer = getattr(attn, name)
+            torch.testing.assert_close(layer(x), expected(layer, x), rtol=1e-5, atol=1e-5)
+        assert (unfused, _addmm_calls(lambda: model(ids))) == (2 * 7, 2 * 4)
+        torch.testing.assert_close(model(ids).logits, logits, rtol=1e-5, atol=1e-5)
+        copy_of_q = attn.q_proj.__dict__[torch_int4.CACHE].group.weights[-1]
+        sb = copy_of_q.sb
+    # an optimizer step on the LoRA (in place): the next eager call decodes with the new factors
+    model.train()
+    opt = torch.optim.SGD([p for n, p in model.named_parameters() if "lora_" in n], lr=0.5)
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    model.eval()
+    with torch.no_grad():
+        for name in ("q_proj", "o_proj"):
+            layer = getattr(attn, name)
+            torch.testing.assert_close(layer(x), expected(layer, x), rtol=1e-5, atol=1e-5)
+        attn.k_proj.lora_B.mul_(2)
+        kernels.prepare_decoding(model)  # up to date in place
+        assert copy_of_q.sb is sb and copy_of_q.current(
+            [attn.q_proj, attn.k_proj, attn.v_proj], check_versions=True
+        )  # fmt: skip
+        torch.testing.assert_close(attn.k_proj(x), expected(attn.k_proj, x), rtol=1e-5, atol=1e-5)
+    dropping = QuantLinear.from_linear(nn.Linear(64, 32), QuantSpec(bits=4, group_size=64))
+    dropping.add_lora(4, 8.0, dropout=0.1)
+    one = torch.randn(1, 64)
+    assert kernels.select(dropping.train(), one, training=False).name != "torch-int4"
+    assert kernels.select(dropping.eval(), one, training=False).name == "torch-int4"
+    clone = copy.deepcopy(model)
+    states = [(m.__dict__.get(torch_int4.LORA_CACHE), m.__dict__.get(torch_int4.CACHE))
+              for m in quant_layers(clone).values()]  # fmt: skip
+    assert not any(lora or isinstance(cached, siblings.Member) for lora, cached in states)
+    q = clone.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        q.lora_B.zero_()  # the clone decodes with its own factors, not the original's
+        torch.testing.assert_close(q(x), _own(q, x), rtol=1e-5, atol=1e-5)
 
 
 class _SharedBlock(nn.Module):

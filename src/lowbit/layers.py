@@ -165,10 +165,11 @@ class QuantLinear(nn.Module):
         # W2-W4 (CPU and CUDA), fused Triton kernels on CUDA otherwise where they support the format and shape, else
         # the reference. Grad mode counts as training even where x needs no gradient (a first block's input): its
         # forward keeps the training numerics, not decoding's.
-        y = kernels.select(self, x, torch.is_grad_enabled()).matmul(self, x)
+        kernel = kernels.select(self, x, torch.is_grad_enabled())
+        y = kernel.matmul(self, x)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
-        if self.lora_A is not None:
+        if self.lora_A is not None and not kernel.adds_lora:  # a decoding kernel may add it from its own copy
             h = F.linear(self.lora_dropout(x), self.lora_A.to(x.dtype))
             if y.is_cuda:
                 # One cuBLAS call adds scaling * h @ B^T into y: no output-sized temporaries for the product, the

@@ -10,7 +10,8 @@ The kernels, in the order they are preferred (the Triton ones are imported only 
 CPU-only installs never import Triton):
 
 - ``torch-int4`` (CPU and CUDA, int W2-W4, M <= 16, forward): PyTorch's own int4 matmul (tinygemm on CUDA), the
-  decoding kernel on both devices. On an H100 (``bench/gpu.py`` graph rows, commit cd0db78) a Llama-2-7B layer at
+  decoding kernel on both devices; it adds the layer's LoRA itself, from a copy of the factors kept ready for
+  decoding (:mod:`lowbit.kernels.lora`). On an H100 (``bench/gpu.py`` graph rows, commit cd0db78) a Llama-2-7B layer at
   one row takes 15.0 us on it against 49.7 us on ``triton-decode``, 34.9 us dense bf16 and 23.6 us bitsandbytes
   NF4 (52.9 against 74.2 us at 16 rows), and a 1.1B W4 model decodes at 237.8 tokens/s on it against 174.9 on
   ``triton-decode``. It reads W2/W3 codes as shifted 4-bit ones, so it keeps a repacked copy, half a byte a
@@ -65,6 +66,7 @@ class Kernel:
 
     name: str
     matmul: Callable[[QuantLinear, torch.Tensor], torch.Tensor]  # x [..., in] -> x @ dequant(Q)^T [..., out]
+    # (plus the LoRA where ``adds_lora``)
     formats: tuple[str, ...] | None = None
     bits: tuple[int, ...] | None = None
     group_multiple: int | None = None  # group sizes: multiples of this, or -1 (one group per row)
@@ -73,7 +75,8 @@ class Kernel:
     has_backward: bool = True
     max_m: int | None = None  # rows of x (all leading dimensions together)
     layer_check: Callable[[QuantLinear], bool] | None = None  # shape limits the fields above cannot say
-    cache: str | None = None  # the layer attribute where the kernel keeps state made from its buffers (drop_caches)
+    caches: tuple[str, ...] = ()  # the layer attributes where the kernel keeps state made from a layer (drop_caches)
+    adds_lora: bool = False  # ``matmul`` also adds the layer's LoRA, ``s B A x`` (the layer then does not)
 
     def supports(self, layer: QuantLinear, x: torch.Tensor, training: bool) -> bool:
         """Whether this kernel computes ``layer(x)`` (``training``: in grad mode, where autograd may differentiate
@@ -204,10 +207,10 @@ def prepare_decoding(model: torch.nn.Module, rows: int = 1, fuse: bool = True) -
 
 
 def drop_caches(module: torch.nn.Module) -> None:
-    """Forget what kernels keep beside the quantized layers' buffers in ``module`` (torch-int4's repacked codes),
-    freeing that memory; the next call that needs it makes it again. ``QuantLinear`` calls this itself when its
-    buffers are replaced, loaded or moved; call it after writing them through ``.data``."""
-    names = [k.cache for k in (*_torch_kernels().values(), *(_gpu_table or {}).values()) if k.cache]
+    """Forget what kernels keep beside the quantized layers' buffers in ``module`` (torch-int4's repacked codes and
+    LoRA copies), freeing that memory; the next call that needs it makes it again. ``QuantLinear`` calls this itself
+    when its buffers are replaced, loaded or moved; call it after writing them through ``.data``."""
+    names = [name for k in (*_torch_kernels().values(), *(_gpu_table or {}).values()) for name in k.caches]
     for layer in module.modules():
         for name in names:
             cached = layer.__dict__.pop(name, None)
@@ -226,6 +229,26 @@ def input_weight(model: torch.nn.Module) -> torch.Tensor | None:
     if weight is None:
         weight = next((p for p in model.parameters() if p.is_floating_point()), None)
     return weight
+
+
+def _absent() -> None:
+    """What a pickled :class:`LayerState` loads as: nothing (the kernel makes its state again when it needs it)."""
+    return None
+
+
+class LayerState:
+    """Base of what a kernel keeps on a layer beside its buffers (a copy made from them, a place in a group).
+
+    Copies and pickles of a model carry none of it: the state points at the original layers, weakly, and the kernel
+    makes it again for the copy."""
+
+    __slots__ = ()
+
+    def __deepcopy__(self, memo: dict) -> None:
+        return None
+
+    def __reduce__(self) -> tuple:
+        return _absent, ()
 
 
 def layer_buffers(layer: QuantLinear) -> tuple[torch.Tensor | None, ...]:
@@ -268,6 +291,7 @@ __all__ = [
     "PREFERENCE",
     "REFERENCE",
     "Kernel",
+    "LayerState",
     "compute_dtype",
     "drop_caches",
     "input_weight",

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from lowbit.kernels import input_weight, layer_buffers, made_from, version_of, versions
+from lowbit.kernels import LayerState, input_weight, layer_buffers, made_from, version_of, versions
 
 if TYPE_CHECKING:
     from lowbit.layers import QuantLinear
@@ -103,13 +103,9 @@ def shared_input_groups(model: nn.Module) -> list[list[QuantLinear]]:
     return [members for members in found if len(members) > 1]
 
 
-def _unfused() -> None:
-    """What a pickled :class:`Member` loads as: no cache (the kernel makes the layer's own copy when it needs one)."""
-    return None
-
-
-class Member:
-    """What a fused layer keeps in its kernel cache: its group and its place among the group's outputs."""
+class Member(LayerState):
+    """What a fused layer keeps in its kernel cache: its group and its place among the group's outputs. A copied or
+    pickled model is unfused (its layers make their own copies, or prepare_decoding fuses it anew)."""
 
     __slots__ = ("group", "index")
 
@@ -120,14 +116,6 @@ class Member:
     def release(self) -> None:
         """Dissolve the group (:func:`lowbit.kernels.drop_caches` calls this when any member's cache goes)."""
         self.group.release()
-
-    def __deepcopy__(self, memo: dict) -> None:
-        # A copied model is unfused (its layers make their own copies, or prepare_decoding fuses it anew): a copied
-        # group would point at the original layers.
-        return None
-
-    def __reduce__(self) -> tuple:
-        return _unfused, ()
 
 
 class Siblings:

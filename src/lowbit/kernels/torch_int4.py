@@ -38,6 +38,7 @@ import torch
 
 from lowbit import kernels
 from lowbit.kernels import Kernel, compute_dtype, input_weight, layer_buffers, made_from, versions
+from lowbit.kernels.lora import LoraCopy, dropout_active
 from lowbit.kernels.siblings import Member, Siblings, shared_input_groups
 
 if TYPE_CHECKING:
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
 GROUPS = (32, 64, 128, 256)  # the group sizes the op accepts
 MAX_M = 16  # beyond this the reference is as fast on the CPU (bench/cpu_int4.py)
 CACHE = "_int4pack"  # the layer attribute holding the repacked codes (see packed; lowbit.kernels.drop_caches)
+LORA_CACHE = "_int4lora"  # the layer attribute holding its own LoRA copy (a fused group's is the group's)
 # What CACHE holds for a CUDA layer whose repacked copy did not fit (see has_room): it decodes on another kernel
 # until lowbit.kernels.drop_caches (or a move, a load, new weights) clears it.
 NO_ROOM = "no room"
@@ -113,15 +115,20 @@ def packed(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def matmul(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    """``x @ dequant(Q)^T`` through the int4 op (bf16 inside), returned in ``x``'s compute dtype: the layer's share of
-    its siblings' product where :func:`prepare` fused it with them (:mod:`lowbit.kernels.siblings`)."""
+    """``x @ dequant(Q)^T`` through the int4 op (bf16 inside) plus the layer's LoRA, returned in ``x``'s compute
+    dtype: the layer's share of its siblings' product where :func:`prepare` fused it with them
+    (:mod:`lowbit.kernels.siblings`)."""
     cached = getattr(layer, CACHE, None)
     if isinstance(cached, Member):
         y = cached.group.output(layer, cached.index, x)
         if y is not None:
             return y
     codes, scales_and_offsets = packed(layer)
-    return product(x, codes, scales_and_offsets, layer.spec.group_size).reshape(*x.shape[:-1], layer.out_features)
+    y = product(x, codes, scales_and_offsets, layer.spec.group_size)
+    lora = own_lora(layer, y.dtype)
+    if lora is not None:
+        y = lora.add(y, x.reshape(-1, x.shape[-1]))
+    return y.reshape(*x.shape[:-1], layer.out_features)
 
 
 def product(x: torch.Tensor, codes: torch.Tensor, scales_and_offsets: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -129,6 +136,22 @@ def product(x: torch.Tensor, codes: torch.Tensor, scales_and_offsets: torch.Tens
     x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
     mm = torch._weight_int4pack_mm if x.is_cuda else torch._weight_int4pack_mm_for_cpu
     return mm(x2, codes, group_size, scales_and_offsets).to(compute_dtype(x))
+
+
+def fused_product(
+    x: torch.Tensor, codes: torch.Tensor, scales_and_offsets: torch.Tensor, lora: LoraCopy, group_size: int
+) -> torch.Tensor:
+    """A sibling group's product (:func:`product`) with every member's LoRA added: ``[rows, sum of outputs]``."""
+    return lora.add(product(x, codes, scales_and_offsets, group_size), x.reshape(-1, x.shape[-1]))
+
+
+def own_lora(layer: QuantLinear, dtype: torch.dtype) -> LoraCopy | None:
+    """The layer's LoRA copy for decoding alone (made on first use), or None for a layer that has no LoRA and never
+    had one here."""
+    copy = layer.__dict__.get(LORA_CACHE)
+    if copy is None and layer.lora_A is not None:
+        copy = layer.__dict__[LORA_CACHE] = LoraCopy([layer], dtype)
+    return copy
 
 
 def _fits(layer: QuantLinear) -> bool:
@@ -139,7 +162,10 @@ def _fits(layer: QuantLinear) -> bool:
     device = layer.qweight.device
     if device.type == "cuda" and torch.cuda.get_device_properties(device).major < 8:
         return False
-    return layer.spec.group_size in GROUPS and layer.out_features % 16 == 0 and has_room(layer)
+    return (
+        layer.spec.group_size in GROUPS and layer.out_features % 16 == 0 and not dropout_active(layer)
+        and has_room(layer)
+    )  # fmt: skip
 
 
 def repacked_bytes(layer: QuantLinear) -> int:
@@ -218,21 +244,28 @@ def prepare(model: torch.nn.Module, rows: int = 1, fuse: bool = True) -> tuple[i
         if joined is not None:  # from an earlier call: it starts the decoding with no outputs kept (an interrupted
             joined.kept = None  # step may have left some)
         elif _fusable(group, rows, dtype):
-            _fuse(group)
+            _fuse(group, compute_dtype(torch.empty(0, dtype=dtype, device=group[0].qweight.device)))
             made += len(group)
     for m in layers if not fuse else ():
         if isinstance(getattr(m, CACHE, None), Member):
             kernels.drop_caches(m)
+    # LoRA copies (lowbit.kernels.lora) are made for every layer this kernel will decode, and brought up to date in
+    # place, before any step: a compiled step can tell neither a missing nor a changed one
     for layer in layers:
         cached = getattr(layer, CACHE, None)
-        if isinstance(cached, Member) or memory_left(layer.qweight.device) is None:
+        if isinstance(cached, Member):
+            cached.group.weights[-1].refresh()  # the group's LoRA copy (see _fuse)
             continue
         probe = torch.empty(rows, layer.in_features, device=layer.qweight.device, dtype=dtype)
-        if KERNEL.supports(layer, probe, training=False):
+        if not KERNEL.supports(layer, probe, training=False):
+            refused += getattr(layer, CACHE, None) is NO_ROOM
+            continue
+        lora = own_lora(layer, compute_dtype(probe))
+        if lora is not None:
+            lora.refresh()
+        if memory_left(layer.qweight.device) is not None:
             made += not isinstance(cached, tuple)
             packed(layer)
-        elif getattr(layer, CACHE, None) is NO_ROOM:
-            refused += 1
     return made, refused
 
 
@@ -268,16 +301,17 @@ def _fusable(group: list[QuantLinear], rows: int, dtype: torch.dtype) -> bool:
     return sum(map(repacked_bytes, group)) - freed + HEADROOM * left[1] <= left[0]
 
 
-def _fuse(group: list[QuantLinear]) -> None:
-    """One copy of the members' codes, concatenated along the outputs, that each member reads its share of."""
+def _fuse(group: list[QuantLinear], lora_dtype: torch.dtype) -> None:
+    """One copy of the members' codes, concatenated along the outputs, and one of their LoRA factors in
+    ``lora_dtype`` (:mod:`lowbit.kernels.lora`), that each member reads its share of the product of."""
     for m in group:  # their own copies (or an older group) go first: memory
         kernels.drop_caches(m)
     codes, scales = zip(*(tinygemm_form(m) for m in group), strict=True)
     scales_and_offsets = torch.cat(scales, dim=1).to(torch.bfloat16)
     joined = torch.cat(codes)
     del codes, scales  # the members' own byte codes go before the joined ones are repacked: a lower peak
-    weights = (int4pack(joined), scales_and_offsets)
-    Siblings(group, weights, functools.partial(product, group_size=group[0].spec.group_size), CACHE).attach()
+    weights = (int4pack(joined), scales_and_offsets, LoraCopy(group, lora_dtype))  # the LoRA copy last (prepare)
+    Siblings(group, weights, functools.partial(fused_product, group_size=group[0].spec.group_size), CACHE).attach()
 
 
 def activation_dtype(model: torch.nn.Module) -> torch.dtype:
@@ -300,5 +334,6 @@ KERNEL = Kernel(
     has_backward=False,
     max_m=MAX_M,
     layer_check=_fits,
-    cache=CACHE,
+    caches=(CACHE, LORA_CACHE),
+    adds_lora=True,
 )
