@@ -15,9 +15,11 @@ model (SmolLM2-135M-Instruct) quantized W4/W3/W2 g64 (RTN, QLoRA start), on the 
 ``torch-int4`` (``--kernel torch-int4``), there with each layer on its own repacked copy and with the layers that
 read one tensor fused (``torch-int4-fused``: q/k/v and gate/up as two products, as ``lowbit generate`` decodes),
 and fused in lowbit's own decoding loop (``torch-int4-fused-loop``: ``lowbit.decode.greedy``, as ``generate
---static-cache`` decodes), and fused on a copy of the model without its LoRA (``torch-int4-fused-nolora``:
-``lora_share`` is the share of a token's time the LoRA takes; the four alternated three times, medians): tokens/s and
-whether the runs chose the same
+--static-cache`` decodes), fused on a copy of the model without its LoRA (``torch-int4-fused-nolora``:
+``lora_share`` is the share of a token's time the LoRA takes) and fused with the LoRA computed beside each layer as
+lowbit did up to commit 4bc5761 and PEFT does (``torch-int4-fused-beside``: ``lora_share_beside``, and
+``kept_lora_speedup``, what the kernel's kept LoRA copies gain against it); the five alternated ``rounds`` times,
+medians): tokens/s and whether the runs chose the same
 tokens (the loop's also against ``generate`` with a static cache: attention over the static cache's longer, masked
 key range rounds differently from the dynamic cache's, which can flip a near tie);
 ``stepwise-w4/w3/w2``: the default model at W4/W3 g64 (RTN; W2: P1's apiq-bw-gptq2-w2 start, since RTN W2 is a
@@ -102,22 +104,40 @@ def rtn_model(bits: int):
     return model, tokenizer
 
 
-def without_lora(model):
-    """A copy of ``model`` whose quantized layers have no LoRA (what a LoRA costs a step is the difference)."""
+def without_lora(model, beside: bool = False):
+    """A copy of ``model`` whose quantized layers have no LoRA (what a LoRA costs a step is the difference) or, with
+    ``beside``, have theirs computed beside them as ``QuantLinear`` computed it up to commit 4bc5761 (and PEFT's
+    LoRA layer does): each factor cast to the input's dtype, two products, a scaling and a sum -- the peer of the
+    decoding kernel's kept copies."""
     import copy
 
+    import torch.nn.functional as F
     from torch import nn
 
-    from lowbit.layers import quant_layers
+    from lowbit.layers import quant_layers, set_module
+
+    class Beside(nn.Module):
+        def __init__(self, base: nn.Module, a: nn.Parameter, b: nn.Parameter, scaling: float) -> None:
+            super().__init__()
+            self.base, self.lora_A, self.lora_B, self.scaling = base, a, b, scaling
+            self.lora_dropout = nn.Identity()
+
+        def forward(self, x):
+            y = self.base(x)
+            h = F.linear(self.lora_dropout(x), self.lora_A.to(x.dtype))
+            return y + self.scaling * F.linear(h, self.lora_B.to(x.dtype))
 
     bare = copy.deepcopy(model)
-    for layer in quant_layers(bare).values():
+    for name, layer in quant_layers(bare).items():
+        a, b, scaling = layer.lora_A, layer.lora_B, layer.scaling
         layer.lora_A = layer.lora_B = None
         layer.rank, layer.scaling, layer.lora_dropout = 0, 0.0, nn.Identity()
+        if beside:
+            set_module(bare, name, Beside(layer, a, b, scaling))
     return bare
 
 
-def decode_row(bits: int, new_tokens: int = 32, rounds: int = 3) -> dict:
+def decode_row(bits: int, new_tokens: int = 32, rounds: int = 5) -> dict:
     """Greedy decoding of the default model at W{bits}g64 on the reference kernel and on torch-int4, the latter with
     each layer on its own copy (``torch-int4``), with sibling layers fused (``torch-int4-fused``: what ``lowbit
     generate`` runs since ``kernels.prepare_decoding`` fuses them), and fused in lowbit's own loop
@@ -129,14 +149,15 @@ def decode_row(bits: int, new_tokens: int = 32, rounds: int = 3) -> dict:
     from lowbit.decode import greedy
 
     model, tokenizer = rtn_model(bits)
-    bare = without_lora(model)
+    variants = {"-nolora": without_lora(model), "-beside": without_lora(model, beside=True)}
     ids = tokenizer("The history of the English language begins with", return_tensors="pt").input_ids[:, :16]
     row: dict = {"row": f"decode-w{bits}", "prompt_tokens": ids.shape[1], "new_tokens": new_tokens, "rounds": rounds}
     kwargs = dict(do_sample=False, pad_token_id=tokenizer.eos_token_id)
 
     def generate(name: str) -> tuple[float, torch.Tensor]:
-        model_ = bare if name.endswith("-nolora") else model
-        name = name.removesuffix("-nolora")
+        suffix = next((v for v in variants if name.endswith(v)), "")
+        model_ = variants.get(suffix, model)
+        name = name.removesuffix(suffix)
 
         def run(tokens: int) -> torch.Tensor:
             # every run decodes ``tokens``: the loop with no end token, generate with min_new_tokens (which masks
@@ -156,8 +177,9 @@ def decode_row(bits: int, new_tokens: int = 32, rounds: int = 3) -> dict:
             out = run(new_tokens)
             return new_tokens / (time.perf_counter() - start), out
 
-    speeds: dict[str, list[float]] = {name: [] for name in ("torch-int4", "torch-int4-fused", "torch-int4-fused-loop",
-                                                            "torch-int4-fused-nolora")}  # fmt: skip
+    names = ("torch-int4", "torch-int4-fused", "torch-int4-fused-loop", "torch-int4-fused-nolora",
+             "torch-int4-fused-beside")  # fmt: skip
+    speeds: dict[str, list[float]] = {name: [] for name in names}
     outputs = {}
     speed, outputs["reference"] = generate("reference")
     row["reference_tokens_per_s"] = round(speed, 2)
@@ -173,9 +195,16 @@ def decode_row(bits: int, new_tokens: int = 32, rounds: int = 3) -> dict:
     row["loop_speedup"] = round(row["torch-int4-fused-loop_tokens_per_s"] / row["torch-int4-fused_tokens_per_s"], 3)
     # the share of a token's time the LoRA takes: 1 - (time without it) / (time with it)
     row["lora_share"] = round(1 - row["torch-int4-fused_tokens_per_s"] / row["torch-int4-fused-nolora_tokens_per_s"], 3)
+    row["lora_share_beside"] = round(
+        1 - row["torch-int4-fused-beside_tokens_per_s"] / row["torch-int4-fused-nolora_tokens_per_s"], 3
+    )
+    row["kept_lora_speedup"] = round(
+        row["torch-int4-fused_tokens_per_s"] / row["torch-int4-fused-beside_tokens_per_s"], 3
+    )
     row["same_tokens"] = bool(torch.equal(outputs["reference"], outputs["torch-int4"]))
     row["same_tokens_fused"] = bool(torch.equal(outputs["torch-int4"], outputs["torch-int4-fused"]))
     row["same_tokens_loop"] = bool(torch.equal(outputs["torch-int4-fused"], outputs["torch-int4-fused-loop"]))
+    row["same_tokens_beside"] = bool(torch.equal(outputs["torch-int4-fused"], outputs["torch-int4-fused-beside"]))
     with torch.no_grad(), kernels.pinned("torch-int4"):  # the loop's cache is static: against generate's static one
         static = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                 cache_implementation="static", **kwargs)  # fmt: skip
