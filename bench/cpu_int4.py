@@ -22,6 +22,9 @@ lowbit did up to commit 4bc5761 and PEFT does (``torch-int4-fused-beside``: ``lo
 medians): tokens/s and whether the runs chose the same
 tokens (the loop's also against ``generate`` with a static cache: attention over the static cache's longer, masked
 key range rounds differently from the dynamic cache's, which can flip a near tie);
+``lora-step-w4``: one decoding step (a one-token forward) of the default model at W4 with a drawn r16 LoRA, its LoRA
+from the kernel's kept copies, computed beside each layer, or absent, in 15 interleaved rounds (median ms: finer than
+whole generations);
 ``stepwise-w4/w3/w2``: the default model at W4/W3 g64 (RTN; W2: P1's apiq-bw-gptq2-w2 start, since RTN W2 is a
 broken model, made by ``bench/p1.py --keep`` when missing) reads 256 tokens of PTB test text and 256 of the P3
 Bible eval text one token at a time, as decoding does (KV cache, one row per call), on each kernel: perplexity of
@@ -34,7 +37,7 @@ split, as ``lowbit eval --mt`` does) by the default model at W4g64 on each kerne
 translations are identical.
 
     python bench/cpu_int4.py                       # all rows; stores bench/results/cpu_int4.json
-    python bench/cpu_int4.py --rows decode,stepwise,mt   # the end-to-end rows only (stepwise-w2: that row alone)
+    python bench/cpu_int4.py --rows decode,lora,stepwise,mt   # the end-to-end rows (stepwise-w2: that row alone)
 """
 
 from __future__ import annotations
@@ -212,6 +215,46 @@ def decode_row(bits: int, new_tokens: int = 32, rounds: int = 5) -> dict:
     return row
 
 
+def lora_step_row(bits: int = 4, rounds: int = 15, calls: int = 10) -> dict:
+    """One decoding step's time (a one-token forward, the default model at W{bits}g64 with a r16 LoRA whose ``B`` is
+    drawn, as after fine-tuning) with the LoRA from torch-int4's kept copies (``kept``), computed beside each layer as
+    up to commit 4bc5761 (``beside``) and without a LoRA (``nolora``): ``rounds`` interleaved rounds of ``calls``
+    calls each, median ms a step -- finer than the decode rows, whose whole generations vary by more than the
+    difference -- and the largest logit difference between ``kept`` and ``beside``."""
+    import torch
+
+    from lowbit import kernels
+    from lowbit.layers import quant_layers
+
+    model, _ = rtn_model(bits)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in quant_layers(model).values():
+            layer.lora_B.copy_(0.01 * torch.randn(layer.lora_B.shape, generator=gen))
+    variants = {"kept": model, "beside": without_lora(model, beside=True), "nolora": without_lora(model)}
+    ids = torch.tensor([[42]])
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    with torch.no_grad(), kernels.pinned("torch-int4"):
+        for m in variants.values():
+            kernels.prepare_decoding(m)
+        logits = {name: m(ids).logits for name, m in variants.items()}
+        for _ in range(rounds):
+            for name, m in variants.items():
+                start = time.perf_counter()
+                for _ in range(calls):
+                    m(ids)
+                times[name].append((time.perf_counter() - start) / calls * 1e3)
+    row: dict = {"row": f"lora-step-w{bits}", "rounds": rounds, "calls": calls}
+    row.update({f"{name}_ms": round(statistics.median(v), 2) for name, v in times.items()})
+    row["each_round_ms"] = {name: [round(t, 2) for t in v] for name, v in times.items()}
+    row["kept_speedup"] = round(row["beside_ms"] / row["kept_ms"], 3)
+    row["lora_share_kept"] = round(1 - row["nolora_ms"] / row["kept_ms"], 3)
+    row["lora_share_beside"] = round(1 - row["nolora_ms"] / row["beside_ms"], 3)
+    diff = (logits["kept"] - logits["beside"]).abs().max() / logits["beside"].abs().max()
+    row["max_logit_rel_diff"] = float(f"{diff.item():.3g}")
+    return row
+
+
 def stepwise_texts(tokenizer, tokens: int) -> dict:
     """``tokens`` token ids of PTB test text and of the P3 Bible eval text (English), each as a ``[1, tokens]``
     tensor: the two domains the README's perplexities use."""
@@ -299,8 +342,8 @@ def main() -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", default="layers,decode,stepwise,mt",
-                        help="layers, decode, stepwise, mt (comma-separated)")  # fmt: skip
+    parser.add_argument("--rows", default="layers,decode,lora,stepwise,mt",
+                        help="layers, decode, lora, stepwise, mt (comma-separated)")  # fmt: skip
     wanted = parser.parse_args().rows.split(",")
     env = benchlib.environment()
     for in_f, out_f in SHAPES if "layers" in wanted else ():
@@ -310,6 +353,10 @@ def main() -> None:
         benchlib.save_rows(RESULTS, rows, env, "cpu-int4")
     for bits in (4, 3, 2) if "decode" in wanted else ():
         row = decode_row(bits)
+        print(row, flush=True)
+        benchlib.save_rows(RESULTS, [row], env, "cpu-int4")
+    if "lora" in wanted:
+        row = lora_step_row()
         print(row, flush=True)
         benchlib.save_rows(RESULTS, [row], env, "cpu-int4")
     for bits in [b for b in (4, 3, 2) if "stepwise" in wanted or f"stepwise-w{b}" in wanted]:

@@ -8,8 +8,8 @@
 # (default: decode train smoke small layers graph, in this order; name others or a subset as arguments):
 #   decode  greedy decoding with CUDA graphs in lowbit's own loop (what generate --static-cache runs): bf16, lowbit
 #           W4 without a LoRA fused (q/k/v and gate/up as two products, the default from 6ed33d2 on), bf16 with no
-#           block linear (the floor), W4 unfused; then bf16 and W4 in transformers' loop; each kernel's device
-#           time per token
+#           block linear (the floor), W4 unfused, W4 with its LoRA (a fine-tuned model: the kernel's kept LoRA
+#           copies, from 608b81b on); then bf16 and W4 in transformers' loop; each kernel's device time per token
 #   train   fine-tuning: PEFT + bitsandbytes and lowbit W4/W3/W2 resident together, trained in rotated rounds (no
 #           run order to favour any: W3/W2's 0.98x/0.93x came from rows run one after another); the same for
 #           PEFT + bitsandbytes against lowbit W4/W2 compiled (finetune --compile), each method's peak memory as if
@@ -22,7 +22,8 @@
 #           bitsandbytes, triton-decode, triton-gemv, GemLite (is a W4 kernel's time there bytes or a per-call cost,
 #           and what does fusing save)
 #   graph   tinygemm W4/W3/W2, dense and bitsandbytes on both 7B layer shapes from replayed CUDA graphs, each size
-#           timed five times (is W2's 0.9% over W4 on the same kernel more than the runs' spread?)
+#           timed five times (is W2's 0.9% over W4 on the same kernel more than the runs' spread?); then W4 with a
+#           r16 LoRA from the kernel's kept copies (16.7 us over the layer on triton-decode at cd0db78)
 #   calib   the 7B-shaped apiq-bw calibration row, two blocks -- only on an H100, where the goal is set (issue 13)
 #
 #   device tool: LOWBIT_COMMIT=<this checkout's short commit> bash bench/gpu_session.sh   (carry [".whl"]; the tree
@@ -83,13 +84,14 @@ for s in "${steps[@]}"; do
             for m in lowbit-w4-int4 lowbit-w3-int4 lowbit-w2-int4 dense-bf16 bnb-nf4; do
                 printf 'graph-%s-%s,' $shape $m
             done
-        done)
-        step graph 120 $py bench/gpu.py $dry --repeats 5 --rows "${rows%,}" ;;
+        done)graph-4096x11008-lowbit-w4
+        step graph 120 $py bench/gpu.py $dry --repeats 5 --rows "$rows" ;;
     calib)
         if [[ $device == *H100* || -n $DRY ]]; then step calib 240 $py bench/gpu.py $dry --rows calib-apiq --blocks 2
         else echo "[session] calib: skipped on $device (the goal is an H100's)" | tee -a "$log"; fi ;;
     decode) step decode 320 $py bench/gpu.py $dry --profile --rows "decode-bf16-loop,decode-lowbit-w4-base-loop,\
-decode-bf16-nolinear-loop,decode-lowbit-w4-unfused-loop,decode-bf16-graphs,decode-lowbit-w4-base-graphs" ;;
+decode-bf16-nolinear-loop,decode-lowbit-w4-unfused-loop,decode-lowbit-w4-loop,decode-bf16-graphs,\
+decode-lowbit-w4-base-graphs" ;;
     train) step train 300 $py bench/gpu.py $dry --profile --rows train-interleaved,train-interleaved-compiled,\
 train-bnb-qlora ;;
     small)  # exact names: the prefix graph-2048x256 would also take graph-2048x2560's rows
