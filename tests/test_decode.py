@@ -156,6 +156,32 @@ def test_greedy_compiles_every_architecture_into_one_graph(arch: str, monkeypatc
     torch._dynamo.reset()
 
 
+def test_compiled_greedy_follows_a_lora_trained_between_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compiled step, which can check the decoding kernel's LoRA copies by identity only, decodes with the factors
+    as they are at each call: trained in place between two calls (an optimizer step), with a prompt longer than the
+    decoding kernel takes (so the prompt's eager pass does not refresh the copies on its way), the second call
+    gives the eager tokens of the trained model, and the first call's tokens no longer."""
+    monkeypatch.setattr(decode, "COMPILE", {"backend": "aot_eager", "fullgraph": True, "dynamic": False})
+    model = tiny_model("llama")
+    lowbit.quantize(model, lowbit.QuantConfig(bits=4, group_size=64, init="qlora", rank=8), progress=False)
+    ids = torch.randint(3, 128, (1, 20), generator=torch.Generator().manual_seed(2))  # 20 rows > torch-int4's 16
+    torch._dynamo.reset()
+    with torch.no_grad():
+        kernels.prepare_decoding(model)
+        before = decode.greedy(model, ids, max_new_tokens=12, eos_token_id=[], pad_token_id=0, compile=True)
+    params = [p for n, p in model.named_parameters() if "lora_" in n]
+    gen = torch.Generator().manual_seed(5)
+    for p in params:  # an optimizer step, in place, with a large made-up gradient (B starts at zero)
+        p.grad = torch.randn(p.shape, generator=gen)
+    torch.optim.SGD(params, lr=0.5).step()
+    with torch.no_grad():
+        after = decode.greedy(model, ids, max_new_tokens=12, eos_token_id=[], pad_token_id=0, compile=True)
+        decode.release(model)
+        eager = decode.greedy(model, ids, max_new_tokens=12, eos_token_id=[], pad_token_id=0, compile=False)
+    assert torch.equal(after, eager) and not torch.equal(after, before)
+    torch._dynamo.reset()
+
+
 def test_greedy_defers_to_generate_for_other_settings(capsys: pytest.CaptureFixture[str]) -> None:
     """A generation config that asks for more than an argmax (here a repetition penalty) is decoded by ``generate``,
     whose tokens differ from a plain argmax's, with a note saying so."""

@@ -567,7 +567,8 @@ def test_decoding_adds_the_lora_from_kept_copies_one_product_pair_per_group() ->
     ``s B A x``, alone and fused with its siblings, where the LoRA of a group is one ``addmm`` (4 a block instead
     of 7). The copies follow the factors: an optimizer step shows at the next eager call, and ``prepare_decoding``
     brings them up to date in place (the addresses a compiled step reads). A layer in training mode with an active
-    LoRA dropout is left to a kernel that applies it; a copied model gets no copies."""
+    LoRA dropout is left to a kernel that applies it; copies made in inference mode are refreshed outside it; a
+    copied model gets no copies."""
     model = _with_trained_lora(tiny_model("llama"))
     layers = quant_layers(model)
     gen = torch.Generator().manual_seed(1)
@@ -609,6 +610,16 @@ def test_decoding_adds_the_lora_from_kept_copies_one_product_pair_per_group() ->
             [attn.q_proj, attn.k_proj, attn.v_proj], check_versions=True
         )  # fmt: skip
         torch.testing.assert_close(attn.k_proj(x), expected(attn.k_proj, x), rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():  # copies made inside an inference-mode block are brought up to date outside one
+        kernels.drop_caches(model)
+        kernels.prepare_decoding(model)
+        model(ids)
+    with torch.no_grad():
+        attn.k_proj.lora_B.mul_(3)
+        attn.o_proj.lora_A.mul_(3)
+        kernels.prepare_decoding(model)
+        for layer in (attn.k_proj, attn.o_proj):
+            torch.testing.assert_close(layer(x), expected(layer, x), rtol=1e-5, atol=1e-5)
     dropping = QuantLinear.from_linear(nn.Linear(64, 32), QuantSpec(bits=4, group_size=64))
     dropping.add_lora(4, 8.0, dropout=0.1)
     one = torch.randn(1, 64)

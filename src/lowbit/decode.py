@@ -269,6 +269,10 @@ def greedy(
                               cache_implementation="static")  # fmt: skip
     device = input_ids.device
     state = _state(model, input_ids.shape[0], device, device.type == "cuda" if compile is None else compile)
+    from lowbit.kernels import keep_lora_copies
+
+    if state[3] is not None:  # the decoding kernel's LoRA copies, current before a step that may be compiled
+        keep_lora_copies(model, state[3])
     need = input_ids.shape[1] + max_new_tokens
     decoder = _decoders.get(model)
     if decoder is None or decoder.state != state or decoder.length < need:

@@ -206,10 +206,24 @@ def prepare_decoding(model: torch.nn.Module, rows: int = 1, fuse: bool = True) -
     return torch_int4.prepare(model, rows, fuse)
 
 
+def keep_lora_copies(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Before decoding with activations in ``dtype``: make the LoRA copies torch-int4 adds the layers' LoRA from, or
+    bring them up to date with the factors, in place (:mod:`lowbit.kernels.lora`; a compiled step can check their
+    identity only). :func:`prepare_decoding` and :func:`lowbit.decode.greedy` call it; a no-op where a pin keeps
+    torch-int4 from running."""
+    pin = pinned_name()
+    if "torch-int4" not in _torch_kernels() or pin not in (None, "torch-int4"):
+        return
+    from lowbit.kernels import torch_int4
+
+    torch_int4.keep_loras(model, dtype)
+
+
 def drop_caches(module: torch.nn.Module) -> None:
     """Forget what kernels keep beside the quantized layers' buffers in ``module`` (torch-int4's repacked codes and
     LoRA copies), freeing that memory; the next call that needs it makes it again. ``QuantLinear`` calls this itself
-    when its buffers are replaced, loaded or moved; call it after writing them through ``.data``."""
+    when its buffers are replaced, loaded or moved; call it after writing them or the LoRA factors through ``.data``
+    (which version counters do not see)."""
     names = [name for k in (*_torch_kernels().values(), *(_gpu_table or {}).values()) for name in k.caches]
     for layer in module.modules():
         for name in names:
@@ -295,6 +309,7 @@ __all__ = [
     "compute_dtype",
     "drop_caches",
     "input_weight",
+    "keep_lora_copies",
     "kernel",
     "layer_buffers",
     "made_from",

@@ -13,10 +13,12 @@ is two products however many members it has (a member without a LoRA is a block 
 
 A copy is remade when a factor is replaced, changed in place (an optimizer step; version counters, which eager calls
 read), its scaling changes or the activations' dtype does. Compiled code can check identity only (like the
-kernels' other copies, :func:`lowbit.kernels.made_from`), so :meth:`LoraCopy.refresh`, which
-:func:`lowbit.kernels.prepare_decoding` calls before every decoding lowbit runs, brings copies up to date in place:
-a compiled step reads the current factors at the addresses it was recorded with. After training a model yourself,
-call ``prepare_decoding`` before decoding it under ``torch.compile``.
+kernels' other copies, :func:`lowbit.kernels.made_from`), so :func:`lowbit.kernels.keep_lora_copies` -- which
+``prepare_decoding`` (``generate``, ``translate``) and :func:`lowbit.decode.greedy` call before every decoding --
+makes the missing copies and brings the others up to date, in place: a compiled step reads the current factors at
+the addresses it was recorded with. After training a model yourself, call ``keep_lora_copies`` (or
+``prepare_decoding``) before decoding it under your own ``torch.compile``; after writing factors through ``.data``
+(which version counters do not see), :func:`lowbit.kernels.drop_caches`.
 """
 
 from __future__ import annotations
@@ -34,10 +36,10 @@ if TYPE_CHECKING:
 
 
 def dropout_active(layer: QuantLinear) -> bool:
-    """Whether the layer's LoRA dropout would change its input (training mode, a positive rate): a decoding copy,
-    which leaves dropout out, must not serve it."""
-    p = getattr(layer.lora_dropout, "p", 0.0)
-    return layer.lora_A is not None and layer.training and p > 0
+    """Whether the layer's LoRA dropout would change its input (in training mode, at a positive rate): a decoding
+    copy, which leaves dropout out, must not serve it."""
+    dropout = layer.lora_dropout
+    return layer.lora_A is not None and dropout.training and getattr(dropout, "p", 0.0) > 0
 
 
 def _sources(layers: Sequence[QuantLinear]) -> tuple:
@@ -51,7 +53,8 @@ def joined(layers: Sequence[QuantLinear], dtype: torch.dtype) -> tuple[torch.Ten
     ranks = [0 if m.lora_A is None else m.lora_A.shape[0] for m in layers]
     if not any(ranks):
         return None
-    with torch.no_grad():
+    # normal tensors even inside an inference-mode block: a later refresh outside one writes into them
+    with torch.inference_mode(False), torch.no_grad():
         a = torch.cat([m.lora_A for m in layers if m.lora_A is not None]).to(dtype)
         sb = a.new_zeros(sum(m.out_features for m in layers), sum(ranks))
         row = col = 0
@@ -86,8 +89,9 @@ class LoraCopy(LayerState):
         made = joined(layers, self.dtype)
         a, sb = (None, None) if made is None else made
         if in_place and a is not None and self.a is not None and a.shape == self.a.shape and sb.shape == self.sb.shape:
-            self.a.copy_(a)  # the addresses a compiled step was recorded with
-            self.sb.copy_(sb)
+            with torch.inference_mode(False), torch.no_grad():
+                self.a.copy_(a)  # the addresses a compiled step was recorded with
+                self.sb.copy_(sb)
         else:
             self.a, self.sb = a, sb
         self.sources = _sources(layers)
@@ -102,11 +106,16 @@ class LoraCopy(LayerState):
         )  # fmt: skip
         return same and (not check_versions or self.made == tuple(versions(s[:2]) for s in now))
 
-    def refresh(self) -> None:
-        """Remake the copy if a factor changed since it was made (eager); like every remaking in the copy's dtype, in
-        place where the shapes allow."""
+    def refresh(self, dtype: torch.dtype) -> None:
+        """Remake the copy, eagerly, for activations in ``dtype`` if it is in another or a factor changed since it was
+        made; like every remaking in the copy's own dtype, in place where the shapes allow."""
         layers = self._members()
-        if layers is not None and not self.current(layers, check_versions=True):
+        if layers is None:
+            return
+        if dtype != self.dtype:
+            self.dtype = dtype
+            self._make(layers, in_place=False)
+        elif not self.current(layers, check_versions=True):
             self._make(layers, in_place=True)
 
     def add(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -249,24 +249,37 @@ def prepare(model: torch.nn.Module, rows: int = 1, fuse: bool = True) -> tuple[i
     for m in layers if not fuse else ():
         if isinstance(getattr(m, CACHE, None), Member):
             kernels.drop_caches(m)
-    # LoRA copies (lowbit.kernels.lora) are made for every layer this kernel will decode, and brought up to date in
-    # place, before any step: a compiled step can tell neither a missing nor a changed one
     for layer in layers:
         cached = getattr(layer, CACHE, None)
         if isinstance(cached, Member):
-            cached.group.weights[-1].refresh()  # the group's LoRA copy (see _fuse)
             continue
         probe = torch.empty(rows, layer.in_features, device=layer.qweight.device, dtype=dtype)
         if not KERNEL.supports(layer, probe, training=False):
             refused += getattr(layer, CACHE, None) is NO_ROOM
             continue
-        lora = own_lora(layer, compute_dtype(probe))
-        if lora is not None:
-            lora.refresh()
         if memory_left(layer.qweight.device) is not None:
             made += not isinstance(cached, tuple)
             packed(layer)
+    if rows <= MAX_M and dtype in KERNEL.dtypes:
+        keep_loras(model, compute_dtype(torch.empty(0, dtype=dtype, device=layers[0].qweight.device)))
     return made, refused
+
+
+def keep_loras(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Make the LoRA copy each quantized layer of ``model`` with a LoRA decodes with (its group's, or its own) for
+    activations in ``dtype``, or bring it up to date in place, eagerly: a compiled step can tell neither a missing
+    nor a changed one (:mod:`lowbit.kernels.lora`)."""
+    from lowbit.layers import QuantLinear
+
+    if dtype not in KERNEL.dtypes:  # activations this kernel never takes: it adds no LoRA
+        return
+    for layer in model.modules():
+        if not isinstance(layer, QuantLinear):
+            continue
+        cached = getattr(layer, CACHE, None)
+        lora = cached.group.weights[-1] if isinstance(cached, Member) else own_lora(layer, dtype)  # group's: _fuse
+        if lora is not None:
+            lora.refresh(dtype)
 
 
 def _joined(group: list[QuantLinear]) -> Siblings | None:
