@@ -567,8 +567,8 @@ def test_decoding_adds_the_lora_from_kept_copies_one_product_pair_per_group() ->
     ``s B A x``, alone and fused with its siblings, where the LoRA of a group is one ``addmm`` (4 a block instead
     of 7). The copies follow the factors: an optimizer step shows at the next eager call, and ``prepare_decoding``
     brings them up to date in place (the addresses a compiled step reads). A layer in training mode with an active
-    LoRA dropout is left to a kernel that applies it; copies made in inference mode are refreshed outside it; a
-    copied model gets no copies."""
+    LoRA dropout is left to a kernel that applies it; a factor given new storage through ``.data`` is seen; copies
+    made in inference mode are refreshed outside it; a copied model gets no copies."""
     model = _with_trained_lora(tiny_model("llama"))
     layers = quant_layers(model)
     gen = torch.Generator().manual_seed(1)
@@ -610,6 +610,13 @@ def test_decoding_adds_the_lora_from_kept_copies_one_product_pair_per_group() ->
             [attn.q_proj, attn.k_proj, attn.v_proj], check_versions=True
         )  # fmt: skip
         torch.testing.assert_close(attn.k_proj(x), expected(attn.k_proj, x), rtol=1e-5, atol=1e-5)
+        attn.q_proj(x), attn.v_proj(x)  # the step's other outputs taken: the group stays whole
+    attn.v_proj.lora_B.data = 2 * attn.v_proj.lora_B.data  # new storage, the same parameter and version counter
+    with torch.no_grad():
+        step = torch.randn(1, 1, 64, generator=gen)
+        outputs = [getattr(attn, n)(step) for n in ("q_proj", "k_proj", "v_proj")]
+        assert isinstance(attn.v_proj.__dict__[torch_int4.CACHE], siblings.Member)
+        torch.testing.assert_close(outputs[2], expected(attn.v_proj, step), rtol=1e-5, atol=1e-5)
     with torch.inference_mode():  # copies made inside an inference-mode block are brought up to date outside one
         kernels.drop_caches(model)
         kernels.prepare_decoding(model)

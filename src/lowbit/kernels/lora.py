@@ -17,8 +17,9 @@ kernels' other copies, :func:`lowbit.kernels.made_from`), so :func:`lowbit.kerne
 ``prepare_decoding`` (``generate``, ``translate``) and :func:`lowbit.decode.greedy` call before every decoding --
 makes the missing copies and brings the others up to date, in place: a compiled step reads the current factors at
 the addresses it was recorded with. After training a model yourself, call ``keep_lora_copies`` (or
-``prepare_decoding``) before decoding it under your own ``torch.compile``; after writing factors through ``.data``
-(which version counters do not see), :func:`lowbit.kernels.drop_caches`.
+``prepare_decoding``) before decoding it under your own ``torch.compile``. A factor given new storage through
+``.data`` is seen too (by its address); one written in place through ``.data`` (which its version counter does not
+see) needs :func:`lowbit.kernels.drop_caches`.
 """
 
 from __future__ import annotations
@@ -45,6 +46,12 @@ def dropout_active(layer: QuantLinear) -> bool:
 def _sources(layers: Sequence[QuantLinear]) -> tuple:
     """What a copy is made from: each layer's factors and scaling."""
     return tuple((m.lora_A, m.lora_B, m.scaling) for m in layers)
+
+
+def _contents(sources: tuple) -> tuple:
+    """What tells, eagerly, that the factors' contents changed: their version counters (in-place changes) and
+    storage addresses (``p.data = ...``, which keeps the parameter and its counter)."""
+    return tuple((versions(s[:2]), tuple(None if t is None else t.data_ptr() for t in s[:2])) for s in sources)
 
 
 def joined(layers: Sequence[QuantLinear], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -95,7 +102,7 @@ class LoraCopy(LayerState):
         else:
             self.a, self.sb = a, sb
         self.sources = _sources(layers)
-        self.made = None if torch.compiler.is_compiling() else tuple(versions(s[:2]) for s in self.sources)
+        self.made = None if torch.compiler.is_compiling() else _contents(self.sources)
 
     def current(self, layers: Sequence[QuantLinear], check_versions: bool) -> bool:
         """Whether ``layers`` still have the factors and scalings the copy was made from (by identity) and, with
@@ -104,7 +111,7 @@ class LoraCopy(LayerState):
         same = all(
             x[0] is y[0] and x[1] is y[1] and x[2] == y[2] for x, y in zip(now, self.sources, strict=True)
         )  # fmt: skip
-        return same and (not check_versions or self.made == tuple(versions(s[:2]) for s in now))
+        return same and (not check_versions or self.made == _contents(now))
 
     def refresh(self, dtype: torch.dtype) -> None:
         """Remake the copy, eagerly, for activations in ``dtype`` if it is in another or a factor changed since it was
