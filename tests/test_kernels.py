@@ -418,13 +418,13 @@ def test_packing_version_recorded_and_old_checkpoints_load(tmp_path: Path) -> No
         lowbit.load(tmp_path / "ckpt")
 
 
-def _int4_calls(fn) -> int:
-    """How many times ``fn`` runs the CPU int4 op."""
+def _op_calls(fn, op: str = "aten::_weight_int4pack_mm_for_cpu") -> int:
+    """How many times ``fn`` runs ``op`` (by default the CPU int4 op)."""
     from torch.profiler import profile
 
     with profile() as prof:
         fn()
-    return sum(e.count for e in prof.key_averages() if e.key == "aten::_weight_int4pack_mm_for_cpu")
+    return sum(e.count for e in prof.key_averages() if e.key == op)
 
 
 def _members(model: nn.Module) -> dict[str, tuple[object, int]]:
@@ -449,14 +449,14 @@ def test_prepare_decoding_fuses_the_layers_that_read_one_tensor(arch: str) -> No
     ids = torch.randint(3, 128, (1, 1), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         unfused = model(ids).logits
-        calls_unfused = _int4_calls(lambda: model(ids))
+        calls_unfused = _op_calls(lambda: model(ids))
         made, refused = kernels.prepare_decoding(model)
         groups = {}
         for name, (group, index) in _members(model).items():
             block, _, layer = name.rpartition(".")
             groups.setdefault((block.rsplit(".", 2)[-2], id(group)), {})[index] = layer
         fused = model(ids).logits
-        calls_fused = _int4_calls(lambda: model(ids))
+        calls_fused = _op_calls(lambda: model(ids))
     kept = {id(g): g for g, _ in _members(model).values()}.values()
     assert torch.equal(fused, unfused)
     assert all(g.kept is None for g in kept)
@@ -537,7 +537,7 @@ def test_fused_decoding_compiles_into_one_graph() -> None:
         eager = model(ids).logits
         compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
         assert torch.equal(compiled(ids).logits, eager) and torch.equal(compiled(ids).logits, eager)
-        assert _int4_calls(lambda: compiled(ids)) == 2 * 4
+        assert _op_calls(lambda: compiled(ids)) == 2 * 4
     assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 1  # three steps, no recompile
     assert all(g.kept is None for g, _ in _members(model).values())
     torch._dynamo.reset()
@@ -551,14 +551,6 @@ def _with_trained_lora(model: nn.Module, bits: int = 4, group_size: int = 64) ->
         for layer in quant_layers(model).values():
             layer.lora_B.copy_(0.2 * torch.randn(layer.lora_B.shape, generator=gen))
     return model
-
-
-def _addmm_calls(fn) -> int:
-    from torch.profiler import profile
-
-    with profile() as prof:
-        fn()
-    return sum(e.count for e in prof.key_averages() if e.key == "aten::addmm")
 
 
 @needs_int4
@@ -583,14 +575,14 @@ def test_decoding_adds_the_lora_from_kept_copies_one_product_pair_per_group() ->
             x = torch.randn(1, 1, layer.in_features, generator=gen)
             torch.testing.assert_close(layer(x), expected(layer, x), rtol=1e-5, atol=1e-5)
         x = torch.randn(1, 1, 64, generator=gen)
-        unfused = _addmm_calls(lambda: model(ids))
+        unfused = _op_calls(lambda: model(ids), "aten::addmm")
         logits = model(ids).logits
         kernels.prepare_decoding(model)
         attn = model.model.layers[0].self_attn
         for name in ("q_proj", "k_proj", "v_proj"):  # fused
             layer = getattr(attn, name)
             torch.testing.assert_close(layer(x), expected(layer, x), rtol=1e-5, atol=1e-5)
-        assert (unfused, _addmm_calls(lambda: model(ids))) == (2 * 7, 2 * 4)
+        assert (unfused, _op_calls(lambda: model(ids), "aten::addmm")) == (2 * 7, 2 * 4)
         torch.testing.assert_close(model(ids).logits, logits, rtol=1e-5, atol=1e-5)
         copy_of_q = attn.q_proj.__dict__[torch_int4.CACHE].group.weights[-1]
         sb = copy_of_q.sb
@@ -691,7 +683,7 @@ def test_siblings_are_the_layers_that_read_one_unchanged_tensor(capsys: pytest.C
         assert kernels.prepare_decoding(model) == (2 * 2, 0)
         assert sorted(_members(model)) == ["blocks.0.b", "blocks.0.d", "blocks.2.b", "blocks.2.d"]
         assert torch.equal(model(ids[:, :1]), unfused)
-        assert _int4_calls(lambda: model(ids[:, :1])) == 2 * 5 + 2  # per dense block a twice, c, b with d, e
+        assert _op_calls(lambda: model(ids[:, :1])) == 2 * 5 + 2  # per dense block a twice, c, b with d, e
         twin = copy.deepcopy(model)  # a copy is unfused: its layers make their own copies
         assert _members(model) and not _members(twin)
         assert torch.equal(model(ids), twin(ids))  # two rows a step

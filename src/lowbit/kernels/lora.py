@@ -113,28 +113,24 @@ class LoraCopy(LayerState):
         )  # fmt: skip
         return same and (not check_versions or self.made == _contents(now))
 
-    def refresh(self, dtype: torch.dtype) -> None:
-        """Remake the copy, eagerly, for activations in ``dtype`` if it is in another or a factor changed since it was
-        made; like every remaking in the copy's own dtype, in place where the shapes allow."""
+    def refresh(self, dtype: torch.dtype, check_versions: bool = True) -> None:
+        """Remake the copy for activations in ``dtype`` if it is in another or a factor changed since it was made
+        (with ``check_versions``, its contents too; compiled code checks identity only); like every remaking in the
+        copy's own dtype, in place where the shapes allow."""
         layers = self._members()
         if layers is None:
             return
         if dtype != self.dtype:
             self.dtype = dtype
             self._make(layers, in_place=False)
-        elif not self.current(layers, check_versions=True):
+        elif not self.current(layers, check_versions):
             self._make(layers, in_place=True)
 
     def add(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``y + x A^T (s B)^T``: the layers' LoRA added to their base product ``y [rows, sum out]`` for input
         ``x [rows, in]``, in ``y``'s dtype (the copy is remade for another); ``y`` itself where no layer has a
         LoRA."""
-        layers = self._members()
-        if layers is not None and (
-            y.dtype != self.dtype or not self.current(layers, check_versions=not torch.compiler.is_compiling())
-        ):
-            same_dtype, self.dtype = y.dtype == self.dtype, y.dtype
-            self._make(layers, in_place=same_dtype)
+        self.refresh(y.dtype, check_versions=not torch.compiler.is_compiling())
         if self.a is None:
             return y
         return torch.addmm(y, x.to(self.dtype) @ self.a.t(), self.sb.t())

@@ -232,6 +232,7 @@ def prepare(model: torch.nn.Module, rows: int = 1, fuse: bool = True) -> tuple[i
     if not layers:
         return 0, 0
     dtype = activation_dtype(model)  # an fp16 model never decodes on this kernel: it gets no copies
+    lora_dtype = compute_dtype(torch.empty(0, dtype=dtype, device=layers[0].qweight.device))  # under autocast too
     made = refused = 0
     # a compiled model is probed through the module it wraps: the probe's recorders would cost it a graph
     probed = getattr(model, "_orig_mod", model)
@@ -244,7 +245,7 @@ def prepare(model: torch.nn.Module, rows: int = 1, fuse: bool = True) -> tuple[i
         if joined is not None:  # from an earlier call: it starts the decoding with no outputs kept (an interrupted
             joined.kept = None  # step may have left some)
         elif _fusable(group, rows, dtype):
-            _fuse(group, compute_dtype(torch.empty(0, dtype=dtype, device=group[0].qweight.device)))
+            _fuse(group, lora_dtype)
             made += len(group)
     for m in layers if not fuse else ():
         if isinstance(getattr(m, CACHE, None), Member):
@@ -261,7 +262,7 @@ def prepare(model: torch.nn.Module, rows: int = 1, fuse: bool = True) -> tuple[i
             made += not isinstance(cached, tuple)
             packed(layer)
     if rows <= MAX_M and dtype in KERNEL.dtypes:
-        keep_loras(model, compute_dtype(torch.empty(0, dtype=dtype, device=layers[0].qweight.device)))
+        keep_loras(model, lora_dtype)
     return made, refused
 
 
