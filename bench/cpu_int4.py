@@ -215,6 +215,109 @@ def decode_row(bits: int, new_tokens: int = 32, rounds: int = 5) -> dict:
     return row
 
 
+def compiled_row(bits: int = 4, new_tokens: int = 64, rounds: int = 5, steps: int = 32) -> dict:
+    """What compiling lowbit's decoding step on the CPU (``greedy(compile=True)``: inductor's C++ kernels) gains on
+    the default model at W{bits}g64 with its QLoRA start, on torch-int4 with fused siblings, as ``lowbit generate``
+    decodes. Batch 1: ``new_tokens`` greedy tokens after a short prompt by transformers' ``generate`` (what
+    ``lowbit generate`` runs by default), lowbit's loop uncompiled (``loop``: ``generate --static-cache`` on the
+    CPU) and compiled (``loop-compiled``), each on its own copy of the model (one decoder is kept per model), in
+    ``rounds`` rotated rounds (medians), and the first new token where the compiled loop's tokens leave the
+    uncompiled loop's (None: nowhere). ``compile_cold_s``: the first call's time in an empty inductor cache (a
+    machine's first run); ``compile_warm_s``: the same after the compiled step is dropped, with that cache filled
+    (later runs). Batch 8, as ``translate`` decodes: 8 P3 test verses with 5 shots, left-padded (a few hundred
+    tokens each): the prompt's time (``b8_prefill_s``, uncompiled everywhere) and ms a decoding step after it
+    (``steps`` tokens' time less the first's), median of 3."""
+    import copy
+    import os
+    import tempfile
+
+    import torch
+
+    from lowbit import kernels
+    from lowbit.adapt import SHOTS
+    from lowbit.decode import greedy, release
+    from lowbit.parallel import bible_pairs, p3_split
+    from lowbit.translate import prompt
+
+    model, tokenizer = rtn_model(bits)
+    names = ("generate", "loop", "loop-compiled")
+    models = {"generate": model, "loop": copy.deepcopy(model), "loop-compiled": copy.deepcopy(model)}
+    pad = tokenizer.eos_token_id
+    one = tokenizer("The history of the English language begins with", return_tensors="pt").input_ids[:, :16]
+    split = p3_split()
+    shots = bible_pairs(split["train"])[:SHOTS]
+    tokenizer.padding_side = "left"
+    eight = tokenizer([prompt(p.source, "en", "es", shots) for p in bible_pairs(split["test"])[:8]],
+                      return_tensors="pt", padding=True)  # fmt: skip
+    row: dict = {"row": f"decode-compiled-w{bits}", "prompt_tokens": one.shape[1], "new_tokens": new_tokens,
+                 "rounds": rounds, "b8_prompt_tokens": eight.input_ids.shape[1]}  # fmt: skip
+
+    def run(name: str, tokens: int, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        m = models[name]
+        if name == "generate":
+            return m.generate(ids, attention_mask=mask, max_new_tokens=tokens, min_new_tokens=tokens,
+                              do_sample=False, pad_token_id=pad)  # fmt: skip
+        return greedy(m, ids, mask, max_new_tokens=tokens, eos_token_id=[], pad_token_id=pad,
+                      compile=name == "loop-compiled")  # fmt: skip
+
+    previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    with tempfile.TemporaryDirectory() as cache, torch.no_grad(), kernels.pinned("torch-int4"):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+        try:
+            for m in models.values():
+                kernels.prepare_decoding(m)
+            for name in ("generate", "loop"):
+                run(name, 2, one)
+            for key in ("compile_cold_s", "compile_warm_s"):
+                torch._dynamo.reset()
+                release(models["loop-compiled"])
+                start = time.perf_counter()
+                run("loop-compiled", 2, one)
+                row[key] = round(time.perf_counter() - start, 1)
+            speeds: dict[str, list[float]] = {name: [] for name in names}
+            outputs = {}
+            for shift in range(rounds):
+                for name in names[shift % 3 :] + names[: shift % 3]:
+                    start = time.perf_counter()
+                    outputs[name] = run(name, new_tokens, one)
+                    speeds[name].append(round(new_tokens / (time.perf_counter() - start), 2))
+            for name, found in speeds.items():
+                row[f"{name}_tokens_per_s"] = round(statistics.median(found), 2)
+            row["each_round_tokens_per_s"] = speeds
+            row["compiled_vs_loop"] = round(row["loop-compiled_tokens_per_s"] / row["loop_tokens_per_s"], 3)
+            row["compiled_vs_generate"] = round(row["loop-compiled_tokens_per_s"] / row["generate_tokens_per_s"], 3)
+            differ = (outputs["loop"] != outputs["loop-compiled"]).nonzero()
+            row["first_differing_token"] = int(differ[0, 1]) - one.shape[1] if len(differ) else None
+            # batch 8: a new decoder (and compiled step) for the batch, made by a warm-up call
+            args = (eight.input_ids, eight.attention_mask)
+            for name in names:
+                run(name, 2, *args)
+            step_ms: dict[str, list[float]] = {name: [] for name in names}
+            prefill: dict[str, list[float]] = {name: [] for name in names}
+            for shift in range(3):
+                for name in names[shift:] + names[:shift]:
+                    start = time.perf_counter()
+                    run(name, 1, *args)
+                    first = time.perf_counter() - start
+                    start = time.perf_counter()
+                    run(name, steps + 1, *args)
+                    prefill[name].append(round(first, 2))
+                    step_ms[name].append(round((time.perf_counter() - start - first) / steps * 1e3, 1))
+            for name in names:
+                row[f"b8_{name}_prefill_s"] = statistics.median(prefill[name])
+                row[f"b8_{name}_step_ms"] = statistics.median(step_ms[name])
+            row["b8_each_step_ms"] = step_ms
+            row["b8_compiled_vs_loop"] = round(row["b8_loop_step_ms"] / row["b8_loop-compiled_step_ms"], 3)
+            row["b8_compiled_vs_generate"] = round(row["b8_generate_step_ms"] / row["b8_loop-compiled_step_ms"], 3)
+        finally:
+            if previous is None:
+                os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+            else:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
+            torch._dynamo.reset()
+    return row
+
+
 def lora_step_row(bits: int = 4, rounds: int = 15, calls: int = 10) -> dict:
     """One decoding step's time (a one-token forward, the default model at W{bits}g64 with a r16 LoRA whose ``B`` is
     drawn, as after fine-tuning) with the LoRA from torch-int4's kept copies (``kept``), computed beside each layer as
@@ -342,8 +445,8 @@ def main() -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", default="layers,decode,lora,stepwise,mt",
-                        help="layers, decode, lora, stepwise, mt (comma-separated)")  # fmt: skip
+    parser.add_argument("--rows", default="layers,decode,compiled,lora,stepwise,mt",
+                        help="layers, decode, compiled, lora, stepwise, mt (comma-separated)")  # fmt: skip
     wanted = parser.parse_args().rows.split(",")
     env = benchlib.environment()
     for in_f, out_f in SHAPES if "layers" in wanted else ():
@@ -353,6 +456,10 @@ def main() -> None:
         benchlib.save_rows(RESULTS, rows, env, "cpu-int4")
     for bits in (4, 3, 2) if "decode" in wanted else ():
         row = decode_row(bits)
+        print(row, flush=True)
+        benchlib.save_rows(RESULTS, [row], env, "cpu-int4")
+    if "compiled" in wanted:
+        row = compiled_row()
         print(row, flush=True)
         benchlib.save_rows(RESULTS, [row], env, "cpu-int4")
     if "lora" in wanted:

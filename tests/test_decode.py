@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import shutil
 import weakref
 
 import pytest
@@ -179,6 +180,30 @@ def test_compiled_greedy_follows_a_lora_trained_between_calls(monkeypatch: pytes
         decode.release(model)
         eager = decode.greedy(model, ids, max_new_tokens=12, eos_token_id=[], pad_token_id=0, compile=False)
     assert torch.equal(after, eager) and not torch.equal(after, before)
+    torch._dynamo.reset()
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("clang++")), reason="inductor needs a C++ compiler")
+def test_greedy_compiles_with_inductor_on_the_cpu() -> None:
+    """With inductor itself, as ``generate --static-cache`` compiles the step on the CPU (C++ kernels; about 40 s
+    here, the only test that builds them): a W4 model with fused siblings and a trained LoRA decodes through the
+    compiled step -- it did not fall back to eager steps -- and returns the eager loop's tokens."""
+    model = tiny_model("llama")
+    lowbit.quantize(model, lowbit.QuantConfig(bits=4, group_size=64, init="qlora", rank=8), progress=False)
+    gen = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+        ids = torch.randint(3, 128, (1, 6), generator=gen)
+        assert kernels.prepare_decoding(model)[0] > 0
+        eager = decode.greedy(model, ids, max_new_tokens=10, eos_token_id=[], pad_token_id=0, compile=False)
+        decode.release(model)
+        torch._dynamo.reset()
+        compiled = decode.greedy(model, ids, max_new_tokens=10, eos_token_id=[], pad_token_id=0, compile=True)
+        assert decode._decoders[model].step is not decode._step
+    assert torch.equal(compiled, eager)
+    decode.release(model)
     torch._dynamo.reset()
 
 
