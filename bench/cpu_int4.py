@@ -22,6 +22,9 @@ lowbit did up to commit 4bc5761 and PEFT does (``torch-int4-fused-beside``: ``lo
 medians): tokens/s and whether the runs chose the same
 tokens (the loop's also against ``generate`` with a static cache: attention over the static cache's longer, masked
 key range rounds differently from the dynamic cache's, which can flip a near tie);
+``decode-compiled-w4``: lowbit's decoding loop with its step compiled by inductor (``greedy(compile=True)``) against
+the uncompiled loop and ``generate``, at batch 1 and at batch 8 over few-shot translation prompts, and the compile
+time with an empty and a filled inductor cache (:func:`compiled_row`);
 ``lora-step-w4``: one decoding step (a one-token forward) of the default model at W4 with a drawn r16 LoRA, its LoRA
 from the kernel's kept copies, computed beside each layer, or absent, in 15 interleaved rounds (median ms: finer than
 whole generations);
@@ -37,7 +40,7 @@ split, as ``lowbit eval --mt`` does) by the default model at W4g64 on each kerne
 translations are identical.
 
     python bench/cpu_int4.py                       # all rows; stores bench/results/cpu_int4.json
-    python bench/cpu_int4.py --rows decode,lora,stepwise,mt   # the end-to-end rows (stepwise-w2: that row alone)
+    python bench/cpu_int4.py --rows decode,compiled,lora,stepwise,mt   # end-to-end rows (stepwise-w2: one row)
 """
 
 from __future__ import annotations

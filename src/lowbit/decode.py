@@ -248,7 +248,10 @@ def greedy(
     one), prompt included: the tokens ``model.generate(..., do_sample=False, cache_implementation="static")``
     returns. ``eos_token_id``/``pad_token_id`` default to the model's generation config; ``compile`` (default: on
     CUDA) compiles the step with CUDA graphs, whose kernels may round differently from eager ones and so flip a near
-    tie.
+    tie. On the CPU ``compile=True`` builds inductor's C++ kernels (a C++ compiler needed): for the default model at
+    W4, batch 1, 1.7x the uncompiled step's tokens/s after 38-128 s of compiling, so it pays from about a thousand
+    tokens decoded in one process, and nothing at batch 8 over few-shot prompts (``bench/cpu_int4.py``'s
+    ``decode-compiled-w4``); hence not the default there, nor what the CLI asks for.
 
     A model whose generation config asks for more than an argmax (a repetition penalty, banned words, beams, ...) is
     decoded by ``generate`` instead, with a note on stderr: its tokens then stay what the model's config asks for.
