@@ -36,8 +36,8 @@ what bf16 rounding inside the layers costs a decoder, in numbers rather than in 
 scale, the same for the whole model run under bf16 autocast on the reference kernel (``bf16``: how GPU users
 decode);
 and ``mt-w4``: the first 32 verses of the P3 test split translated English -> Spanish (5 shots from the training
-split, as ``lowbit eval --mt`` does) by the default model at W4g64 on each kernel: chrF, seconds, and how many
-translations are identical.
+split, as ``lowbit eval --mt`` does) by the default model at W4g64 on each kernel, and on torch-int4 with every row
+running its whole prompt rather than the shared shots once: chrF, seconds, and how many translations are identical.
 
     python bench/cpu_int4.py                       # all rows; stores bench/results/cpu_int4.json
     python bench/cpu_int4.py --rows decode,compiled,lora,stepwise,mt   # end-to-end rows (stepwise-w2: one row)
@@ -420,9 +420,12 @@ def stepwise_row(bits: int, tokens: int = 256) -> dict:
 
 
 def mt_row(verses: int = 32) -> dict:
-    """Translation of P3 test verses by the default model at W4g64 on the reference kernel and on torch-int4."""
+    """Translation of P3 test verses by the default model at W4g64 on the reference kernel and on torch-int4, both
+    running the prompts' shared shots once (``translate``'s default), and on torch-int4 with every row running its
+    whole prompt (``torch-int4-whole``: as up to commit d27aac0)."""
     import torch
 
+    import lowbit.translate as mt
     from lowbit import kernels
     from lowbit.adapt import SHOTS, AdaptConfig, evaluate_mt
     from lowbit.parallel import bible_pairs, p3_split
@@ -433,14 +436,23 @@ def mt_row(verses: int = 32) -> dict:
     config = AdaptConfig(max_new_tokens=64, translate_batch=8)
     row: dict = {"row": "mt-w4", "verses": len(test), "shots": len(shots)}
     hyps = {}
-    for name in ("reference", "torch-int4"):
-        with torch.no_grad(), kernels.pinned(name):
-            result = evaluate_mt(model, tokenizer, test, config, shots)
+    sharing = mt.MIN_SHARED
+    for name in ("reference", "torch-int4", "torch-int4-whole"):
+        mt.MIN_SHARED = 10**9 if name.endswith("-whole") else sharing
+        try:
+            with torch.no_grad(), kernels.pinned(name.removesuffix("-whole")):
+                result = evaluate_mt(model, tokenizer, test, config, shots)
+        finally:
+            mt.MIN_SHARED = sharing
         row[f"{name}_chrf"] = round(result["chrf"], 2)
         row[f"{name}_seconds"] = result["translate_seconds"]
         hyps[name] = result["hypotheses"]
     row["identical_translations"] = sum(a == b for a, b in zip(hyps["reference"], hyps["torch-int4"], strict=True))
+    row["identical_shared_whole"] = sum(
+        a == b for a, b in zip(hyps["torch-int4"], hyps["torch-int4-whole"], strict=True)
+    )
     row["speedup"] = round(row["reference_seconds"] / row["torch-int4_seconds"], 2)
+    row["shared_speedup"] = round(row["torch-int4-whole_seconds"] / row["torch-int4_seconds"], 2)
     return row
 
 

@@ -5,15 +5,16 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import lowbit
 import lowbit.parallel as parallel
-from conftest import save_tiny, tiny_model, tiny_text, tiny_tokenizer
+from conftest import ARCHS, save_tiny, tiny_model, tiny_text, tiny_tokenizer
 from lowbit import decode
 from lowbit.cli import main
 from lowbit.errors import LowbitError
 from lowbit.parallel import Pair, VerseRef, clean_verse, p3_split, read_monolingual, read_pairs
-from lowbit.translate import cache_kwargs, prompt, score, sft_record, translate
+from lowbit.translate import cache_kwargs, padded, prompt, score, sft_record, shared_length, translate
 
 # Verse markup as the installed SWORD modules return it (clean=False), shortened.
 WEB_JOHN_3_16 = (
@@ -177,7 +178,85 @@ def test_translate_is_batch_invariant_and_one_line() -> None:
     many = translate(model, tok, sources, batch_size=3, max_new_tokens=6)
     assert one == many and len(one) == 4  # left padding: a batch gives each segment's own greedy output
     assert all(isinstance(h, str) and "\n" not in h for h in one)
-    assert tok.padding_side == "right"  # restored
+    assert tok.padding_side == "right"  # left as it was
+
+
+SHOTS_4 = [Pair(f"w{i} w{i + 1} w{i + 2}", f"w{i + 3} w{i + 4}") for i in range(20, 60, 10)]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_translate_runs_the_shared_shots_once_with_the_same_translations(arch: str, monkeypatch) -> None:
+    """Few-shot prompts share their instruction and shots: those run once, at one row, and every batch -- rows of
+    different lengths, padded after the shared tokens -- continues from a copy of their cache, with the logits of
+    every step (recorded from ``generate``) and the translations of the left-padded full prompts, one at a time or
+    batched (every architecture; also quantized W4 with a trained LoRA, where the rows' own tokens may now run on
+    the decoding kernel, bf16 inside: hence its tolerance)."""
+    import lowbit.translate as mt
+
+    model, tok = tiny_model(arch), tiny_tokenizer()
+    tolerance = {}
+    if arch == "llama":
+        lowbit.quantize(model, lowbit.QuantConfig(bits=4, group_size=32, init="qlora"), progress=False)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+        tolerance = {"atol": 0.05, "rtol": 0.05}
+    scores: list[torch.Tensor] = []
+    real_generate = model.generate
+
+    def recorded(*args, **kwargs):
+        out = real_generate(*args, **kwargs, output_scores=True, return_dict_in_generate=True)
+        scores.append(torch.stack(out.scores))
+        return out.sequences
+
+    monkeypatch.setattr(model, "generate", recorded)
+    sources = ["w1 w2 w3", "w4", "w5 w6 w7 w8 w9 w10", "w11 w12", "w13"]
+    prefixes = []
+    real = mt._prefix_cache
+    monkeypatch.setattr(mt, "_prefix_cache", lambda *a: prefixes.append(len(a[1])) or real(*a))
+    shared = translate(model, tok, sources, shots=SHOTS_4, batch_size=2, max_new_tokens=6)
+    encoded = tok([prompt(s, shots=SHOTS_4) for s in sources])["input_ids"]
+    assert prefixes == [mt.shared_length(encoded)] and prefixes[0] >= mt.MIN_SHARED
+    shared_scores, scores[:] = list(scores), []
+    monkeypatch.setattr(mt, "MIN_SHARED", 10**6)  # no sharing: every row runs its whole prompt
+    assert translate(model, tok, sources, shots=SHOTS_4, batch_size=2, max_new_tokens=6) == shared
+    assert len(prefixes) == 1 and len(scores) == len(shared_scores) == 3
+    for got, want in zip(shared_scores, scores, strict=True):
+        torch.testing.assert_close(got, want, **tolerance)
+    assert translate(model, tok, sources, shots=SHOTS_4, batch_size=1, max_new_tokens=6) == shared
+
+
+def test_translate_shares_no_prefix_past_a_sliding_window(monkeypatch) -> None:
+    """A sliding window counts padding: with padding after the shared tokens a row would see fewer real tokens, so a
+    model whose window is shorter than a prompt runs whole prompts (and still translates as one row at a time);
+    so do short shared beginnings, beam search and the static cache."""
+    import lowbit.translate as mt
+
+    calls = []
+    monkeypatch.setattr(mt, "_prefix_cache", lambda *a: calls.append(a) or pytest.fail("no prefix expected"))
+    tok = tiny_tokenizer()
+    model = tiny_model("mistral")
+    model.config.sliding_window = 16
+    sources = ["w1 w2 w3", "w4", "w5 w6 w7 w8 w9 w10"]
+    one = translate(model, tok, sources, shots=SHOTS_4, batch_size=1, max_new_tokens=4)
+    assert translate(model, tok, sources, shots=SHOTS_4, batch_size=2, max_new_tokens=4) == one
+    llama = tiny_model("llama")
+    translate(llama, tok, sources, batch_size=2, max_new_tokens=4)  # zero-shot: a few shared tokens only
+    translate(llama, tok, sources, shots=SHOTS_4, batch_size=2, beams=2, max_new_tokens=4)
+    assert not calls
+
+
+def test_padded_rows_and_shared_length() -> None:
+    """Rows sharing their first tokens are padded right after them (left-padded without any), and the shared length
+    leaves every row a token of its own."""
+    ids, mask = padded([[5, 6, 7, 8], [5, 6, 9]], pad=0, shared=2)
+    assert ids.tolist() == [[5, 6, 7, 8], [5, 6, 0, 9]] and mask.tolist() == [[1, 1, 1, 1], [1, 1, 0, 1]]
+    ids, mask = padded([[5, 6, 7, 8], [5, 6]], pad=0)
+    assert ids.tolist() == [[5, 6, 7, 8], [0, 0, 5, 6]] and mask.tolist() == [[1, 1, 1, 1], [0, 0, 1, 1]]
+    assert shared_length([[5, 6, 7, 8], [5, 6, 9]]) == 2
+    assert shared_length([[5, 6, 7], [5, 6, 7, 8]]) == 2  # the shorter row keeps its last token
+    assert shared_length([[4, 6], [5, 6]]) == 0
 
 
 def test_translate_prepares_each_batch_for_its_own_rows(monkeypatch) -> None:

@@ -89,6 +89,18 @@ def _ids(value: int | Iterable[int] | None) -> list[int]:
     return [int(value)] if isinstance(value, int) else [int(v) for v in value]
 
 
+def forward_parameters(model: nn.Module) -> set[str]:
+    """The names the model's forward takes (a PEFT or compiled wrapper's inner model's: they pass arguments on)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return set(inspect.signature(getattr(inner, "_orig_mod", inner).forward).parameters)
+
+
+def cache_argument(names: set[str]) -> str:
+    """The keyword a forward (and ``generate``) with parameters ``names`` takes its KV cache by: transformers 5.24
+    names it ``cache``, earlier 5.x releases ``past_key_values``."""
+    return "cache" if "cache" in names else "past_key_values"
+
+
 def _step(model: nn.Module, decoder: Decoder) -> torch.Tensor:
     """The next token of every row after ``decoder.token``: the forward over the cache, then the argmax."""
     logits = model(input_ids=decoder.token, position_ids=decoder.position, attention_mask=decoder.mask,
@@ -125,13 +137,10 @@ class Decoder:
         self.position = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
         self.mask = torch.zeros(batch, length, dtype=torch.long, device=device)
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT passes arguments on
-        names = inspect.signature(getattr(inner, "_orig_mod", inner).forward).parameters
+        names = forward_parameters(model)
         self.keep = "logits_to_keep" in names
-        # transformers 5.24 names the cache ``cache``, earlier 5.x releases ``past_key_values``; a release whose
-        # forward takes the tokens' cache slots (``cache_position``) gets them
-        self.cache_name = "cache" if "cache" in names else "past_key_values"
-        self.slots = "cache_position" in names
+        self.cache_name = cache_argument(names)
+        self.slots = "cache_position" in names  # a release whose forward takes the tokens' cache slots gets them
         self.step = _step
         compiled = compile and _unslide(self.cache, model.config, length)
         if compile and not compiled:
