@@ -9,7 +9,7 @@ import torch
 
 import lowbit
 import lowbit.parallel as parallel
-from conftest import ARCHS, save_tiny, tiny_model, tiny_text, tiny_tokenizer
+from conftest import ARCHS, VOCAB, save_tiny, tiny_model, tiny_text, tiny_tokenizer
 from lowbit import decode
 from lowbit.cli import main
 from lowbit.errors import LowbitError
@@ -227,21 +227,31 @@ def test_translate_runs_the_shared_shots_once_with_the_same_translations(arch: s
     assert translate(model, tok, sources, shots=SHOTS_4, batch_size=1, max_new_tokens=6) == shared
 
 
-def test_translate_shares_no_prefix_past_a_sliding_window(monkeypatch) -> None:
+def test_translate_shares_no_prefix_where_padding_after_it_would_change_attention(monkeypatch) -> None:
     """A sliding window counts padding: with padding after the shared tokens a row would see fewer real tokens, so a
-    model whose window is shorter than a prompt runs whole prompts (and still translates as one row at a time);
-    so do short shared beginnings, beam search and the static cache."""
+    model whose window is shorter than a prompt runs whole prompts (and still translates as one row at a time); so
+    do model types not known to see middle padding as left padding (GPT-Neo's local windows go by another name), a
+    generation config asking for its own cache, short shared beginnings and beam search."""
+    import transformers as tf
+
     import lowbit.translate as mt
 
     calls = []
     monkeypatch.setattr(mt, "_prefix_cache", lambda *a: calls.append(a) or pytest.fail("no prefix expected"))
     tok = tiny_tokenizer()
-    model = tiny_model("mistral")
-    model.config.sliding_window = 16
     sources = ["w1 w2 w3", "w4", "w5 w6 w7 w8 w9 w10"]
-    one = translate(model, tok, sources, shots=SHOTS_4, batch_size=1, max_new_tokens=4)
-    assert translate(model, tok, sources, shots=SHOTS_4, batch_size=2, max_new_tokens=4) == one
+    windowed = tiny_model("mistral")
+    windowed.config.sliding_window = 16
+    neo = tf.GPTNeoForCausalLM(tf.GPTNeoConfig(vocab_size=VOCAB, hidden_size=64, num_layers=2, num_heads=4,
+                                               attention_types=[[["global", "local"], 1]], window_size=8,
+                                               bos_token_id=1, eos_token_id=2)).eval()  # fmt: skip
+    own_cache = tiny_model("llama")
+    own_cache.generation_config.cache_implementation = "static"
+    for model in (windowed, neo, own_cache):
+        one = translate(model, tok, sources, shots=SHOTS_4, batch_size=1, max_new_tokens=4)
+        assert translate(model, tok, sources, shots=SHOTS_4, batch_size=2, max_new_tokens=4) == one
     llama = tiny_model("llama")
+    assert mt.shares_prefix(llama, 10**4) and not mt.shares_prefix(windowed, 17) and mt.shares_prefix(windowed, 16)
     translate(llama, tok, sources, batch_size=2, max_new_tokens=4)  # zero-shot: a few shared tokens only
     translate(llama, tok, sources, shots=SHOTS_4, batch_size=2, beams=2, max_new_tokens=4)
     assert not calls

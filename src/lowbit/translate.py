@@ -81,7 +81,8 @@ def translate(
     Greedy decoding without a static cache runs the prompts' shared beginning (the instruction and the shots: at
     least :data:`MIN_SHARED` tokens) once, and each batch continues from a copy of its KV cache, its rows padded
     between that beginning and their own tokens: the same tokens up to rounding (the shared tokens run at one row
-    instead of a batch's), in a fraction of the prefill (``bench/cpu_int4.py``'s ``mt-w4``)."""
+    instead of a batch's), in a fraction of the prefill (``bench/cpu_int4.py``'s ``mt-w4``); where
+    :func:`shares_prefix` allows it."""
     if tokenizer is None:
         raise LowbitError("the model has no tokenizer files: copy the tokenizer into the model folder")
     if batch_size < 1 or beams < 1:
@@ -99,35 +100,34 @@ def translate(
     if beams == 1 and not static_cache and encoded:
         shared = shared_length(encoded)
         longest = max(map(len, encoded)) + max_new_tokens
-        if shared < MIN_SHARED or not _unwindowed(model.config, longest):
+        if shared < MIN_SHARED or not shares_prefix(model, longest):
             shared = 0
     prefix = _prefix_cache(model, encoded[0][:shared], device, names) if shared else None
     out: list[str] = []
-    bar = tqdm(total=len(sources), desc="translating", unit="seg", disable=not progress)
-    for start in range(0, len(encoded), batch_size):
-        rows = encoded[start : start + batch_size]
-        # lowbit's loop: a short last batch is filled up with copies of its last row, so that one decoder (one
-        # compiled step) serves every batch; the copies' translations are dropped
-        fill = batch_size - len(rows) if static_cache and beams == 1 and len(sources) > batch_size else 0
-        # kernel copies for this batch's decoding steps, made while they fit rather than inside a compiled step
-        kernels.prepare_decoding(model, rows=(len(rows) + fill) * beams)
-        ids, mask = (t.to(device) for t in padded([*rows, *[rows[-1]] * fill], pad, shared))
-        if static_cache and beams == 1:
-            gen = greedy(model, ids, mask, max_new_tokens=max_new_tokens, eos_token_id=ends,
-                         pad_token_id=pad)[: len(rows)]  # fmt: skip
-        else:
-            extra = {}
-            if prefix is not None:
-                cache = copy.deepcopy(prefix)
-                cache.batch_repeat_interleave(len(rows))
-                extra[cache_argument(names)] = cache
-            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                 do_sample=False, num_beams=beams, eos_token_id=ends, pad_token_id=pad,
-                                 **cache_kwargs(static_cache), **extra)  # fmt: skip
-        for row in gen[:, ids.shape[1] :]:
-            out.append(tokenizer.decode(row, skip_special_tokens=True).split("\n")[0].strip())
-        bar.update(len(rows))
-    bar.close()
+    with tqdm(total=len(sources), desc="translating", unit="seg", disable=not progress) as bar:
+        for start in range(0, len(encoded), batch_size):
+            rows = encoded[start : start + batch_size]
+            # lowbit's loop: a short last batch is filled up with copies of its last row, so that one decoder (one
+            # compiled step) serves every batch; the copies' translations are dropped
+            fill = batch_size - len(rows) if static_cache and beams == 1 and len(sources) > batch_size else 0
+            # kernel copies for this batch's decoding steps, made while they fit rather than inside a compiled step
+            kernels.prepare_decoding(model, rows=(len(rows) + fill) * beams)
+            ids, mask = (t.to(device) for t in padded([*rows, *[rows[-1]] * fill], pad, shared))
+            if static_cache and beams == 1:
+                gen = greedy(model, ids, mask, max_new_tokens=max_new_tokens, eos_token_id=ends,
+                             pad_token_id=pad)[: len(rows)]  # fmt: skip
+            else:
+                extra = {}
+                if prefix is not None:
+                    cache = copy.deepcopy(prefix)
+                    cache.batch_repeat_interleave(len(rows))
+                    extra[cache_argument(names)] = cache
+                gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                     do_sample=False, num_beams=beams, eos_token_id=ends, pad_token_id=pad,
+                                     **cache_kwargs(static_cache), **extra)  # fmt: skip
+            for row in gen[:, ids.shape[1] :]:
+                out.append(tokenizer.decode(row, skip_special_tokens=True).split("\n")[0].strip())
+            bar.update(len(rows))
     return out
 
 
@@ -151,13 +151,35 @@ def padded(rows: Sequence[Sequence[int]], pad: int, shared: int = 0) -> tuple[to
     return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
 
 
-def _unwindowed(config, length: int) -> bool:
-    """Whether every attention layer of a model with ``config`` sees all of ``length`` tokens. A sliding window or
-    attention chunk counts cache slots, padding included, so padding in the middle of a row would leave it fewer
-    real tokens than padding at the start: such models share a prefix only where the window holds everything."""
+# The model types whose attention sees a shared prefix and padding after it as it sees left padding: positions from
+# the mask (rotary or learned), nothing counted in cache slots but a sliding window, which :func:`shares_prefix`
+# checks. Tested on each (tests/test_mt.py); elsewhere -- slot-based biases such as ALiBi (MPT, Bloom), local
+# windows under other names (GPT-Neo), recurrent layers (hybrid linear-attention models) -- prompts run whole.
+PREFIX_TYPES = frozenset({"llama", "qwen2", "mistral", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2"})
+
+
+def shares_prefix(model: nn.Module, length: int) -> bool:
+    """Whether greedy translation may run the prompts' shared beginning once for ``model``, with rows of at most
+    ``length`` tokens (prompt and new tokens): a model type of :data:`PREFIX_TYPES`, whose cache is made of plain
+    attention layers, every sliding window (which counts cache slots, padding included, so padding in the middle
+    of a row would leave it fewer real tokens) holding the whole row, and no cache implementation of its own asked
+    for by its generation config (``generate`` takes no cache beside one)."""
+    from transformers import DynamicCache
+
+    config = model.config
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    windows = [getattr(text, key, None) for key in ("sliding_window", "attention_chunk_size")]
-    return all(w is None or w >= length for w in windows)
+    asked = getattr(getattr(model, "generation_config", None), "cache_implementation", None)
+    if text.model_type not in PREFIX_TYPES or asked not in (None, "hybrid"):
+        return False
+    if getattr(text, "attention_chunk_size", None) is not None:
+        return False
+    for layer in DynamicCache(config=config).layers:
+        if type(layer).__name__ not in ("DynamicLayer", "DynamicSlidingWindowLayer"):
+            return False
+        window = getattr(layer, "sliding_window", None)
+        if window is not None and window < length:
+            return False
+    return True
 
 
 def _prefix_cache(model: nn.Module, ids: Sequence[int], device: torch.device, names: set[str]):
