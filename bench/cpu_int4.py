@@ -464,31 +464,24 @@ def main() -> None:
                         help="layers, decode, compiled, lora, stepwise, mt (comma-separated)")  # fmt: skip
     wanted = parser.parse_args().rows.split(",")
     env = benchlib.environment()
-    for in_f, out_f in SHAPES if "layers" in wanted else ():
-        rows = shape_rows(in_f, out_f)
+
+    def emit(rows: list[dict]) -> None:  # each row printed and stored as soon as it is measured
         for row in rows:
             print(row, flush=True)
         benchlib.save_rows(RESULTS, rows, env, "cpu-int4")
+
+    for in_f, out_f in SHAPES if "layers" in wanted else ():
+        emit(shape_rows(in_f, out_f))
     for bits in (4, 3, 2) if "decode" in wanted else ():
-        row = decode_row(bits)
-        print(row, flush=True)
-        benchlib.save_rows(RESULTS, [row], env, "cpu-int4")
+        emit([decode_row(bits)])
     if "compiled" in wanted:
-        row = compiled_row()
-        print(row, flush=True)
-        benchlib.save_rows(RESULTS, [row], env, "cpu-int4")
+        emit([compiled_row()])
     if "lora" in wanted:
-        row = lora_step_row()
-        print(row, flush=True)
-        benchlib.save_rows(RESULTS, [row], env, "cpu-int4")
+        emit([lora_step_row()])
     for bits in [b for b in (4, 3, 2) if "stepwise" in wanted or f"stepwise-w{b}" in wanted]:
-        row = stepwise_row(bits)
-        print(row, flush=True)
-        benchlib.save_rows(RESULTS, [row], env, "cpu-int4")
+        emit([stepwise_row(bits)])
     if "mt" in wanted:
-        row = mt_row()
-        print(row, flush=True)
-        benchlib.save_rows(RESULTS, [row], env, "cpu-int4")
+        emit([mt_row()])
     print(f"\n{env['date']}, commit {env['commit']}, {env['machine']['cpu']}, torch {env['versions']['torch']}")
 
 

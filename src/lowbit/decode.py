@@ -89,6 +89,11 @@ def _ids(value: int | Iterable[int] | None) -> list[int]:
     return [int(value)] if isinstance(value, int) else [int(v) for v in value]
 
 
+def text_config(config: PretrainedConfig) -> PretrainedConfig:
+    """The decoder's own config: a multimodal model's text part, else ``config`` itself."""
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
 def forward_parameters(model: nn.Module) -> set[str]:
     """The names the model's forward takes (a PEFT or compiled wrapper's inner model's: they pass arguments on)."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -222,7 +227,7 @@ def _unslide(cache: StaticCache, config: PretrainedConfig, length: int) -> bool:
     attends to are the sliding layer's."""
     from transformers.cache_utils import StaticLayer
 
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     if getattr(text, "attention_chunk_size", None) is not None or "chunked_attention" in (
         getattr(text, "layer_types", None) or ()
     ):

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from lowbit import kernels
-from lowbit.decode import cache_argument, forward_parameters, greedy
+from lowbit.decode import cache_argument, forward_parameters, greedy, text_config
 from lowbit.errors import LowbitError
 from lowbit.parallel import Pair
 
@@ -167,7 +167,7 @@ def shares_prefix(model: nn.Module, length: int) -> bool:
     from transformers import DynamicCache
 
     config = model.config
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     asked = getattr(getattr(model, "generation_config", None), "cache_implementation", None)
     if text.model_type not in PREFIX_TYPES or asked not in (None, "hybrid"):
         return False
