@@ -114,3 +114,28 @@ def test_quantize_leaves_only_the_lora_trainable(arch: str) -> None:
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     lora = {n for n, _ in model.named_parameters() if n.endswith(("lora_A", "lora_B"))}
     assert lora and trainable == lora
+
+
+@pytest.mark.parametrize("init", ["qlora", "apiq-bw"])
+def test_quantized_layers_keep_the_models_mode(init: str) -> None:
+    """Layers built by quantization take the mode of the layers they replace: in an eval model a LoRA dropout stays
+    off, so inference repeats itself and decodes on torch-int4 (a new layer starts in training mode, and once
+    dropped activations at inference -- and, in calibration, the next block's inputs); a training model's layers
+    train."""
+    import lowbit
+
+    config = lowbit.QuantConfig(bits=4, group_size=32, rank=4, dropout=0.5, init=init,
+                                options={"epochs": 1} if init == "apiq-bw" else {})  # fmt: skip
+    calib = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    model = lowbit.quantize(tiny_model("llama").eval(), config, calib=calib, progress=False)
+    layers = quant_layers(model).values()
+    assert layers and not any(m.training for m in layers)
+    ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for m in layers:
+            nn.init.normal_(m.lora_B, std=0.1)  # a LoRA that changes the output, so dropout would show
+        assert torch.equal(model(ids).logits, model(ids).logits)
+        assert {kernels.select(m, ids.new_zeros(1, m.in_features, dtype=torch.float32), False).name
+                for m in layers} == {"torch-int4"}  # fmt: skip
+    training = lowbit.quantize(tiny_model("llama").train(), config, calib=calib, progress=False)
+    assert all(m.training for m in quant_layers(training).values())

@@ -316,9 +316,16 @@ def adapter_layers(model: nn.Module) -> dict[str, QuantLinear | AdaptedLinear]:
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Replace the submodule at dotted path ``name``."""
+    """Replace the submodule at dotted path ``name``; the new module takes the old one's train/eval mode.
+
+    A module is built in training mode, so a layer put into an eval model would otherwise be the one part of it
+    still training: its LoRA dropout would drop activations at inference (and in calibration, the inputs the next
+    block is fitted on), and decoding kernels, which leave dropout out, would refuse it."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, child, None)
+    if isinstance(old, nn.Module):
+        module.train(old.training)
     setattr(parent, child, module)
 
 
