@@ -25,6 +25,9 @@ key range rounds differently from the dynamic cache's, which can flip a near tie
 ``decode-compiled-w4``: lowbit's decoding loop with its step compiled by inductor (``greedy(compile=True)``) against
 the uncompiled loop and ``generate``, at batch 1 and at batch 8 over few-shot translation prompts, and the compile
 time with an empty and a filled inductor cache (:func:`compiled_row`);
+``steady-w4``: one decoding step (a one-token forward, at 1 and at 8 rows) with the kernels checking their state
+at every call against inside ``kernels.steady()``, where each layer is checked at its first call only, as
+``generate``, ``translate`` and lowbit's loop decode (:func:`steady_row`);
 ``lora-step-w4``: one decoding step (a one-token forward) of the default model at W4 with a drawn r16 LoRA, its LoRA
 from the kernel's kept copies, computed beside each layer, or absent, in 15 interleaved rounds (median ms: finer than
 whole generations);
@@ -40,7 +43,7 @@ split, as ``lowbit eval --mt`` does) by the default model at W4g64 on each kerne
 running its whole prompt rather than the shared shots once: chrF, seconds, and how many translations are identical.
 
     python bench/cpu_int4.py                       # all rows; stores bench/results/cpu_int4.json
-    python bench/cpu_int4.py --rows decode,compiled,lora,stepwise,mt   # end-to-end rows (stepwise-w2: one row)
+    python bench/cpu_int4.py --rows decode,compiled,lora,steady,stepwise,mt   # end-to-end rows (stepwise-w2: one row)
 """
 
 from __future__ import annotations
@@ -361,6 +364,50 @@ def lora_step_row(bits: int = 4, rounds: int = 15, calls: int = 10) -> dict:
     return row
 
 
+def steady_row(bits: int = 4, rounds: int = 15, calls: int = 10, batches: tuple[int, ...] = (1, 8)) -> dict:
+    """One decoding step (a one-token forward per row, the default model at W{bits}g64 with a drawn r16 LoRA, q/k/v
+    and gate/up fused, on torch-int4) with the kernels checking their state at every call (``checked``, as before
+    ``kernels.steady`` existed and as a caller's own eager loop still runs) and inside a steady block, as
+    ``generate``, ``translate`` and lowbit's loop decode (``steady``: each layer checked at its first call in the
+    block), at 1 and 8 rows: ``rounds`` interleaved rounds of ``calls`` calls, median ms a step, and whether the
+    logits are bit-identical."""
+    import contextlib
+
+    import torch
+
+    from lowbit import kernels
+    from lowbit.layers import quant_layers
+
+    model, _ = rtn_model(bits)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in quant_layers(model).values():
+            layer.lora_B.copy_(0.01 * torch.randn(layer.lora_B.shape, generator=gen))
+    row: dict = {"row": f"steady-w{bits}", "rounds": rounds, "calls": calls}
+    for batch in batches:
+        ids = torch.full((batch, 1), 42)
+        times: dict[str, list[float]] = {"checked": [], "steady": []}
+        with torch.no_grad(), kernels.pinned("torch-int4"):
+            kernels.prepare_decoding(model, rows=batch)
+            checked = model(ids).logits
+            with kernels.steady():
+                same = torch.equal(model(ids).logits, checked) and torch.equal(model(ids).logits, checked)
+            for _ in range(rounds):
+                for name in times:
+                    with kernels.steady() if name == "steady" else contextlib.nullcontext():
+                        model(ids)  # the block's first call checks everything
+                        start = time.perf_counter()
+                        for _ in range(calls):
+                            model(ids)
+                        times[name].append((time.perf_counter() - start) / calls * 1e3)
+        for name, v in times.items():
+            row[f"b{batch}_{name}_ms"] = round(statistics.median(v), 2)
+        row[f"b{batch}_each_round_ms"] = {name: [round(t, 2) for t in v] for name, v in times.items()}
+        row[f"b{batch}_speedup"] = round(row[f"b{batch}_checked_ms"] / row[f"b{batch}_steady_ms"], 3)
+        row[f"b{batch}_same_logits"] = same
+    return row
+
+
 def stepwise_texts(tokenizer, tokens: int) -> dict:
     """``tokens`` token ids of PTB test text and of the P3 Bible eval text (English), each as a ``[1, tokens]``
     tensor: the two domains the README's perplexities use."""
@@ -460,8 +507,8 @@ def main() -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", default="layers,decode,compiled,lora,stepwise,mt",
-                        help="layers, decode, compiled, lora, stepwise, mt (comma-separated)")  # fmt: skip
+    parser.add_argument("--rows", default="layers,decode,compiled,lora,steady,stepwise,mt",
+                        help="layers, decode, compiled, lora, steady, stepwise, mt (comma-separated)")  # fmt: skip
     wanted = parser.parse_args().rows.split(",")
     env = benchlib.environment()
 
@@ -478,6 +525,8 @@ def main() -> None:
         emit([compiled_row()])
     if "lora" in wanted:
         emit([lora_step_row()])
+    if "steady" in wanted:
+        emit([steady_row()])
     for bits in [b for b in (4, 3, 2) if "stepwise" in wanted or f"stepwise-w{b}" in wanted]:
         emit([stepwise_row(bits)])
     if "mt" in wanted:

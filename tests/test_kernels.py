@@ -24,7 +24,7 @@ import lowbit
 from conftest import tiny_model
 from lowbit import kernels
 from lowbit.errors import LowbitError
-from lowbit.kernels import reference, siblings, torch_int4
+from lowbit.kernels import lora, reference, siblings, torch_int4
 from lowbit.layers import QuantLinear, quant_layers
 from lowbit.quant import QuantSpec, quantize_weight
 
@@ -793,3 +793,59 @@ def test_a_member_that_stops_taking_its_share_dissolves_its_group() -> None:
             attn.k_proj(y)
             assert torch.equal(attn.v_proj(y), _own(attn.v_proj, y))
         assert group.kept is None and not isinstance(attn.q_proj.__dict__.get(torch_int4.CACHE), siblings.Member)
+
+
+@needs_int4
+def test_a_steady_block_checks_each_layers_state_once_and_the_next_block_sees_changes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Inside ``kernels.steady()`` decoding gives what checked calls give, each layer's kernel is chosen once per
+    input shape and grad mode (a 17-row prompt on the reference, one-row steps on torch-int4, a grad-mode call on a
+    kernel with a backward), and each layer's selection, copy and LoRA copy is checked at its first call in the
+    block only. A change made between two blocks -- an optimizer-like step on the LoRA factors of a fused layer and
+    of one with its own copy, new scales in place for each -- shows in the next block's first call."""
+    model = _with_trained_lora(tiny_model("llama")).eval()
+    calls = {"supports": 0, "refresh": 0, "current": 0, "made_from": 0}
+
+    def counted(name: str, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(kernels.Kernel, "supports", counted("supports", kernels.Kernel.supports))
+    monkeypatch.setattr(siblings.Siblings, "current", counted("current", siblings.Siblings.current))
+    monkeypatch.setattr(torch_int4, "made_from", counted("made_from", torch_int4.made_from))
+    monkeypatch.setattr(lora.LoraCopy, "refresh", counted("refresh", lora.LoraCopy.refresh))
+    step, prompt = torch.tensor([[7]]), torch.arange(3, 20).unsqueeze(0)
+    attn = model.model.layers[0].self_attn
+    with torch.no_grad():
+        kernels.prepare_decoding(model)
+        assert isinstance(attn.k_proj.__dict__[torch_int4.CACHE], siblings.Member)
+        checked = model(step).logits, model(prompt).logits
+        assert isinstance(attn.o_proj.__dict__[torch_int4.CACHE], tuple)  # its own copy (made at its first call)
+        with kernels.steady():
+            first = model(step).logits
+            once = dict(calls)
+            for _ in range(3):
+                assert torch.equal(model(step).logits, first)
+            assert calls == once  # nothing checked again after each layer's first call
+            assert torch.equal(first, checked[0])
+            assert torch.equal(model(prompt).logits, checked[1])  # the prompt's rows: the reference, not a kept pick
+            assert torch.equal(model(step).logits, first)
+            with torch.enable_grad():
+                assert model(step).logits.requires_grad  # grad mode: a kernel with a backward
+    with torch.no_grad():
+        for layer in (attn.k_proj, attn.o_proj):  # fused, own copy
+            layer.lora_B.add_(0.5)  # in place, as an optimizer step
+        with kernels.steady():
+            lora_changed = model(step).logits
+        assert not torch.equal(lora_changed, first)
+        assert torch.equal(lora_changed, model(step).logits)  # what a checked call gives after the change
+        for layer in (model.model.layers[0].mlp.gate_proj, model.model.layers[1].mlp.down_proj):  # fused, own copy
+            layer.scales.mul_(1.5)
+        with kernels.steady():
+            changed = model(step).logits
+        assert not torch.equal(changed, lora_changed)
+        assert torch.equal(changed, model(step).logits)

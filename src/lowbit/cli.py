@@ -30,7 +30,7 @@ from lowbit.device import (
 )
 from lowbit.errors import LowbitError
 from lowbit.kernels import NAMES as KERNEL_NAMES
-from lowbit.kernels import kernel, pinned, pinned_name, prepare_decoding
+from lowbit.kernels import kernel, pinned, pinned_name, prepare_decoding, steady
 
 EXIT_USER_ERROR = 2
 
@@ -493,7 +493,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         text = args.prompt
     inputs = tokenizer(text, return_tensors="pt").to(model.device)
     torch.manual_seed(args.seed)
-    with torch.no_grad(), _kernel_pin(args), inference_precision(model, args.precision):
+    with torch.no_grad(), _kernel_pin(args), inference_precision(model, args.precision), steady():
         prepare_decoding(model)  # per-layer kernel copies made while they fit, not inside a compiled step
         if args.static_cache:
             out = greedy(model, inputs["input_ids"], inputs["attention_mask"], max_new_tokens=args.max_new_tokens,

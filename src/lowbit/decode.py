@@ -286,7 +286,7 @@ def greedy(
                               cache_implementation="static")  # fmt: skip
     device = input_ids.device
     state = _state(model, input_ids.shape[0], device, device.type == "cuda" if compile is None else compile)
-    from lowbit.kernels import keep_lora_copies
+    from lowbit.kernels import keep_lora_copies, steady
 
     if state[3] is not None:  # the decoding kernel's LoRA copies, current before a step that may be compiled
         keep_lora_copies(model, state[3])
@@ -296,4 +296,5 @@ def greedy(
         release(model)
         decoder = None  # the old cache goes before the new one is allocated
         decoder = _decoders[model] = Decoder(model, state, -(-need // LENGTH_STEP) * LENGTH_STEP)
-    return decoder(model, input_ids, attention_mask, max_new_tokens, eos, pad)
+    with steady():  # eager steps check each layer's kernel state once, not every token (compiled ones never do)
+        return decoder(model, input_ids, attention_mask, max_new_tokens, eos, pad)

@@ -104,7 +104,8 @@ def translate(
             shared = 0
     prefix = _prefix_cache(model, encoded[0][:shared], device, names) if shared else None
     out: list[str] = []
-    with tqdm(total=len(sources), desc="translating", unit="seg", disable=not progress) as bar:
+    # a steady block: the kernels check each layer's state at its first call, not at every token (kernels.steady)
+    with tqdm(total=len(sources), desc="translating", unit="seg", disable=not progress) as bar, kernels.steady():
         for start in range(0, len(encoded), batch_size):
             rows = encoded[start : start + batch_size]
             # lowbit's loop: a short last batch is filled up with copies of its last row, so that one decoder (one

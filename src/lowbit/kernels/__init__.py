@@ -38,6 +38,13 @@ use that kernel wherever it supports the call (the reference elsewhere); the tes
 numerics on any device, and the calibration engine pins ``triton-dequant`` (in float32 the reference's numerics,
 with no sum whose order an autotuned tile sets). Pin-only kernels (:data:`PIN_ONLY`) run nowhere else. Under
 ``torch.compile`` the pin is read when a function is traced.
+
+Steady blocks: an eager call checks that the kernels' state is current (the selection, each copy's source buffers
+and LoRA factors, by identity and version counter), which at one row costs about as much Python as the product
+itself. Decoding repeats the same calls token after token with nothing changing, so ``with kernels.steady():``
+(``generate``, ``translate`` and :func:`lowbit.decode.greedy` decode inside one) checks each layer's state at its
+first call in the block and trusts it after (:func:`steady_token`), as a compiled step trusts what it was traced
+with.
 """
 
 from __future__ import annotations
@@ -114,6 +121,8 @@ PIN_ONLY = ("triton-gemv",)
 NAMES = PREFERENCE + PIN_ONLY
 
 _pinned: str | None = None  # set by ``pinned``
+_steady: object | None = None  # the current ``steady`` block's token, else None
+SELECTED = "_kernel_choice"  # the layer attribute holding its kernel within a steady block (see select)
 _gpu_table: dict[str, Kernel] | None = None  # filled by ``_gpu_kernels`` on first use
 _torch_table: dict[str, Kernel] | None = None  # filled by ``_torch_kernels`` on first use
 
@@ -182,14 +191,50 @@ def pinned_name() -> str | None:
 
 
 def select(layer: QuantLinear, x: torch.Tensor, training: bool) -> Kernel:
-    """The kernel that computes ``layer``'s base product for input ``x`` (``training``: grad mode is on)."""
+    """The kernel that computes ``layer``'s base product for input ``x`` (``training``: grad mode is on); in a
+    :func:`steady` block chosen once per input shape, dtype and grad mode."""
+    token = steady_token()
+    if token is not None:
+        key = (token, x.shape[:-1], x.dtype, training)
+        memo = layer.__dict__.get(SELECTED)
+        if memo is not None and memo[0] == key:
+            return memo[1]
+    chosen = REFERENCE
     name = pinned_name()
     fast = _fast_kernels(x.device.type)
     for candidate in (name,) if name else PREFERENCE:
         found = fast.get(candidate)
         if found is not None and found.supports(layer, x, training):
-            return found
-    return REFERENCE
+            chosen = found
+            break
+    if token is not None:
+        layer.__dict__[SELECTED] = (key, chosen)  # not a buffer: never in the state dict
+    return chosen
+
+
+@contextmanager
+def steady() -> Iterator[None]:
+    """A block of eager calls that change nothing the kernels read: inside it each layer's kernel state -- its
+    selection, its copies' source buffers and LoRA factors -- is checked at the layer's first call and trusted after.
+
+    Decoding is such a block: a one-row step is mostly Python, and these checks were a fifth of it on the CPU
+    (``bench/cpu_int4.py``'s ``steady-w4`` row). Inside one, the model's packed buffers, LoRA factors and scalings,
+    dropout modes, devices, the kernel pin and the autocast state must not change (the grad mode and the input's shape
+    and dtype may: they are part of what a selection is kept for); a change made between two blocks is seen by the
+    next, which checks everything again. Compiled code ignores the block (it checks identity only, as ever)."""
+    global _steady
+    previous, _steady = _steady, object()
+    try:
+        yield
+    finally:
+        _steady = previous
+
+
+def steady_token() -> object | None:
+    """The current :func:`steady` block's token -- what a kernel's state records when it was last checked, so that
+    it is checked once a block -- or None outside one and while compiling (``torch.compile`` folds this away rather
+    than guarding on the global)."""
+    return None if torch.compiler.is_compiling() else _steady
 
 
 def prepare_decoding(model: torch.nn.Module, rows: int = 1, fuse: bool = True) -> tuple[int, int]:
@@ -224,7 +269,7 @@ def drop_caches(module: torch.nn.Module) -> None:
     LoRA copies), freeing that memory; the next call that needs it makes it again. ``QuantLinear`` calls this itself
     when its buffers are replaced, loaded or moved; call it after writing them or the LoRA factors through ``.data``
     (which version counters do not see)."""
-    names = [name for k in (*_torch_kernels().values(), *(_gpu_table or {}).values()) for name in k.caches]
+    names = [SELECTED, *(name for k in (*_torch_kernels().values(), *(_gpu_table or {}).values()) for name in k.caches)]
     for layer in module.modules():
         for name in names:
             cached = layer.__dict__.pop(name, None)
@@ -304,6 +349,7 @@ __all__ = [
     "PIN_ONLY",
     "PREFERENCE",
     "REFERENCE",
+    "SELECTED",
     "Kernel",
     "LayerState",
     "compute_dtype",
@@ -316,6 +362,8 @@ __all__ = [
     "pinned",
     "prepare_decoding",
     "select",
+    "steady",
+    "steady_token",
     "version_of",
     "versions",
 ]

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lowbit.kernels import LayerState, versions
+from lowbit.kernels import LayerState, steady_token, versions
 
 if TYPE_CHECKING:
     from lowbit.layers import QuantLinear
@@ -79,13 +79,14 @@ class LoraCopy(LayerState):
     replaced factor is told by identity: its memory cannot pass to a successor while the copy keeps it alive. A
     copied or pickled model has none (:class:`lowbit.kernels.LayerState`)."""
 
-    __slots__ = ("a", "dtype", "layers", "made", "sb", "sources")
+    __slots__ = ("a", "checked", "dtype", "layers", "made", "sb", "sources")
 
     def __init__(self, layers: Sequence[QuantLinear], dtype: torch.dtype) -> None:
         self.layers = tuple(weakref.ref(m) for m in layers)
         self.dtype = dtype
         self.a: torch.Tensor | None = None
         self.sb: torch.Tensor | None = None
+        self.checked: object | None = None  # the steady block it was last checked in (lowbit.kernels.steady)
         self._make(layers, in_place=False)
 
     def _members(self) -> list[QuantLinear] | None:
@@ -129,8 +130,11 @@ class LoraCopy(LayerState):
     def add(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``y + x A^T (s B)^T``: the layers' LoRA added to their base product ``y [rows, sum out]`` for input
         ``x [rows, in]``, in ``y``'s dtype (the copy is remade for another); ``y`` itself where no layer has a
-        LoRA."""
-        self.refresh(y.dtype, check_versions=not torch.compiler.is_compiling())
+        LoRA; in a steady block (:func:`lowbit.kernels.steady`) the factors are checked at its first call only."""
+        token = steady_token()
+        if token is None or self.checked is not token or self.dtype != y.dtype:
+            self.refresh(y.dtype, check_versions=not torch.compiler.is_compiling())
+            self.checked = token
         if self.a is None:
             return y
         return torch.addmm(y, x.to(self.dtype) @ self.a.t(), self.sb.t())

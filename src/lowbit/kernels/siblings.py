@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from lowbit.kernels import LayerState, input_weight, layer_buffers, made_from, version_of, versions
+from lowbit.kernels import LayerState, input_weight, layer_buffers, made_from, steady_token, version_of, versions
 
 if TYPE_CHECKING:
     from lowbit.layers import QuantLinear
@@ -137,6 +137,8 @@ class Siblings:
         self.splits = tuple(layer.out_features for layer in layers)
         self.sources = tuple(layer_buffers(layer) for layer in layers)  # what the fused copy was made from
         self.versions = tuple(versions(b) for b in self.sources)
+        # per member, the steady block (lowbit.kernels.steady) its buffers were last checked in
+        self.checked: list[object | None] = [None] * len(layers)
         # (input, its version, each member's output or None once taken) while outputs are kept, else None. One
         # attribute, read once and replaced whole: a call works on its own snapshot, so two threads decoding on one
         # model can cost a product twice but never hand one of them the other's output.
@@ -153,10 +155,13 @@ class Siblings:
         finds the last product's outputs untaken (a member no longer takes its share): the caller computes the layer
         alone."""
         compiling = torch.compiler.is_compiling()
-        if not self.current(layer, index, check_versions=not compiling):
-            if not compiling:
-                self.release()
-            return None
+        token = steady_token()
+        if token is None or self.checked[index] is not token:
+            if not self.current(layer, index, check_versions=not compiling):
+                if not compiling:
+                    self.release()
+                return None
+            self.checked[index] = token
         version = None if compiling else version_of(x)
         kept = self.kept
         if kept is None or kept[0] is not x or kept[1] != version or kept[2][index] is None:

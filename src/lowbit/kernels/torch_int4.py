@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lowbit import kernels
-from lowbit.kernels import Kernel, compute_dtype, input_weight, layer_buffers, made_from, versions
+from lowbit.kernels import Kernel, compute_dtype, input_weight, layer_buffers, made_from, steady_token, versions
 from lowbit.kernels.lora import LoraCopy, dropout_active
 from lowbit.kernels.siblings import Member, Siblings, shared_input_groups
 
@@ -103,14 +103,20 @@ def packed(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
     cache (``QuantLinear``), so a compiled model follows them too (it recompiles).
     """
     compiling = torch.compiler.is_compiling()
+    token = steady_token()  # in a steady block (lowbit.kernels.steady) the buffers are checked at its first call only
     cached = getattr(layer, CACHE, None)
-    if isinstance(cached, tuple) and made_from(layer, cached[0], cached[1], check_versions=not compiling):
-        return cached[2], cached[3]
+    if isinstance(cached, tuple):
+        if token is not None and cached[4] is token:
+            return cached[2], cached[3]
+        if made_from(layer, cached[0], cached[1], check_versions=not compiling):
+            if token is not None:
+                layer.__dict__[CACHE] = (*cached[:4], token)
+            return cached[2], cached[3]
     buffers = layer_buffers(layer)
     made = None if compiling else versions(buffers)
     codes, scales_and_offsets = tinygemm_form(layer)
     found = (int4pack(codes), scales_and_offsets.to(torch.bfloat16))
-    layer.__dict__[CACHE] = (buffers, made, *found)  # not a buffer: never in the state dict
+    layer.__dict__[CACHE] = (buffers, made, *found, token)  # not a buffer: never in the state dict
     return found
 
 
