@@ -88,18 +88,19 @@ class Kernel:
     def supports(self, layer: QuantLinear, x: torch.Tensor, training: bool) -> bool:
         """Whether this kernel computes ``layer(x)`` (``training``: in grad mode, where autograd may differentiate
         the call, so kernels without a backward -- the decoding ones -- are left out)."""
+        if training and not self.has_backward:  # the cheap refusals first: a training call asks every kernel
+            return False
         spec = layer.spec
         m = x.numel() // max(x.shape[-1], 1)
         return (
             m > 0
+            and (self.max_m is None or m <= self.max_m)
             and (self.formats is None or spec.format in self.formats)
             and (self.bits is None or spec.bits in self.bits)
             and (self.group_multiple is None or spec.group_size == -1 or spec.group_size % self.group_multiple == 0)
             and (self.devices is None or x.device.type in self.devices)
             and (self.dtypes is None or compute_dtype(x) in self.dtypes)
-            and (self.has_backward or not training)
-            and (self.max_m is None or m <= self.max_m)
-            and (self.layer_check is None or self.layer_check(layer))
+            and (self.layer_check is None or self.layer_check(layer))  # last: it may measure free memory
         )
 
 
@@ -217,11 +218,12 @@ def steady() -> Iterator[None]:
     """A block of eager calls that change nothing the kernels read: inside it each layer's kernel state -- its
     selection, its copies' source buffers and LoRA factors -- is checked at the layer's first call and trusted after.
 
-    Decoding is such a block: a one-row step is mostly Python, and these checks were a fifth of it on the CPU
-    (``bench/cpu_int4.py``'s ``steady-w4`` row). Inside one, the model's packed buffers, LoRA factors and scalings,
-    dropout modes, devices, the kernel pin and the autocast state must not change (the grad mode and the input's shape
-    and dtype may: they are part of what a selection is kept for); a change made between two blocks is seen by the
-    next, which checks everything again. Compiled code ignores the block (it checks identity only, as ever)."""
+    Decoding is such a block: a one-row step is mostly Python, and these checks were 23% of one on the CPU (the
+    default model at W4 with a LoRA: ``bench/cpu_int4.py``'s ``steady-w4`` row). Inside one, the model's packed
+    buffers, LoRA factors and scalings, dropout modes, devices, the kernel pin and the autocast state must not change
+    (the grad mode and the input's shape and dtype may: they are part of what a selection is kept for); a change made
+    between two blocks is seen by the next, which checks everything again. Compiled code ignores the block (it
+    checks identity only, as ever)."""
     global _steady
     previous, _steady = _steady, object()
     try:
