@@ -849,3 +849,21 @@ def test_a_steady_block_checks_each_layers_state_once_and_the_next_block_sees_ch
             changed = model(step).logits
         assert not torch.equal(changed, lora_changed)
         assert torch.equal(changed, model(step).logits)
+
+
+def test_steady_blocks_nest_and_belong_to_their_thread() -> None:
+    """A block inside a block has its own token and gives the outer one back; another thread's calls are outside
+    every block of this one (they check as ever)."""
+    import threading
+
+    seen: list[object | None] = []
+    assert kernels.steady_token() is None
+    with kernels.steady():
+        outer = kernels.steady_token()
+        with kernels.steady():
+            assert kernels.steady_token() not in (None, outer)
+        assert kernels.steady_token() is outer
+        worker = threading.Thread(target=lambda: seen.append(kernels.steady_token()))
+        worker.start()
+        worker.join()
+    assert outer is not None and seen == [None] and kernels.steady_token() is None

@@ -50,6 +50,7 @@ with.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -122,7 +123,9 @@ PIN_ONLY = ("triton-gemv",)
 NAMES = PREFERENCE + PIN_ONLY
 
 _pinned: str | None = None  # set by ``pinned``
-_steady: object | None = None  # the current ``steady`` block's token, else None
+# ``token``: this thread's current ``steady`` block's token (absent outside one); per thread, so that a block on
+# one thread never lets another thread's calls skip their checks
+_steady = threading.local()
 SELECTED = "_kernel_choice"  # the layer attribute holding its kernel within a steady block (see select)
 _gpu_table: dict[str, Kernel] | None = None  # filled by ``_gpu_kernels`` on first use
 _torch_table: dict[str, Kernel] | None = None  # filled by ``_torch_kernels`` on first use
@@ -224,19 +227,19 @@ def steady() -> Iterator[None]:
     (the grad mode and the input's shape and dtype may: they are part of what a selection is kept for); a change made
     between two blocks is seen by the next, which checks everything again. Compiled code ignores the block (it
     checks identity only, as ever)."""
-    global _steady
-    previous, _steady = _steady, object()
+    previous = getattr(_steady, "token", None)
+    _steady.token = object()
     try:
         yield
     finally:
-        _steady = previous
+        _steady.token = previous
 
 
 def steady_token() -> object | None:
     """The current :func:`steady` block's token -- what a kernel's state records when it was last checked, so that
     it is checked once a block -- or None outside one and while compiling (``torch.compile`` folds this away rather
     than guarding on the global)."""
-    return None if torch.compiler.is_compiling() else _steady
+    return None if torch.compiler.is_compiling() else getattr(_steady, "token", None)
 
 
 def prepare_decoding(model: torch.nn.Module, rows: int = 1, fuse: bool = True) -> tuple[int, int]:
