@@ -867,3 +867,34 @@ def test_steady_blocks_nest_and_belong_to_their_thread() -> None:
         worker.start()
         worker.join()
     assert outer is not None and seen == [None] and kernels.steady_token() is None
+
+
+@needs_int4
+def test_a_steady_choice_goes_with_what_it_counted_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel kept for a layer in a steady block is chosen again when what it was chosen with goes in the block --
+    the GPU room for the layer's copy (as ``prepare_decoding`` weighs it for the next batch), or the sibling group
+    whose copy it would have read -- and copies and pickles of the model carry no kept choice."""
+    import pickle
+
+    layer = _w4(64, out_f=64, seed=2, bits=2)
+    total = 100 * torch_int4.repacked_bytes(layer)
+    left = {"bytes": total}
+    monkeypatch.setattr(torch_int4, "memory_left", lambda device: (left["bytes"], total))
+    monkeypatch.setattr(torch_int4, "_warned_no_room", True)
+    x = torch.randn(1, 256)
+    with kernels.steady():
+        assert kernels.select(layer, x, training=False).name == "torch-int4"  # room, no copy made yet
+        left["bytes"] = 0
+        assert not torch_int4.has_room(layer)
+        assert kernels.select(layer, x, training=False) is kernels.REFERENCE
+    monkeypatch.undo()
+    model = _with_trained_lora(tiny_model("llama")).eval()
+    attn = model.model.layers[0].self_attn
+    with torch.no_grad(), kernels.steady():
+        kernels.prepare_decoding(model)
+        model(torch.tensor([[7]]))
+        assert isinstance(attn.k_proj.__dict__.get(kernels.SELECTED), kernels.Selection)
+        assert copy.deepcopy(attn.k_proj).__dict__.get(kernels.SELECTED) is None
+        assert pickle.loads(pickle.dumps(attn.k_proj)).__dict__.get(kernels.SELECTED) is None
+        attn.k_proj.__dict__[torch_int4.CACHE].group.release()
+        assert not any(kernels.SELECTED in m.__dict__ for m in (attn.q_proj, attn.k_proj, attn.v_proj))

@@ -201,8 +201,8 @@ def select(layer: QuantLinear, x: torch.Tensor, training: bool) -> Kernel:
     if token is not None:
         key = (token, x.shape[:-1], x.dtype, training)
         memo = layer.__dict__.get(SELECTED)
-        if memo is not None and memo[0] == key:
-            return memo[1]
+        if memo is not None and memo.key == key:
+            return memo.kernel
     chosen = REFERENCE
     name = pinned_name()
     fast = _fast_kernels(x.device.type)
@@ -212,7 +212,7 @@ def select(layer: QuantLinear, x: torch.Tensor, training: bool) -> Kernel:
             chosen = found
             break
     if token is not None:
-        layer.__dict__[SELECTED] = (key, chosen)  # not a buffer: never in the state dict
+        layer.__dict__[SELECTED] = Selection(key, chosen)  # not a buffer: never in the state dict
     return chosen
 
 
@@ -315,6 +315,17 @@ class LayerState:
         return _absent, ()
 
 
+class Selection(LayerState):
+    """A layer's kernel as :func:`select` chose it in a steady block, for the ``key`` of that block's calls (a
+    copied or pickled model has none: a kernel's declaration need not pickle)."""
+
+    __slots__ = ("kernel", "key")
+
+    def __init__(self, key: tuple, kernel: Kernel) -> None:
+        self.key = key
+        self.kernel = kernel
+
+
 def layer_buffers(layer: QuantLinear) -> tuple[torch.Tensor | None, ...]:
     """The buffers a kernel's copy of ``layer`` is made from: packed codes, scales, zero points (None without)."""
     return layer.qweight, layer.scales, layer.qzeros if layer.spec.has_zeros else None
@@ -357,6 +368,7 @@ __all__ = [
     "SELECTED",
     "Kernel",
     "LayerState",
+    "Selection",
     "compute_dtype",
     "drop_caches",
     "input_weight",

@@ -134,7 +134,8 @@ class LoraCopy(LayerState):
         token = steady_token()
         if token is None or self.checked is not token or self.dtype != y.dtype:
             self.refresh(y.dtype, check_versions=not torch.compiler.is_compiling())
-            self.checked = token
+            if token is not None:  # (never in compiled code, which would replay the write after every step)
+                self.checked = token
         if self.a is None:
             return y
         return torch.addmm(y, x.to(self.dtype) @ self.a.t(), self.sb.t())

@@ -35,7 +35,16 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from lowbit.kernels import LayerState, input_weight, layer_buffers, made_from, steady_token, version_of, versions
+from lowbit.kernels import (
+    SELECTED,
+    LayerState,
+    input_weight,
+    layer_buffers,
+    made_from,
+    steady_token,
+    version_of,
+    versions,
+)
 
 if TYPE_CHECKING:
     from lowbit.layers import QuantLinear
@@ -161,7 +170,8 @@ class Siblings:
                 if not compiling:
                     self.release()
                 return None
-            self.checked[index] = token
+            if token is not None:  # (never in compiled code, which would replay the write after every step)
+                self.checked[index] = token
         version = None if compiling else version_of(x)
         kept = self.kept
         if kept is None or kept[0] is not x or kept[1] != version or kept[2][index] is None:
@@ -192,4 +202,7 @@ class Siblings:
             cached = None if layer is None else layer.__dict__.get(self.cache)
             if isinstance(cached, Member) and cached.group is self:
                 del layer.__dict__[self.cache]
+                # a kernel chosen for it in a steady block counted on the group's copy: the choice is made again
+                # (alone, its copy may not fit)
+                layer.__dict__.pop(SELECTED, None)
         self.kept = None

@@ -207,6 +207,7 @@ def has_room(layer: QuantLinear) -> bool:
     if left is None or need + HEADROOM * left[1] <= left[0]:
         return True
     layer.__dict__[CACHE] = NO_ROOM
+    layer.__dict__.pop(kernels.SELECTED, None)  # a choice made in a steady block before the copy was refused
     if not _warned_no_room:
         _warned_no_room = True
         print(f"lowbit: warning: no room on the GPU for the torch-int4 kernel's repacked codes of a "
