@@ -221,12 +221,12 @@ def steady() -> Iterator[None]:
     """A block of eager calls that change nothing the kernels read: inside it each layer's kernel state -- its
     selection, its copies' source buffers and LoRA factors -- is checked at the layer's first call and trusted after.
 
-    Decoding is such a block: a one-row step is mostly Python, and these checks were 23% of one on the CPU (the
-    default model at W4 with a LoRA: ``bench/cpu_int4.py``'s ``steady-w4`` row). Inside one, the model's packed
-    buffers, LoRA factors and scalings, dropout modes, devices, the kernel pin and the autocast state must not change
-    (the grad mode and the input's shape and dtype may: they are part of what a selection is kept for); a change made
-    between two blocks is seen by the next, which checks everything again. Compiled code ignores the block (it
-    checks identity only, as ever)."""
+    Decoding is such a block: a one-row step is mostly Python, and these checks were 10-23% of one on the CPU in two
+    runs (the default model at W4 with a LoRA: ``bench/cpu_int4.py``'s ``steady-w4`` row). Inside one, the model's
+    packed buffers, LoRA factors and scalings, dropout modes, devices, the kernel pin and the autocast state must not
+    change (the grad mode and the input's shape and dtype may: they are part of what a selection is kept for); a
+    change made between two blocks is seen by the next, which checks everything again. Compiled code ignores the
+    block (it checks identity only, as ever)."""
     previous = getattr(_steady, "token", None)
     _steady.token = object()
     try:
