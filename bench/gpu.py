@@ -646,11 +646,14 @@ def decode_row(name: str, setup: Setup) -> dict:
         row["kernel"] = pinned
     from torch._dynamo.utils import counters
 
-    counters.clear()
-    with pin, torch.no_grad(), torch.autocast(setup.device.type, dtype=torch.bfloat16):
-        if method.startswith("lowbit"):  # as ``lowbit generate`` does: kernel copies up front, siblings fused
-            from lowbit import kernels
+    from lowbit import kernels
 
+    counters.clear()
+    # as ``lowbit generate`` decodes: in a steady block (each layer's kernel state checked at its first call, not
+    # every token; rows measured before steady blocks existed checked every call -- it matters to eager rows only,
+    # compiled steps never check), with kernel copies made up front and siblings fused (no-ops for the peers)
+    with pin, torch.no_grad(), torch.autocast(setup.device.type, dtype=torch.bfloat16), kernels.steady():
+        if method.startswith("lowbit"):
             row["copied_layers"] = kernels.prepare_decoding(model, fuse=not method.endswith("-unfused"))[0]
         start = time.perf_counter()
         run(setup.new_tokens)  # warm-up (and compilation)

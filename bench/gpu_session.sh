@@ -5,7 +5,7 @@
 # cut to what is left of BUDGET seconds, and a step that does not fit is skipped and said so; bench/gpu.py stores
 # each row as soon as it ends, and after every step the results are copied to $OUT, so a step cut off at its limit
 # loses only its unfinished row; the exit status is 1 when a step failed or was skipped for lack of time. Steps
-# (default: decode train smoke small layers graph, in this order; name others or a subset as arguments):
+# (default: decode train smoke small layers graph eager, in this order; name others or a subset as arguments):
 #   decode  greedy decoding with CUDA graphs in lowbit's own loop (what generate --static-cache runs): bf16, lowbit
 #           W4 without a LoRA fused (q/k/v and gate/up as two products, the default from 6ed33d2 on), bf16 with no
 #           block linear (the floor), W4 unfused, W4 with its LoRA (a fine-tuned model: the kernel's kept LoRA
@@ -24,6 +24,9 @@
 #   graph   tinygemm W4/W3/W2, dense and bitsandbytes on both 7B layer shapes from replayed CUDA graphs, each size
 #           timed five times (is W2's 0.9% over W4 on the same kernel more than the runs' spread?); then W4 with a
 #           r16 LoRA from the kernel's kept copies (16.7 us over the layer on triton-decode at cd0db78)
+#   eager   greedy decoding without CUDA graphs, as lowbit generate decodes by default: bf16, bitsandbytes NF4 and
+#           lowbit W4 with its LoRA, now in a steady block (kernel state checked once a block, not every token; W4
+#           decoded at 17.3 tokens/s against bf16's 41.7 on an H200 at 6cbcb70, before steady blocks)
 #   calib   the 7B-shaped apiq-bw calibration row, two blocks -- only on an H100, where the goal is set (issue 13)
 #
 #   device tool: LOWBIT_COMMIT=<this checkout's short commit> bash bench/gpu_session.sh   (carry [".whl"]; the tree
@@ -34,7 +37,7 @@ set -u
 BUDGET=${BUDGET:-540}
 DRY=${DRY:-}
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(decode train smoke small layers graph)
+[ ${#steps[@]} -eq 0 ] && steps=(decode train smoke small layers graph eager)
 start=$SECONDS
 mkdir -p "$OUT"
 log=$OUT/session.log
@@ -104,7 +107,8 @@ train-bnb-qlora ;;
             for m in dense-bf16 bnb-nf4-lora lowbit-w4 lowbit-w3 lowbit-w2; do printf 'layer-%s-%s,' $shape $m; done
         done)
         step layers 200 $py bench/gpu.py $dry --profile --rows "${rows%,}" ;;
-    *) echo "[session] unknown step $s (train, layers, decode, small, smoke, graph, calib)" | tee -a "$log"; exit 2 ;;
+    eager) step eager 120 $py bench/gpu.py $dry --rows decode-bf16,decode-bnb-nf4,decode-lowbit-w4 ;;
+    *) echo "[session] unknown step $s (train, layers, decode, small, smoke, graph, eager, calib)" | tee -a "$log"; exit 2 ;;
     esac
 done
 echo "[session] done after $((SECONDS - start))s$([ $failed -ne 0 ] && echo ', some steps failed or were skipped')" \
