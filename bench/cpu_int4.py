@@ -324,6 +324,21 @@ def compiled_row(bits: int = 4, new_tokens: int = 64, rounds: int = 5, steps: in
     return row
 
 
+def drawn_lora_model(bits: int):
+    """:func:`rtn_model` with its r16 LoRA's ``B`` drawn (seed 0), as after fine-tuning: the model of the one-step
+    rows (``lora-step``, ``steady``), whose LoRA must change the output."""
+    import torch
+
+    from lowbit.layers import quant_layers
+
+    model, _ = rtn_model(bits)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in quant_layers(model).values():
+            layer.lora_B.copy_(0.01 * torch.randn(layer.lora_B.shape, generator=gen))
+    return model
+
+
 def lora_step_row(bits: int = 4, rounds: int = 15, calls: int = 10) -> dict:
     """One decoding step's time (a one-token forward, the default model at W{bits}g64 with a r16 LoRA whose ``B`` is
     drawn, as after fine-tuning) with the LoRA from torch-int4's kept copies (``kept``), computed beside each layer as
@@ -333,13 +348,8 @@ def lora_step_row(bits: int = 4, rounds: int = 15, calls: int = 10) -> dict:
     import torch
 
     from lowbit import kernels
-    from lowbit.layers import quant_layers
 
-    model, _ = rtn_model(bits)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for layer in quant_layers(model).values():
-            layer.lora_B.copy_(0.01 * torch.randn(layer.lora_B.shape, generator=gen))
+    model = drawn_lora_model(bits)
     variants = {"kept": model, "beside": without_lora(model, beside=True), "nolora": without_lora(model)}
     ids = torch.tensor([[42]])
     times: dict[str, list[float]] = {name: [] for name in variants}
@@ -376,13 +386,8 @@ def steady_row(bits: int = 4, rounds: int = 15, calls: int = 10, batches: tuple[
     import torch
 
     from lowbit import kernels
-    from lowbit.layers import quant_layers
 
-    model, _ = rtn_model(bits)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for layer in quant_layers(model).values():
-            layer.lora_B.copy_(0.01 * torch.randn(layer.lora_B.shape, generator=gen))
+    model = drawn_lora_model(bits)
     row: dict = {"row": f"steady-w{bits}", "rounds": rounds, "calls": calls}
     for batch in batches:
         ids = torch.full((batch, 1), 42)
